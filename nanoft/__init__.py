@@ -1,0 +1,1 @@
+"""nanoft: a minimal, readable, fast LLM fine-tuning trainer in plain PyTorch."""

@@ -1,0 +1,65 @@
+"""Cross-entropy over a large vocabulary without materialising full fp32 logits.
+
+    loss_sum, n_targets = chunked_cross_entropy(hidden, lm_head_weight, targets)
+
+A 49,152-word vocabulary at 4 x 2048 tokens is 1.6 GB of fp32 logits, plus as much again for their gradient.
+Here the logits exist one chunk of rows at a time: each chunk's softmax gradient is computed right away in the
+forward pass (it is `softmax - one_hot`, no need to keep the logits for backward) and multiplied back into
+gradients for the hidden states and, when it is trained, the lm_head weight. Only positions that have a target
+are projected at all, so masked prompt tokens cost nothing here.
+"""
+
+import torch
+
+IGNORE_INDEX = -100
+LOGITS_PER_CHUNK = 2**25  # rows x vocabulary per chunk: 128 MB of fp32 logits
+
+
+def chunked_cross_entropy(hidden, weight, targets):
+    """hidden (B, T, C), weight (V, C), targets (B, T) with -100 = ignore -> (fp32 loss sum, int64 count)."""
+    keep = targets != IGNORE_INDEX
+    n_targets = keep.sum()
+    hidden = hidden[keep]  # (N, C): only the positions that are scored
+    # Under no_grad (eval) autograd still reports inputs as needing grads: skip the gradient work ourselves.
+    grad_enabled = torch.is_grad_enabled()
+    wanted = (grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad)
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets[keep], wanted), n_targets
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, wanted):
+        want_grad_hidden, want_grad_weight = wanted
+        grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_weight else None
+        )
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows_per_chunk = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+        for start in range(0, hidden.shape[0], rows_per_chunk):
+            h = hidden[start : start + rows_per_chunk]  # (n, C)
+            t = targets[start : start + rows_per_chunk]  # (n,)
+            logits = (h @ weight.t()).float()  # (n, V), computed in the compute dtype like the reference
+            log_normaliser = logits.logsumexp(dim=-1)  # (n,)
+            loss_sum += (log_normaliser - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad_logits = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, in place
+            grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+            grad_logits = grad_logits.to(h.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + rows_per_chunk] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None

@@ -1,0 +1,153 @@
+"""nanoft/model.py against transformers: logits, padding, packing, KV cache, the chunked loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from nanoft.errors import UserError
+from nanoft.model import KVCache, ModelConfig, Transformer
+from nanoft.weights import from_pretrained, save_pretrained
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+FAMILIES = {
+    "llama2": dict(model_type="llama"),
+    "llama3": dict(model_type="llama", rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+    "llama-linear-rope": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "smollm2": dict(model_type="llama", tie_word_embeddings=True, rope_theta=100000.0),
+    "mistral": dict(model_type="mistral", sliding_window=8),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+}
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    values = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+    )
+    return ModelConfig(**{**values, **overrides})
+
+
+def random_model(config: ModelConfig, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)  # norms and biases too, so no term hides behind a 1 or a 0
+    return model.eval()
+
+
+def reference_pair(config, tmp_path):
+    """Our model and transformers' model loaded from the same saved directory."""
+    save_pretrained(random_model(config).state_dict(), config, tmp_path)
+    ours = from_pretrained(tmp_path).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    return ours, reference
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family, tmp_path):
+    ours, reference = reference_pair(tiny_config(**FAMILIES[family]), tmp_path)
+    input_ids = torch.randint(0, 128, (2, 40))  # 40 > sliding window and > llama3's original context
+    with torch.no_grad():
+        difference = (ours(input_ids) - reference(input_ids).logits).abs().max().item()
+    assert difference <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama2", "qwen2"])
+def test_padding_matches_transformers(family, tmp_path):
+    ours, reference = reference_pair(tiny_config(**FAMILIES[family]), tmp_path)
+    input_ids = torch.randint(0, 128, (2, 12))
+    attention_mask = torch.ones(2, 12, dtype=torch.long)
+    attention_mask[0, :4] = 0  # left padding
+    attention_mask[1, -3:] = 0  # right padding
+    with torch.no_grad():
+        ours_logits = ours(input_ids, attention_mask=attention_mask)
+        reference_logits = reference(input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    assert (ours_logits[real] - reference_logits[real]).abs().max().item() <= 1e-4
+
+
+def test_packed_documents_do_not_see_each_other():
+    model = random_model(tiny_config())
+    first, second = torch.randint(0, 128, (1, 7)), torch.randint(0, 128, (1, 5))
+    packed = torch.cat([first, second], dim=1)
+    position_ids = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    document_ids = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        packed_logits = model(packed, position_ids=position_ids, document_ids=document_ids)
+        separate = torch.cat([model(first), model(second)], dim=1)
+    assert (packed_logits - separate).abs().max().item() <= 1e-5
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    config = tiny_config(**FAMILIES["mistral"])  # sliding window 8 < sequence: exercises the windowed mask
+    model = random_model(config)
+    input_ids = torch.randint(0, 128, (2, 14))
+    cache = KVCache(config, batch_size=2, max_len=14, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        full = model(input_ids)
+        steps = [model(input_ids[:, :6], kv_cache=cache)]  # prefill, then one token at a time
+        steps += [model(input_ids[:, t : t + 1], kv_cache=cache) for t in range(6, 14)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_chunked_loss_equals_cross_entropy_and_its_gradients(monkeypatch):
+    import nanoft.loss
+
+    monkeypatch.setattr(nanoft.loss, "LOGITS_PER_CHUNK", 128 * 5)  # 5 rows a chunk: several chunks
+    config = tiny_config(tie_word_embeddings=True)
+    model = random_model(config).train()
+    reference = random_model(config).train()
+    input_ids = torch.randint(0, 128, (2, 16))
+    targets = torch.randint(0, 128, (2, 16))
+    targets[0, :5] = -100
+    loss_sum, n_targets = model(input_ids, targets)
+    logits = reference(input_ids)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    assert n_targets.item() == 27
+    assert abs(loss_sum.item() - expected.item()) <= 1e-4 * expected.item()
+    loss_sum.backward()
+    expected.backward()
+    for (name, ours), (_, theirs) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.allclose(ours.grad, theirs.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_loss_in_bf16_is_close_to_fp32():
+    model = random_model(tiny_config())
+    input_ids, targets = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        fp32, _ = model(input_ids, targets)
+        bf16, _ = model.to(torch.bfloat16)(input_ids, targets)
+    assert bf16.dtype == torch.float32
+    assert abs(bf16.item() - fp32.item()) <= 0.02 * fp32.item()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = random_model(tiny_config()).train()
+    input_ids, targets = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
+    model(input_ids, targets)[0].backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    model(input_ids, targets)[0].backward()
+    for before, after in zip(plain, (p.grad for p in model.parameters()), strict=True):
+        assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(UserError, match="model_type 'gpt2' is not supported; nanoft supports llama"):
+        ModelConfig.from_hf({"model_type": "gpt2"})
+    with pytest.raises(UserError, match="rope scaling 'yarn' is not supported"):
+        tiny_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})
