@@ -21,11 +21,13 @@ from nanoft.errors import UserError
 
 # Older jinja2 releases have known ways out of the sandbox.
 if tuple(int(part) for part in jinja2.__version__.split(".")[:3]) < (3, 1, 6):
-    raise ImportError(f"nanoft needs jinja2>=3.1.6 for a safe chat template sandbox, found {jinja2.__version__}")
+    raise ImportError(
+        f"nanoft needs jinja2>=3.1.6 for a safe chat template sandbox, found {jinja2.__version__}"
+    )
 
 
 class GenerationTag(Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for transformers' masks; render it as is."""
+    """`{% generation %}...{% endgeneration %}` marks assistant text (for masks); render it as is."""
 
     tags = {"generation"}
 
@@ -74,7 +76,9 @@ def raise_exception(message):
 
 def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # jinja2's own tojson escapes HTML characters (<, >, &), which would change the prompt.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def strftime_now(format):
@@ -88,7 +92,10 @@ def compile_chat_template(template: str) -> jinja2.Template:
     )
     environment.filters["tojson"] = tojson
     environment.globals.update(
-        raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(), namespace=TemplateNamespace
+        raise_exception=raise_exception,
+        strftime_now=strftime_now,
+        dict=TemplateDict(),
+        namespace=TemplateNamespace,
     )
     try:
         return environment.from_string(template)
@@ -97,7 +104,12 @@ def compile_chat_template(template: str) -> jinja2.Template:
 
 
 def render_chat_template(
-    template: str, messages: list[dict], add_generation_prompt: bool = False, tools=None, documents=None, **variables
+    template: str,
+    messages: list[dict],
+    add_generation_prompt: bool = False,
+    tools=None,
+    documents=None,
+    **variables,
 ) -> str:
     """The template's text for `messages`; `variables` are bos_token, eos_token, ... and template options."""
     if not messages:
@@ -113,6 +125,8 @@ def render_chat_template(
             **variables,
         )
     except jinja2.exceptions.SecurityError as error:
-        raise UserError(f"chat template tried something the sandbox forbids ({error}); the template is unsafe") from None
+        raise UserError(
+            f"chat template tried something the sandbox forbids ({error}); the template is unsafe"
+        ) from None
     except jinja2.TemplateError as error:
         raise UserError(f"chat template refused the conversation: {error}") from None

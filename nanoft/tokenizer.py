@@ -54,8 +54,14 @@ def read_chat_template(path: Path, tokenizer_config: dict) -> str | None:
 
 
 class Tokenizer:
-    def __init__(self, backend: BackendTokenizer, tokenizer_config: dict, generation_config: dict, config: dict,
-                 chat_template: str | None):
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        tokenizer_config: dict,
+        generation_config: dict,
+        config: dict,
+        chat_template: str | None,
+    ):
         self.backend = backend
         self.chat_template = chat_template
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
@@ -81,10 +87,13 @@ class Tokenizer:
         eos_id = special_id("eos_token", "eos_token_id")
         # A chat model's turn ends with the template's end-of-turn token (<|im_end|>, <|eot_id|>), which is
         # not always the eos_token a checkpoint declares (Llama 3's first release said <|end_of_text|>).
-        self.eos_id = self._end_of_turn_id() or eos_id
+        end_of_turn_id = self._end_of_turn_id()
+        self.eos_id = end_of_turn_id if end_of_turn_id is not None else eos_id
         if self.eos_id is None:
-            raise UserError("tokenizer has no end-of-sequence token in tokenizer_config.json, generation_config.json"
-                            " or config.json; add eos_token to tokenizer_config.json")
+            raise UserError(
+                "tokenizer has no end-of-sequence token in tokenizer_config.json, generation_config.json"
+                " or config.json; add eos_token to tokenizer_config.json"
+            )
         self.eos_ids |= {self.eos_id} | ({eos_id} if eos_id is not None else set())
         self.pad_id = special_id("pad_token", "pad_token_id")
         if self.pad_id is None:
@@ -97,7 +106,9 @@ class Tokenizer:
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise UserError(f"{tokenizer_file}: not found; the model directory needs a Hugging Face tokenizer.json")
+            raise UserError(
+                f"{tokenizer_file}: not found; the model directory needs a Hugging Face tokenizer.json"
+            )
         try:
             backend = BackendTokenizer.from_file(str(tokenizer_file))
         except Exception as error:  # tokenizers raises a bare Exception for malformed files
@@ -125,10 +136,12 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False, **variables
     ) -> str | list[int]:
-        """The conversation as the model saw it in training: text, or ids when `tokenize` (same as transformers)."""
+        """The conversation as the model saw it in training: its text, or its ids when `tokenize`."""
         if self.chat_template is None:
-            raise UserError("this tokenizer has no chat template (tokenizer_config.json or chat_template.jinja); "
-                            "use a chat model or drop --chat")
+            raise UserError(
+                "this tokenizer has no chat template (tokenizer_config.json or chat_template.jinja); "
+                "use a chat model or drop --chat"
+            )
         text = render_chat_template(
             self.chat_template,
             messages,
@@ -150,6 +163,8 @@ class Tokenizer:
         if END_OF_TURN_PROBE not in text:
             return None
         after = text[text.rfind(END_OF_TURN_PROBE) + len(END_OF_TURN_PROBE) :].lstrip()
-        specials = [added.content for added in self.backend.get_added_tokens_decoder().values() if added.special]
+        specials = [
+            added.content for added in self.backend.get_added_tokens_decoder().values() if added.special
+        ]
         matches = [token for token in specials if after.startswith(token)]
         return self.backend.token_to_id(max(matches, key=len)) if matches else None

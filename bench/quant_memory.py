@@ -1,0 +1,343 @@
+"""QLoRA's memory, measured: loading, a training step next to transformers + PEFT, and 7B-34B estimates.
+
+    python bench/quant_memory.py                          # all sections; table on stdout, JSON beside it
+    python bench/quant_memory.py --sections load estimate # only some (load, train, estimate)
+
+Every measurement runs in a fresh subprocess and reports that process's peak resident memory (ru_maxrss) and
+the peak of its anonymous memory (RssAnon, sampled every 2 ms). They differ by the safetensors shard that is
+memory-mapped while it is read: its pages count in RSS, but they are the file's, and the kernel drops them
+first under memory pressure. "load" = peak minus the same process's RSS after its imports.
+
+- load: SmolLM2-135M and a random-weight model of TinyLlama-1.1B's shape (2.2 GB of bf16 safetensors, written
+  once to --synthetic-dir) loaded in bf16 (nanoft.weights.from_pretrained) and in NF4 (quant.load_quantized).
+- train: SmolLM2-135M, LoRA r=16 alpha=32 on q_proj/v_proj, no dropout, AdamW lr 2e-4, batches of 4 x 256
+  tokens, 2 warm-up steps then --steps timed ones: LoRA over a bf16 base and QLoRA over NF4 (double quant,
+  bf16 compute), ours and transformers + PEFT + bitsandbytes with the same settings.
+- estimate: the weight bytes of Llama-2-7B/13B and CodeLlama-34B under QLoRA (NF4 + double quant linears,
+  bf16 embeddings and lm_head), from their real configs, next to the figures users quote.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Llama-2-7B, Llama-2-13B and CodeLlama-34B from their config.json; the folklore QLoRA GPU figures users quote.
+LLAMA_CONFIGS = {
+    "7B": dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, heads=32, kv_heads=32, quoted_gb=8),
+    "13B": dict(hidden=5120, layers=40, intermediate=13824, vocab=32000, heads=40, kv_heads=40, quoted_gb=14),
+    "34B": dict(hidden=8192, layers=48, intermediate=22016, vocab=32000, heads=64, kv_heads=8, quoted_gb=22),
+}
+TINYLLAMA_SHAPE = dict(
+    model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+    num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-5, max_position_embeddings=2048,
+)  # fmt: skip
+BATCH, SEQ_LEN, LORA_R, LORA_ALPHA, LR = 4, 256, 16, 32, 2e-4
+
+
+def nf4_linear_bytes(out_features: int, in_features: int) -> int:
+    """Bytes bitsandbytes stores for one NF4 double-quant linear (blocks of 64, absmax blocks of 256)."""
+    n = out_features * in_features
+    blocks = math.ceil(n / 64)
+    # packed 4-bit weights + 8-bit absmax per block + fp32 absmax per 256 blocks + 16 + 256 fp32 codes + offset
+    return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 16 + 4 * 256 + 4
+
+
+def qlora_weight_bytes(hidden, layers, intermediate, vocab, heads, kv_heads, tied=False) -> dict:
+    """Weight bytes of a Llama-shaped model: NF4 decoder linears, bf16 embeddings, lm_head and norms."""
+    head_dim = hidden // heads
+    shapes = [
+        (hidden, hidden),
+        (kv_heads * head_dim, hidden),
+        (kv_heads * head_dim, hidden),
+        (hidden, hidden),
+    ]
+    shapes += [(intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
+    linears = layers * sum(nf4_linear_bytes(*shape) for shape in shapes)
+    bf16 = 2 * (vocab * hidden * (1 if tied else 2) + (2 * layers + 1) * hidden)
+    linear_params = layers * sum(o * i for o, i in shapes)
+    return {
+        "nf4_bytes": linears + bf16,
+        "bf16_bytes": 2 * linear_params + bf16,
+        "params": linear_params + bf16 // 2,
+    }
+
+
+# ---------------------------------------------------------------- child processes: one measurement each
+
+
+class PeakAnonymousMemory:
+    """Samples RssAnon from /proc/self/status in a thread; `.peak` in bytes (0 where /proc is missing)."""
+
+    def __init__(self):
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self):
+        while self.running:
+            try:
+                status = Path("/proc/self/status").read_text()
+            except OSError:
+                return
+            for line in status.splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return self.peak
+
+
+def current_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child_load(job: dict) -> dict:
+    import torch
+
+    import quant
+    from nanoft.weights import from_pretrained
+
+    baseline = current_rss()
+    sampler = PeakAnonymousMemory()
+    start = time.perf_counter()
+    if job["quant"] == "bf16":
+        model = from_pretrained(job["path"], dtype=torch.bfloat16)
+    else:
+        model = quant.load_quantized(job["path"], quant=job["quant"])
+    seconds = time.perf_counter() - start
+    weights = quant.quantized_weight_bytes(model)
+    return {
+        "seconds": seconds,
+        "baseline_rss": baseline,
+        "peak_anon": sampler.stop(),
+        "weight_bytes": weights.stored,
+    }
+
+
+def synthetic_batch(vocab_size: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (BATCH, SEQ_LEN + 1), generator=generator)
+    return input_ids[:, :-1], input_ids[:, 1:]  # inputs and next-token targets, (B, T) each
+
+
+def child_train_ours(job: dict) -> dict:
+    import torch
+
+    import quant
+    from lora import LoRAConfig, inject_lora
+    from nanoft.weights import from_pretrained
+
+    baseline = current_rss()
+    sampler = PeakAnonymousMemory()
+    if job["base"] == "bf16":
+        model = from_pretrained(job["path"], dtype=torch.bfloat16)
+    else:
+        model = quant.load_quantized(job["path"], quant="nf4")
+    lora_config = LoRAConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, targets=["q_proj", "v_proj"])
+    model = inject_lora(model, lora_config)
+    optimizer = quant.make_optimizer([p for p in model.parameters() if p.requires_grad], "adamw", lr=LR)
+    inputs, targets = synthetic_batch(model.config.vocab_size)
+
+    def step():
+        loss_sum, n_targets = model(inputs, targets)
+        (loss_sum / n_targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run_steps(step, job, baseline, sampler)
+
+
+def child_train_reference(job: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    baseline = current_rss()
+    sampler = PeakAnonymousMemory()
+    options = {"dtype": torch.bfloat16}
+    if job["base"] == "nf4":
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        options["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(job["path"], **options)
+    lora_config = LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
+    )
+    model = get_peft_model(model, lora_config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    inputs, _ = synthetic_batch(model.config.vocab_size)
+    full = torch.cat([inputs, synthetic_batch(model.config.vocab_size)[1][:, -1:]], dim=1)
+
+    def step():
+        # transformers shifts labels itself: the same 4 x 256 next-token targets as ours.
+        loss = model(input_ids=full[:, :-1], labels=full[:, :-1]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run_steps(step, job, baseline, sampler)
+
+
+def run_steps(step, job, baseline, sampler) -> dict:
+    for _ in range(2):
+        step()  # warm-up: allocator, kernels, optimizer state
+    start = time.perf_counter()
+    for _ in range(job["steps"]):
+        step()
+    seconds = (time.perf_counter() - start) / job["steps"]
+    return {"step_seconds": seconds, "tokens_per_second": BATCH * SEQ_LEN / seconds, "baseline_rss": baseline,
+            "peak_anon": sampler.stop()}  # fmt: skip
+
+
+def child_main(job: dict) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    result = {"load": child_load, "ours": child_train_ours, "reference": child_train_reference}[job["kind"]](
+        job
+    )
+    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print("RESULT " + json.dumps(result))
+
+
+def measure(job: dict) -> dict:
+    command = [sys.executable, __file__, "--child", json.dumps(job)]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        raise RuntimeError(f"{job} failed:\n{run.stderr[-3000:]}")
+    return {**job, **json.loads(lines[-1].removeprefix("RESULT "))}
+
+
+# ---------------------------------------------------------------- sections, run from the parent
+
+
+def write_synthetic_model(path: Path) -> Path:
+    """A TinyLlama-1.1B-shaped checkpoint with random bf16 weights, one 2.2 GB safetensors file like the real one."""
+    import torch
+
+    from nanoft.model import ModelConfig, Transformer
+    from nanoft.weights import save_pretrained
+
+    if (path / "config.json").is_file():
+        return path
+    config = ModelConfig(**TINYLLAMA_SHAPE)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Transformer(config).named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        name: (torch.randn(shape, generator=generator) * 0.02).bfloat16() for name, shape in shapes.items()
+    }
+    save_pretrained(state, config, path, dtype=torch.bfloat16)
+    return path
+
+
+def section_load(args) -> list[dict]:
+    from nanoft.default_model import default_model_dir
+
+    models = {"SmolLM2-135M (fp32 file)": default_model_dir()}
+    models["TinyLlama-1.1B shape (bf16 file)"] = write_synthetic_model(Path(args.synthetic_dir))
+    rows = []
+    for model_name, path in models.items():
+        file_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+        for quant in ("bf16", "nf4"):
+            row = measure({"kind": "load", "path": str(path), "quant": quant})
+            rows.append({"model": model_name, "file_bytes": file_bytes, **row})
+    return rows
+
+
+def section_train(args) -> list[dict]:
+    from nanoft.default_model import default_model_dir
+
+    path = str(default_model_dir())
+    rows = []
+    for base in ("bf16", "nf4"):
+        for kind in ("ours", "reference"):
+            rows.append(measure({"kind": kind, "path": path, "base": base, "steps": args.steps}))
+    return rows
+
+
+def section_estimate(args) -> list[dict]:
+    rows = []
+    for name, config in LLAMA_CONFIGS.items():
+        shape = {k: v for k, v in config.items() if k != "quoted_gb"}
+        rows.append({"model": name, "quoted_gb": config["quoted_gb"], **qlora_weight_bytes(**shape)})
+    return rows
+
+
+def print_tables(results: dict) -> None:
+    gb, mb = 1e9, 2**20
+    if "load" in results:
+        print("\nLoading (peak memory of the process; 'load' = peak RSS - RSS after imports)")
+        print(f"{'model':34} {'as':5} {'file MB':>8} {'weights MB':>10} {'peak RSS':>9} {'load':>7} "
+              f"{'peak anon':>9} {'s':>6}")  # fmt: skip
+        for r in results["load"]:
+            print(f"{r['model']:34} {r['quant']:5} {r['file_bytes'] / mb:8.0f} {r['weight_bytes'] / mb:10.0f} "
+                  f"{r['peak_rss'] / mb:9.0f} {(r['peak_rss'] - r['baseline_rss']) / mb:7.0f} "
+                  f"{r['peak_anon'] / mb:9.0f} {r['seconds']:6.1f}")  # fmt: skip
+    if "train" in results:
+        rows = {(r["kind"], r["base"]): r for r in results["train"]}
+        print(
+            f"\nTraining step, SmolLM2-135M, LoRA r={LORA_R} q/v, {BATCH} x {SEQ_LEN} tokens (MB, tokens/s)"
+        )
+        print(
+            f"{'base':6} {'ours RSS':>9} {'ref RSS':>8} {'ratio':>6} {'ours tok/s':>10} {'ref tok/s':>9} {'ratio':>6}"
+        )
+        for base in ("bf16", "nf4"):
+            ours, ref = rows[("ours", base)], rows[("reference", base)]
+            print(f"{base:6} {ours['peak_rss'] / mb:9.0f} {ref['peak_rss'] / mb:8.0f} "
+                  f"{ours['peak_rss'] / ref['peak_rss']:6.2f} {ours['tokens_per_second']:10.0f} "
+                  f"{ref['tokens_per_second']:9.0f} {ours['tokens_per_second'] / ref['tokens_per_second']:6.2f}")  # fmt: skip
+    if "estimate" in results:
+        print("\nQLoRA weight bytes from real configs (NF4 + double quant linears, bf16 embeddings/lm_head)")
+        print(f"{'model':6} {'params':>7} {'bf16 GB':>8} {'QLoRA weights GB':>17} {'quoted GPU GB':>14}")
+        for r in results["estimate"]:
+            print(f"{r['model']:6} {r['params'] / 1e9:6.2f}B {r['bf16_bytes'] / gb:8.2f} "
+                  f"{r['nf4_bytes'] / gb:17.2f} {r['quoted_gb']:14}")  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sections", nargs="+", default=["load", "train", "estimate"], help="what to measure"
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps after 2 warm-up steps")
+    parser.add_argument("--synthetic-dir", default=os.path.join(tempfile.gettempdir(), "nanoft_tinyllama_shape"),
+                        help="where the random 1.1B checkpoint is written once (2.2 GB)")  # fmt: skip
+    parser.add_argument("--json", default=str(REPO / "bench" / "quant_memory.json"), help="results file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_main(json.loads(args.child))
+    sections = {"load": section_load, "train": section_train, "estimate": section_estimate}
+    results = {name: sections[name](args) for name in args.sections}
+    print_tables(results)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

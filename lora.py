@@ -1,0 +1,354 @@
+"""LoRA: train two small matrices beside each frozen linear layer, save them in PEFT's format.
+
+    model = inject_lora(from_pretrained(path), LoRAConfig(r=16, alpha=32, targets="all-linear"))
+    ... train: only the adapters have requires_grad ...
+    save_adapter(model, "out/adapter", base_model_name_or_path=path)   # PEFT and vLLM load this directory
+    model = load_adapter(from_pretrained(path), "out/adapter")
+    export_merged(model, model.config, path, "out/merged")             # a plain Hugging Face model directory
+
+A linear layer y = W x + b (W: out x in) gets a low-rank update: y = W x + b + scale * B A dropout(x), with A (r x in)
+and B (out x r). A starts Kaiming-uniform and B at zero, so step 0 is exactly the base model and the first
+gradient still reaches B (if both were zero, neither would ever move). scale = alpha / r keeps the update's size
+independent of r for a fixed alpha; rsLoRA's alpha / sqrt(r) keeps it from vanishing at large r.
+DoRA (arxiv.org/abs/2402.09353) also learns the length of each output row: W' = m * (W + scale B A) / ||W + scale B A||.
+
+Names. The wrapper keeps the original layer as `base_layer` (PEFT's in-memory name) and the adapters as
+`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`, PEFT's on-disk names. So adapter keys on disk are ours
+prefixed with `base_model.model.` (`lora_state_dict`), and Hugging Face names of the base are ours with
+`.base_layer` removed (`base_state_dict`); no renaming tables, no state-dict hooks.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from nanoft.errors import UserError
+from nanoft.weights import copy_tokenizer_files, save_pretrained, write_atomically
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16  # rank of the update B A
+    alpha: float = 32  # the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.05  # dropout on the adapter's input only; the base path never sees it
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj")  # layer names in the decoder blocks, or "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()  # modules trained in full, e.g. ("embed_tokens",) for new tokens
+
+    def __post_init__(self):
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            self.targets = tuple(name.strip() for name in self.targets.split(",") if name.strip())
+        if not self.targets:
+            raise UserError("LoRA targets are empty; give layer names like q_proj,v_proj or all-linear")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise UserError(f"LoRA rank r={self.r} must be a positive integer (e.g. 16)")
+        if self.alpha <= 0:
+            raise UserError(f"LoRA alpha={self.alpha} must be positive (e.g. 2 * r)")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+        self.modules_to_save = tuple(self.modules_to_save)
+
+
+def dense_weight(layer: nn.Linear) -> torch.Tensor:
+    """The (out, in) weight of a linear layer as floats; bitsandbytes 4-bit and 8-bit weights are dequantized."""
+    weight_type = type(layer.weight).__name__
+    if weight_type == "Params4bit":
+        import bitsandbytes
+
+        return bitsandbytes.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    if weight_type == "Int8Params":
+        import bitsandbytes
+
+        row_scales = layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
+        return bitsandbytes.functional.int8_vectorwise_dequant(layer.weight.data, row_scales)
+    return layer.weight
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    return type(getattr(layer, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+
+
+class LoRALinear(nn.Module):
+    """Wraps a linear layer (nn.Linear or a bitsandbytes one, whose weight is used as is) with a LoRA update."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora=False, use_dora=False):
+        super().__init__()
+        self.base_layer = base_layer
+        device = base_layer.weight.device
+        # Adapters live in fp32 even on a bf16 base: they are what the optimizer updates, and bf16 loses small steps.
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.use_dora = use_dora
+        if use_dora:  # B = 0, so m = ||W||: the layer starts as the base
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(dense_weight(base_layer).float()))
+        self.merged = False
+        self.dequantized_by_merge = False
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + scale B A|| of each output row. Detached: the DoRA paper (sec. 4.3) treats it as a constant."""
+        with torch.no_grad():
+            delta = self.lora_B.weight @ self.lora_A.weight  # (out, in)
+            return torch.linalg.norm(weight + self.scale * delta.to(weight.dtype), dim=1)
+
+    def forward(self, x):
+        result = self.base_layer(x)  # (..., out), in the base's dtype
+        if self.merged:
+            return result
+        # Compute the adapter path in the adapters' fp32 and cast its (..., out) result down once: measured on a
+        # 2-core AVX512-BF16 CPU at 576x576 and 4096x4096 this was as fast as casting A and B down to bf16
+        # (the rank-r matmuls are ~3% of the base's work either way), and it is what PEFT computes.
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        update = self.lora_B(self.lora_A(x)) * self.scale  # (..., out)
+        if self.use_dora:
+            # m / ||W + scale B A|| (W + scale B A) x, written as a correction on top of the base output.
+            weight = dense_weight(self.base_layer).to(x.dtype)
+            magnitude_scale = self.lora_magnitude_vector / self.weight_norm(weight)  # (out,)
+            if self.training and isinstance(self.dropout, nn.Dropout):
+                base_without_bias = F.linear(x, weight)  # W dropout(x), exactly as PEFT
+            else:
+                bias = self.base_layer.bias
+                base_without_bias = result if bias is None else result - bias
+            update = (magnitude_scale - 1) * base_without_bias + magnitude_scale * update
+        return result + update.to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into the base weight (so inference costs nothing extra). A 4/8-bit base is dequantized."""
+        if self.merged:
+            return
+        weight = dense_weight(self.base_layer).float()
+        weight = weight + self.scale * (self.lora_B.weight @ self.lora_A.weight).float()
+        if self.use_dora:
+            self.norm_at_merge = torch.linalg.norm(weight, dim=1)  # unmerge must divide by this very value
+            weight = (self.lora_magnitude_vector / self.norm_at_merge)[:, None] * weight
+        if is_quantized(self.base_layer):
+            self.base_layer = dense_linear(self.base_layer, weight)
+            self.dequantized_by_merge = True
+        else:  # in place, so optimizers and FSDP keep pointing at the same Parameter
+            self.base_layer.weight.copy_(weight)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        if self.dequantized_by_merge:
+            raise UserError("cannot unmerge LoRA from a quantized base: merging dequantized it; reload the model")
+        weight = self.base_layer.weight.float()
+        if self.use_dora:
+            weight = weight / (self.lora_magnitude_vector / self.norm_at_merge)[:, None]
+        weight = weight - self.scale * (self.lora_B.weight @ self.lora_A.weight).float()
+        self.base_layer.weight.copy_(weight)
+        self.merged = False
+
+
+def dense_linear(quantized: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    """A frozen nn.Linear in the quantized layer's compute dtype holding `weight`."""
+    dtype = getattr(quantized, "compute_dtype", None) or torch.float32
+    bias = quantized.bias is not None
+    dense = nn.Linear(quantized.in_features, quantized.out_features, bias, device=weight.device, dtype=dtype)
+    dense.weight.data.copy_(weight)
+    if bias:
+        dense.bias.data.copy_(quantized.bias)
+    return dense.requires_grad_(False)
+
+
+def matches(module_name: str, names) -> bool:
+    """PEFT's rule for target_modules / modules_to_save: the full name, or its ending after a dot."""
+    return any(module_name == name or module_name.endswith("." + name) for name in names)
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Wrap the targeted linear layers of the decoder blocks (never lm_head), freeze everything else."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UserError("the model already has LoRA adapters; inject or load only once")
+    # isinstance(nn.Linear) also finds bitsandbytes Linear4bit / Linear8bitLt: they subclass it.
+    linears = [(f"model.layers.{n}", m) for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]
+    targets = ("",) if cfg.targets == "all-linear" else cfg.targets  # every name ends with "." + ""
+    if unknown := [target for target in targets if not any(matches(name, [target]) for name, _ in linears)]:
+        existing = sorted({name.rpartition(".")[2] for name, _ in linears})
+        raise UserError(
+            f"LoRA targets {unknown} are not linear layers of the decoder blocks; they have: {', '.join(existing)}"
+        )
+    targeted = {id(m) for name, m in linears if matches(name, targets)}
+    saved = [m for name, m in model.named_modules() if cfg.modules_to_save and matches(name, cfg.modules_to_save)]
+    if missing := [n for n in cfg.modules_to_save if not any(matches(name, [n]) for name, _ in model.named_modules())]:
+        names = sorted({name.rpartition(".")[2] for name, _ in model.named_modules() if name and not name[-1].isdigit()})
+        raise UserError(f"modules_to_save {missing} are not in the model; its module names are: {', '.join(names)}")
+    if any(id(inner) in targeted for module in saved for inner in module.modules()):
+        raise UserError("modules_to_save must not hold LoRA targets; name whole layers such as embed_tokens")
+    model.requires_grad_(False)
+    for name, linear in linears:
+        if id(linear) in targeted:
+            parent, _, child = name.rpartition(".")
+            wrapped = LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
+            setattr(model.get_submodule(parent), child, wrapped)
+    for module in saved:
+        module.requires_grad_(True)  # trained in place: on a tied model embed_tokens and lm_head move together
+    model.lora_config = cfg  # save_adapter writes it
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) as PEFT counts them: a 4-bit Params4bit stores 2 weights per byte of its storage.
+    Unlike PEFT, modules_to_save are trained in place rather than copied, so "all" has no second copy."""
+    trainable = total = 0
+    for param in model.parameters():  # shared (tied) tensors are listed once
+        n = param.numel() * 2 * param.element_size() if type(param).__name__ == "Params4bit" else param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors (adapters and modules_to_save) under PEFT's on-disk names."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    # keep_vars keeps Parameters, whose identity tells trainable ones apart; a tied lm_head is listed too,
+    # as PEFT's files with ensure_weight_tying carry both names.
+    return {
+        PEFT_PREFIX + name: tensor.detach()
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if id(tensor) in trainable
+    }
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors under Hugging Face names: adapters left out, `.base_layer` removed."""
+    return {
+        name.replace(".base_layer.", "."): tensor
+        for name, tensor in model.state_dict().items()
+        if not any(f".{adapter}" in name for adapter in ADAPTER_NAMES)
+    }
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.unmerge()
+    return model
+
+
+def save_adapter(model: nn.Module, path, base_model_name_or_path: str = "") -> None:
+    """adapter_config.json + adapter_model.safetensors, as peft 0.21 writes them."""
+    cfg = model.lora_config
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    targets = sorted({name.rpartition(".")[2] for name in wrapped})
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear)}
+    if {name for name in linears if matches(name, targets)} != wrapped:
+        targets = sorted(wrapped)  # adapters on only some layers of a kind: list those by full name
+    tied_trained = model.config.tie_word_embeddings and model.lm_head.weight.requires_grad
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "lora_bias": False,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "modules_to_save": list(cfg.modules_to_save) or None,
+        "ensure_weight_tying": tied_trained,  # so PEFT keeps a trained embed_tokens tied to lm_head, like ours
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    # clone: safetensors refuses tensors that share memory (a tied embed_tokens / lm_head pair).
+    tensors = {name: t.to("cpu").clone().contiguous() for name, t in lora_state_dict(model).items()}
+    write_atomically(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2)))
+    write_atomically(path / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Inject LoRA as an adapter directory (ours or PEFT's) describes it, then load its tensors."""
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise UserError(f"{file}: not found; an adapter directory has adapter_config.json and adapter_model.safetensors")
+    try:
+        peft_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{config_file}: not valid JSON ({error})") from None
+    unsupported = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
+    unsupported |= {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
+    for key, supported in unsupported.items():
+        if peft_config.get(key, supported) not in (supported, None):
+            raise UserError(f"{config_file}: {key}={peft_config[key]!r} is not supported (nanoft needs {supported!r})")
+    targets = peft_config["target_modules"]
+    if isinstance(targets, str) and targets != "all-linear":
+        raise UserError(f"{config_file}: target_modules as a regex ({targets!r}) is not supported; list the names")
+    cfg = LoRAConfig(
+        r=peft_config["r"],
+        alpha=peft_config["lora_alpha"],
+        dropout=peft_config.get("lora_dropout", 0.0),
+        targets=targets if isinstance(targets, str) else tuple(targets),
+        use_rslora=peft_config.get("use_rslora", False),
+        use_dora=peft_config.get("use_dora", False),
+        modules_to_save=tuple(dict.fromkeys(peft_config.get("modules_to_save") or ())),
+    )
+    inject_lora(model, cfg)
+    ours = model.state_dict(keep_vars=True)
+    loaded = set()
+    with torch.no_grad(), safe_open(weights_file, framework="pt") as adapter:
+        for key in adapter.keys():
+            # PEFT's in-memory names also work: `.default` (the adapter's name) and the modules_to_save copy.
+            name = re.sub(r"\.(modules_to_save\.)?default(?=\.|$)", "", key.removeprefix(PEFT_PREFIX))
+            name = name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+            if name not in ours or not ours[name].requires_grad:
+                raise UserError(f"{weights_file}: tensor '{key}' matches nothing trainable in this model")
+            tensor = adapter.get_tensor(key)
+            if tensor.shape != ours[name].shape:
+                raise UserError(
+                    f"{weights_file}: '{key}' has shape {tuple(tensor.shape)}, this model needs "
+                    f"{tuple(ours[name].shape)}; was the adapter trained on another base model?"
+                )
+            ours[name].copy_(tensor)
+            loaded.add(id(ours[name]))
+    if missing := [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in loaded]:
+        raise UserError(f"{weights_file}: lacks {len(missing)} adapter tensors, e.g. '{PEFT_PREFIX + missing[0]}'")
+    return model
+
+
+def export_merged(model, config, tokenizer_source_dir, out_dir, dtype=torch.bfloat16) -> None:
+    """Merge the adapters (in place: the model stays merged) and write a Hugging Face model directory."""
+    merge_lora(model)
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):  # QLoRA layers without an adapter: a merged export is full precision
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense_linear(module, dense_weight(module)))
+    save_pretrained(base_state_dict(model), config, out_dir, dtype=dtype)
+    copy_tokenizer_files(tokenizer_source_dir, out_dir)

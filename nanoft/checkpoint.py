@@ -1,0 +1,141 @@
+"""Resumable training checkpoints, written atomically, the last K kept plus the best.
+
+    save_checkpoint(run_dir, step, trainable, optimizer_state, rng_states, state, config)   # rank 0
+    checkpoint = load_checkpoint(latest_checkpoint(run_dir))
+    prune_checkpoints(run_dir, keep_last=2, keep_step=best_step)
+
+A checkpoint is a directory `run_dir/checkpoints/step-0000120/` holding:
+    trainable.safetensors   the trained tensors (LoRA adapters, or every weight of a full fine-tune), by name
+    optimizer.pt            the optimizer's state (Adam moments), keyed by parameter name
+    rng.pt                  each rank's python, numpy, torch and CUDA random states (dropout continues exactly)
+    state.json              step, data position, best val loss so far, val curve, gradient-scaler state ...
+    config.json             the resolved config that made it
+Everything is written into a hidden temporary directory that is renamed into place only when complete, so a
+crash or a full disk mid-write leaves the previous checkpoint as it was; `latest_checkpoint` never sees
+a half-written one. The .pt files hold only tensors and plain values: they load with `weights_only=True`.
+"""
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanoft.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+
+
+def checkpoint_path(run_dir, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:07d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(PREFIX))
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories start with '.' and are not listed)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = folder.glob(f"{PREFIX}*") if folder.is_dir() else []
+    return sorted((path for path in found if (path / "state.json").is_file()), key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def write_directory_atomically(path, write) -> None:
+    """Call write(tmp_dir) to fill a temporary directory, then move it to `path`, replacing what was there.
+
+    If `write` raises, the temporary directory is removed and `path` is untouched. Replacing an existing
+    directory takes two renames (old out of the way, new in); between them the old one is still on disk.
+    """
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+    shutil.rmtree(old, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        for file in tmp.iterdir():  # on disk before the rename makes the directory visible
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir, step: int, trainable: dict, optimizer_state: dict, rng_states: list, state: dict, config: dict
+) -> Path:
+    """Write one checkpoint (rank 0 calls this, with tensors gathered from every rank)."""
+    path = checkpoint_path(run_dir, step)
+
+    def write(tmp: Path):
+        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in trainable.items()}
+        save_file(tensors, tmp / "trainable.safetensors", metadata={"format": "pt"})
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(rng_states, tmp / "rng.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "state.json").write_text(
+            json.dumps({**state, "step": step}, indent=2)
+        )  # last: marks it complete
+
+    write_directory_atomically(path, write)
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """{"trainable", "optimizer", "rng", "state", "config"} of a checkpoint directory."""
+    path = Path(path)
+    try:
+        return {
+            "trainable": load_file(path / "trainable.safetensors"),
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+            "rng": torch.load(path / "rng.pt", weights_only=True),
+            "state": json.loads((path / "state.json").read_text()),
+            "config": json.loads((path / "config.json").read_text()),
+        }
+    except (OSError, RuntimeError, ValueError) as error:
+        raise UserError(
+            f"{path}: checkpoint unreadable ({error}); delete it to resume from the one before"
+        ) from None
+
+
+def prune_checkpoints(run_dir, keep_last: int, keep_step: int | None = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints and the one at `keep_step` (the best)."""
+    checkpoints = list_checkpoints(run_dir)
+    for path in checkpoints[:-keep_last]:
+        if checkpoint_step(path) != keep_step:
+            shutil.rmtree(path)
+
+
+def rng_state() -> dict:
+    """Every random generator this process draws from, as tensors and plain values."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,334 @@
+"""The training configuration: one dataclass, from which the command line is derived.
+
+    config = parse_config(["--lora-r", "8", "--config", "run.toml"])   # defaults < run.toml < flags
+    config = parse_config(["--out", "runs/x", "--resume"])             # defaults < runs/x/config.json < flags
+
+Every field is a flag (`lora_r` -> `--lora-r`) with its help text, and a key of a TOML (or JSON) config file.
+Booleans get `--flag` / `--no-flag`; list fields take several values or one comma-separated value.
+A field left at None is resolved later by the trainer (e.g. the lr by method) and saved resolved in the run
+directory, so `--config runs/x/config.json` repeats a run. Validation is in `__post_init__`; every problem is
+a one-line UserError (exit code 2), including argparse's own (unknown flags, bad values).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+
+from nanoft.errors import UserError
+
+METHODS = ("lora", "qlora", "full", "auto")
+QUANT_TYPES = ("nf4", "fp4", "int8")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
+ALPACA_STYLES = ("auto", "chat", "alpaca")
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # the playbook's starting points
+
+
+def flag(default, help, choices=None):
+    """A config field: its default, its --help text and, optionally, the values it accepts."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what, where to
+    model: str = flag("", "Hugging Face model directory (default: the built-in SmolLM2-135M-Instruct)")
+    data: list[str] = flag(
+        [],
+        "training data files: .jsonl/.json (Alpaca, chat, ShareGPT, text) or .txt "
+        "(default: the built-in Python-docs instruction set)",
+    )
+    val_data: list[str] = flag([], "validation data files (default: a seeded --val-frac split of --data)")
+    out: str = flag("", "run directory (default: runs/<time stamp>; required under torchrun)")
+    config: str = flag("", "TOML or JSON file setting any of these fields by name; flags override it")
+    resume: bool = flag(False, "continue the run in --out from its latest checkpoint, exactly")
+    overwrite: bool = flag(False, "delete what --out holds and start afresh")
+
+    # method
+    method: str = flag(
+        "lora",
+        "lora: adapters on a 16-bit base; qlora: adapters on a 4-bit base; full: every "
+        "weight; auto: let the planner choose",
+        METHODS,
+    )
+    quant: str = flag("", "base weight quantization for --method qlora (default nf4)", QUANT_TYPES)
+    lora_r: int = flag(16, "LoRA rank: capacity of the update (8-64 typical)")
+    lora_alpha: float = flag(32.0, "LoRA alpha: the update is scaled by alpha / r (keep alpha = 2r)")
+    lora_dropout: float = flag(0.05, "dropout on the LoRA input")
+    lora_targets: list[str] = flag(["q_proj", "v_proj"], "linear layers that get adapters, or all-linear")
+
+    # data
+    data_format: str = flag("auto", "data format (auto detects it from the records)", DATA_FORMATS)
+    alpaca_style: str = flag(
+        "auto",
+        "Alpaca records: the model's chat template, or the Alpaca prompt "
+        "(auto: chat when the model has a template)",
+        ALPACA_STYLES,
+    )
+    seq_len: int = flag(1024, "longest sequence in tokens; longer examples are truncated (and counted)")
+    val_frac: float = flag(0.05, "fraction of --data held out for validation when --val-data is not given")
+    pack: bool = flag(False, "pack several examples per sequence (no padding; attention stays per example)")
+    group_by_length: bool = flag(False, "batch examples of similar length together (less padding)")
+    dedup: bool = flag(True, "remove exact and near-duplicate records before the split")
+    near_dup_threshold: float = flag(
+        0.8, "MinHash Jaccard similarity above which records are near-duplicates"
+    )
+    train_on_everything: bool = flag(False, "train on prompts too, not only on the responses")
+    skip_bad_records: bool = flag(False, "skip (and count) malformed records instead of stopping")
+
+    # optimization
+    lr: float | None = flag(None, "peak learning rate (default: 2e-4 for LoRA/QLoRA, 5e-5 for full)")
+    batch_size: int = flag(4, "sequences per micro-batch per device")
+    grad_accum: int = flag(8, "micro-batches accumulated per optimizer step")
+    epochs: float = flag(3.0, "passes over the training data at most")
+    max_steps: int = flag(0, "stop after this many optimizer steps (0: as many as --epochs gives)")
+    warmup_frac: float = flag(0.03, "fraction of the steps spent warming the lr up from 0")
+    optim: str = flag("adamw", "optimizer (8-bit variants need bitsandbytes)", OPTIMIZERS)
+    weight_decay: float = flag(0.01, "AdamW weight decay, applied to matrices only")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
+    seed: int = flag(0, "random seed: data order, split, adapter initialisation, dropout")
+
+    # evaluation and checkpoints
+    eval_every: int = flag(50, "evaluate on the val split every this many steps (and at step 0 and the end)")
+    save_every: int = flag(100, "save a resumable checkpoint every this many steps (and at the end)")
+    keep_last: int = flag(2, "resumable checkpoints kept (plus the best one)")
+    patience: int = flag(5, "stop after this many evaluations without a better val loss (0: never)")
+    merge: bool = flag(False, "also export the best weights merged into the base model (merged/)")
+
+    # hardware and speed
+    device: str = flag("auto", "cuda, cpu or auto")
+    dtype: str = flag(
+        "auto", "compute dtype: bf16 where the hardware has it, else fp16 on GPU, else fp32", DTYPES
+    )
+    activation_checkpointing: bool = flag(
+        False, "recompute activations in backward: less memory, ~30% slower"
+    )
+    compile: bool = flag(False, "torch.compile each decoder layer")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and value not in choices and not (f.name == "quant" and value == ""):
+                raise UserError(f"--{kebab(f.name)} {value}: unknown; choose from {', '.join(choices)}")
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "eval_every",
+            "save_every",
+            "keep_last",
+            "lora_r",
+        ):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{kebab(name)} {getattr(self, name)}: must be at least 1")
+        for name in ("max_steps", "patience", "grad_clip", "weight_decay", "lora_alpha"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{kebab(name)} {getattr(self, name)}: must not be negative")
+        for name in ("warmup_frac", "lora_dropout", "val_frac"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--{kebab(name)} {getattr(self, name)}: must be in [0, 1)")
+        if self.epochs <= 0:
+            raise UserError(f"--epochs {self.epochs}: must be positive")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise UserError(
+                f"--lr {self.lr}: must be in (0, 1); typical: 1e-4 to 3e-4 for LoRA, 1e-5 to 1e-4 full"
+            )
+        if self.quant and self.method == "full":
+            raise UserError(
+                f"--method full trains every weight and cannot use a --quant {self.quant} base; "
+                "use --method qlora, or drop --quant"
+            )
+        if self.quant and self.method == "lora":
+            raise UserError(
+                f"--quant {self.quant} quantizes the base under LoRA, which is --method qlora; "
+                "pass --method qlora"
+            )
+        if self.resume and self.overwrite:
+            raise UserError(
+                "--resume continues the run in --out and --overwrite deletes it; pass one of them"
+            )
+        if self.resume and not self.out:
+            raise UserError("--resume needs --out: the run directory to continue")
+        if not self.lora_targets:
+            raise UserError("--lora-targets is empty; name linear layers (e.g. q_proj,v_proj) or all-linear")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_type(name: str):
+    """int, float, str, bool or list for a field (Optional[X] counts as X)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints usage and an error and exits 2; nanoft errors are one `error:` line instead."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see python {Path(sys.argv[0]).name} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        description="Fine-tune a Llama-family model with LoRA, QLoRA or a full fine-tune.",
+        argument_default=argparse.SUPPRESS,  # only flags actually given appear, so they can override a file
+    )
+    for f in fields(TrainConfig):
+        kind = field_type(f.name)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        shown = ",".join(default) if kind is list else {True: "on", False: "off"}.get(default, default)
+        help_text = f.metadata["help"] + (f" (default: {shown})" if shown not in ("", None) else "")
+        name, choices = f"--{kebab(f.name)}", f.metadata["choices"]
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind is list:
+            parser.add_argument(name, nargs="+", metavar=f.name.upper(), help=help_text)
+        else:
+            parser.add_argument(
+                name, type=kind, choices=choices, metavar=None if choices else f.name.upper(), help=help_text
+            )
+    return parser
+
+
+def read_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: file not found")
+    try:
+        values = json.loads(file.read_text()) if file.suffix == ".json" else tomllib.loads(file.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise UserError(
+            f"--config {path}: not valid {file.suffix.lstrip('.').upper() or 'TOML'} ({error})"
+        ) from None
+    known = {f.name for f in fields(TrainConfig)}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(
+            f"--config {path}: unknown setting '{unknown[0]}' (settings are the flag names, e.g. lora_r = 16)"
+        )
+    return {key: value for key, value in values.items() if key not in ("config", "resume", "overwrite")}
+
+
+def check_types(values: dict, source: str) -> dict:
+    """Values from a file as the field types want them (TOML has ints where floats are meant, etc.)."""
+    checked = {}
+    for name, value in values.items():
+        kind = field_type(name)
+        if kind is list:
+            value = [value] if isinstance(value, str) else value
+            ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        elif kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) or value is None
+            value = float(value) if ok and value is not None else value
+        else:
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not ok:
+            raise UserError(f"{source}: '{name}' must be {kind.__name__}, got {value!r}")
+        checked[name] = value
+    return checked
+
+
+def split_commas(values: dict) -> dict:
+    """`--lora-targets q_proj,v_proj` and `--lora-targets q_proj v_proj` mean the same."""
+    return {
+        name: [item for value in values[name] for item in value.split(",") if item]
+        if field_type(name) is list
+        else values[name]
+        for name in values
+    }
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """The config from defaults, then the run's saved config (with --resume), then --config, then flags."""
+    flags = vars(build_parser().parse_args(argv))
+    values = {}
+    out = flags.get("out")
+    if flags.get("config"):
+        values.update(check_types(read_config_file(flags["config"]), f"--config {flags['config']}"))
+        out = flags.get("out", values.get("out"))
+    if flags.get("resume") and out:
+        saved = Path(out) / "config.json"
+        if not saved.is_file():
+            raise UserError(
+                f"--resume: {saved} not found; --out must be the directory of a run started earlier"
+            )
+        values = {**check_types(read_config_file(str(saved)), str(saved)), **values}
+    values.update(flags)
+    return TrainConfig(**split_commas(values))
+
+
+def save_config(config: TrainConfig, path) -> None:
+    """The resolved config as JSON, readable back with --config (resume/overwrite are per invocation)."""
+    values = {
+        key: value for key, value in config.to_dict().items() if key not in ("config", "resume", "overwrite")
+    }
+    Path(path).write_text(json.dumps(values, indent=2) + "\n")
+
+
+def default_out_dir() -> str:
+    if "RANK" in os.environ:  # ranks would each pick their own time stamp
+        raise UserError("--out is required under torchrun, so every rank writes to the same run directory")
+    return f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def hyperparameter_notes(
+    config: TrainConfig,
+    *,
+    world_size: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    warmup_steps: int,
+    trainable: int,
+    total: int,
+    precision: str,
+) -> list[str]:
+    """One line per key hyperparameter: its value and what to watch to know it is working."""
+    effective_batch = config.batch_size * config.grad_accum * world_size
+    lines = [
+        f"lr {config.lr:.0e} ({'default for ' + config.method if config.lr == DEFAULT_LR.get(config.method) else 'set'}"
+        "): loss should fall within the first 100 steps; NaN or spikes -> halve it; flat -> try --lr-sweep",
+        f"schedule: warmup {warmup_steps} of {total_steps} steps ({config.warmup_frac:.0%}), then cosine to "
+        f"{config.lr * 0.1:.0e}: a loss spike just after warmup -> lengthen warmup or lower the lr",
+        f"effective batch {effective_batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
+        f"{world_size} device(s): >= 32 keeps updates steady; out of memory -> halve --batch-size, double "
+        "--grad-accum",
+        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch} steps: val loss "
+        "rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer epochs",
+    ]
+    if config.method in ("lora", "qlora"):
+        quant = f" on a {config.quant} base" if config.method == "qlora" else ""
+        lines.append(
+            f"LoRA r={config.lora_r} alpha={config.lora_alpha:g} (scale {config.lora_alpha / config.lora_r:g}) on "
+            f"{','.join(config.lora_targets)}{quant}: {trainable:,} trainable of {total:,} "
+            f"({100 * trainable / total:.2f}%); train loss stalls high -> raise r or use all-linear"
+        )
+    else:
+        lines.append(
+            f"full fine-tune: all {trainable:,} weights train; watch for forgetting (val on general data)"
+        )
+    lines += [
+        f"grad clip {config.grad_clip:g}: the grad norm should settle below it; clipped at every step -> lower the lr",
+        f"weight decay {config.weight_decay:g} on matrices only (never on norms or biases)",
+        f"eval every {config.eval_every} steps (and at step 0 for the baseline): val loss below the baseline by "
+        f"the first eval; early stop after {config.patience or 'no'} evals without a new best",
+        f"precision {precision}",
+    ]
+    return lines

@@ -1,0 +1,249 @@
+"""torch.distributed behind torchrun: set-up, DDP or FSDP2 wrapping, gradient sync, gathering for checkpoints.
+
+    dist = setup_distributed(device="auto", timeout_s=600)  # torchrun's env -> process group; else one process
+    model = wrap_model(model, dist, fsdp="full_shard", mixed_precision=torch.bfloat16)
+    for micro_step in range(grad_accum):
+        with gradient_sync(model, enabled=micro_step == grad_accum - 1):
+            loss_sum, _ = model(input_ids, targets=targets)
+            (loss_sum * dist.world_size / global_target_count).backward()  # DDP and FSDP average over ranks
+    adapter = full_state_dict(model, dist, trainable_only=True)  # every rank calls; rank 0 gets the tensors
+    teardown(dist)
+
+Launch with `torchrun --nproc_per_node=N train.py ...` (one node) or torchrun's c10d rendezvous (several nodes).
+Without torchrun nothing here touches torch.distributed: the model is returned as it is and every helper is a
+no-op. FSDP over bitsandbytes 4-bit layers (QLoRA) is prepared by nanoft/fsdp_qlora.py.
+"""
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as torch_dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from nanoft.errors import UserError
+from nanoft.fsdp_qlora import prepare_4bit_linears_for_fsdp
+
+FSDP_MODES = ("full_shard", "shard_grad_op")  # ZeRO-3-like (reshard after forward) and ZeRO-2-like (keep)
+
+
+@dataclass
+class Dist:
+    rank: int  # global rank, 0 .. world_size - 1
+    local_rank: int  # rank on this node: picks the GPU
+    world_size: int
+    device: torch.device
+    is_main: bool  # rank 0: the only one that prints, logs and writes files
+    backend: str | None  # "nccl" | "gloo" | None when running as a single process
+
+
+def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU); without torchrun, one process.
+
+    `timeout_s` bounds every collective: if a rank dies or hangs, the others raise after this long instead
+    of waiting forever (and torchrun then stops the whole job with a non-zero exit code).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return Dist(rank=0, local_rank=0, world_size=1, device=torch.device(device), is_main=True, backend=None)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.device(device).type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"local rank {local_rank} has no GPU (this node has {torch.cuda.device_count()}): "
+                "pass --nproc_per_node at most the number of GPUs to torchrun"
+            )
+        torch.cuda.set_device(local_rank)
+        pinned, backend = torch.device("cuda", local_rank), "nccl"
+        # On a collective timeout NCCL's watchdog aborts the communicator and kills this process, so a
+        # hung peer turns into an error torchrun sees, not a job that waits forever.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    else:
+        pinned, backend = torch.device(device), "gloo"
+    torch_dist.init_process_group(
+        backend,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=pinned if backend == "nccl" else None,
+    )
+    return Dist(rank, local_rank, world_size, pinned, is_main=rank == 0, backend=backend)
+
+
+def teardown(dist: Dist) -> None:
+    if dist.backend is not None and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def print0(dist: Dist, *args, **kwargs) -> None:
+    if dist.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_for_rank(seed: int, dist: Dist) -> int:
+    """The seed for randomness that must differ between ranks (dropout masks).
+
+    The model's initialisation (LoRA's random A) and the data order use the shared `seed` on every rank, so
+    all ranks start from the same weights and split the same shuffled epoch.
+    """
+    return seed + dist.rank
+
+
+def wrap_model(model, dist: Dist, fsdp: str | None = None, cpu_offload: bool = False, mixed_precision=None):
+    """DDP when several ranks and no FSDP; FSDP2 when `fsdp` is "full_shard" or "shard_grad_op".
+
+    mixed_precision (FSDP only): a torch dtype the gathered parameters are cast to for compute (bf16), with
+    gradients reduced in fp32 and the sharded master weights kept in their own dtype.
+    """
+    if fsdp in (None, "none"):
+        if dist.world_size == 1:
+            return model
+        # find_unused_parameters=False: every trainable parameter gets a gradient in every step, so DDP need
+        # not walk the graph after each forward looking for ones that did not.
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+    if fsdp not in FSDP_MODES:
+        raise UserError(f"--fsdp {fsdp} is not a mode; choose one of none, {', '.join(FSDP_MODES)}")
+    if dist.backend is None:
+        raise UserError(
+            f"--fsdp {fsdp} shards the model across processes but this run has one: "
+            "start it with torchrun --nproc_per_node=N, or drop --fsdp"
+        )
+    return shard_model(model, reshard_after_forward=fsdp == "full_shard", cpu_offload=cpu_offload,
+                       mixed_precision=mixed_precision)
+
+
+def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_precision):
+    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head), in place."""
+    prepare_4bit_linears_for_fsdp(model, mixed_precision)
+    # FSDP2, unlike DDP, does not copy rank 0's weights to the others: broadcast the trainable ones so a rank
+    # that drew a different random LoRA initialisation cannot silently train a different model.
+    for param in model.parameters():
+        if param.requires_grad:
+            torch_dist.broadcast(param.data, src=0)
+    options = dict(
+        reshard_after_forward=reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+        if mixed_precision is not None
+        else MixedPrecisionPolicy(),
+        # Pinned memory makes the host-to-GPU copies asynchronous; there is nothing to pin without CUDA.
+        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy(),
+    )
+    for layer in model.model.layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def is_fsdp(model) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")  # what fully_shard adds to the module's class
+
+
+@contextmanager
+def gradient_sync(model, enabled: bool):
+    """Run one micro-batch's forward and backward inside this; `enabled` only on the last one of a step.
+
+    DDP: the gradients of the other micro-batches just add up locally (no_sync), and the one all-reduce of
+    the last backward carries their sum, so k micro-batches cost one communication instead of k.
+    FSDP: gradients are reduce-scattered on every micro-batch anyway. Skipping that would keep a full,
+    unsharded gradient of every parameter on each rank until the last micro-batch, which is the memory
+    FSDP is used to save; the sum of the sharded gradients is the same.
+    """
+    skip_sync = isinstance(model, DistributedDataParallel) and not enabled
+    with model.no_sync() if skip_sync else nullcontext():
+        yield
+
+
+def all_reduce_sum(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The sum over ranks (a copy on dist.device; the tensor itself when single process)."""
+    if dist.backend is None:
+        return tensor
+    total = tensor.detach().to(dist.device, copy=True)
+    torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
+    return total
+
+
+def unwrap(model):
+    """The Transformer inside DDP (FSDP2 shards the Transformer in place, so it is its own model)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Clip the trainable parameters' gradients to a global norm; returns that norm before clipping.
+
+    Under FSDP the gradients are shards: the norm is computed across ranks and comes back as a DTensor,
+    gathered here so every rank logs and checks the same plain number.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_state_dict(model, dist: Dist, trainable_only: bool) -> dict:
+    """Every rank must call this (FSDP gathers shards); rank 0 gets {name: CPU tensor}, the others {}.
+
+    Names are the model's own (Hugging Face's, plus lora.py's), without DDP's `module.` prefix.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    if dist.backend is None:
+        options = StateDictOptions(full_state_dict=True, ignore_frozen_params=trainable_only)
+    model = unwrap(model)
+    state = get_model_state_dict(model, options=options)
+    if trainable_only:  # drop what is not a parameter, e.g. a bitsandbytes layer's quantization state
+        trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        state = {name: tensor for name, tensor in state.items() if name in trainable}
+    return {name: tensor.detach().cpu().clone() for name, tensor in state.items()} if dist.is_main else {}
+
+
+def load_full_state_dict(model, state_dict: dict, dist: Dist) -> None:
+    """Load a full_state_dict (all weights, or only the trainable ones) into a wrapped model.
+
+    Only rank 0's `state_dict` is read; under torchrun it is broadcast and each rank keeps its shard, so the
+    other ranks may pass {} (a checkpoint need not be on every node's disk).
+    """
+    options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=dist.backend is not None)
+    set_model_state_dict(unwrap(model), state_dict, options=options)
+
+
+def optimizer_state_dict(model, optimizer, dist: Dist) -> dict:
+    """The optimizer's whole state keyed by parameter name, on rank 0 ({} elsewhere); every rank calls it.
+
+    Keys are names rather than positions, so a checkpoint resumes under DDP, FSDP or one process alike.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.backend is not None)
+    state = get_optimizer_state_dict(unwrap(model), optimizer, options=options)
+    return state if dist.is_main else {}
+
+
+def load_optimizer_state_dict(model, optimizer, state_dict: dict, dist: Dist) -> None:
+    """Restore optimizer_state_dict's result; as for load_full_state_dict only rank 0's copy is read."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.backend is not None)
+    set_optimizer_state_dict(unwrap(model), optimizer, state_dict, options=options)
+
+
+def gather_to_main(value, dist: Dist) -> list | None:
+    """[value of rank 0, value of rank 1, ...] on rank 0, None elsewhere: e.g. each rank's RNG state."""
+    if dist.backend is None:
+        return [value]
+    gathered = [None] * dist.world_size if dist.is_main else None
+    torch_dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def scatter_from_main(values: list | None, dist: Dist):
+    """Rank r gets values[r] from rank 0's list (other ranks pass None): gather_to_main's inverse."""
+    if dist.backend is None:
+        return values[0]
+    received = [None]
+    torch_dist.scatter_object_list(received, values if dist.is_main else None, src=0)
+    return received[0]

@@ -1,0 +1,177 @@
+"""Watching a run: the progress bar, TensorBoard, metrics.jsonl, tokens/s, model FLOPs utilisation, memory.
+
+    monitor = Monitor(run_dir, enabled=dist.is_main, total_steps=1000, start_step=0)
+    monitor.log_step(step, {"loss": 1.9, "lr": 2e-4, "grad_norm": 0.4, "tokens_per_s": 600.0, "mfu": 0.31})
+    monitor.log_eval(step, val_loss=1.7, samples=[(prompt, generated, expected)])
+    monitor.print("a line above the bar")
+    monitor.close()
+
+Only rank 0 is `enabled`; elsewhere every call does nothing. TensorBoard files go to run_dir/tensorboard
+(`tensorboard --logdir runs/`), and every logged step is also a line of run_dir/metrics.jsonl, for plotting
+without TensorBoard and for comparing runs step by step.
+
+Model FLOPs utilisation (MFU) = the FLOPs the model needs for the tokens processed per second / the peak
+matmul FLOP/s of this device in the compute dtype. FLOPs per token, as in the PaLM paper's appendix B and
+nanoGPT's estimate_mfu, for N matmul weights (decoder linears and lm_head; embedding lookups cost nothing),
+L layers, attention width d (heads x head dim) and context T:
+    full fine-tune:  6 N + 12 L T d       (forward 2N, backward 2N for input gradients + 2N for weight gradients)
+    LoRA / QLoRA:    4 N + 6 N_lora + 12 L T d   (the frozen base needs no weight gradients: 2N saved)
+The attention term (QK^T and AV: 4 L T d forward, twice that backward) is the same in both. Recomputation by
+activation checkpointing is not counted (MFU counts what the model needs, not what the hardware did). The peak
+is measured at start-up with a large matrix multiply in the compute dtype, not taken from a datasheet, so MFU
+here says how much of this machine's achievable matmul speed the training reaches.
+"""
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+BYTES_PER_KIB = 1024
+
+
+class Monitor:
+    def __init__(self, run_dir, enabled: bool, total_steps: int, start_step: int = 0):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
+
+        run_dir = Path(run_dir)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        keep_metrics_until(
+            self.metrics_path, start_step
+        )  # a resumed run rewrites what came after its checkpoint
+        # purge_step hides events a crashed run logged after the checkpoint we resume from.
+        self.writer = SummaryWriter(
+            run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None
+        )
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr
+        )
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            lr=f"{metrics['lr']:.2e}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+            refresh=False,
+        )
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self.append_metrics({"step": step, **metrics})
+
+    def log_eval(self, step: int, val_loss: float, samples: list[tuple[str, str, str]]) -> None:
+        if not self.enabled:
+            return
+        self.writer.add_scalar("val/loss", val_loss, step)
+        if samples:
+            text = "\n\n".join(
+                f"**prompt** {prompt}\n\n**model** {generated}\n\n**reference** {expected}"
+                for prompt, generated, expected in samples
+            )
+            self.writer.add_text("val/samples", text, step)
+        self.writer.flush()
+        self.append_metrics({"step": step, "val_loss": val_loss})
+
+    def log_hparams(self, config: dict, results: dict) -> None:
+        if not self.enabled:
+            return
+        plain = {
+            key: value if isinstance(value, int | float | str | bool) else str(value)
+            for key, value in config.items()
+        }
+        self.writer.add_hparams(
+            plain, {f"hparams/{key}": value for key, value in results.items()}, run_name="hparams"
+        )
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text, file=sys.stderr)
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as file:
+            file.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
+
+
+def matmul_weights(model) -> tuple[int, int]:
+    """(frozen, trainable) weights that take part in matrix multiplies: every parameter except the
+    embedding table, which is only indexed (a tied lm_head shares it and is counted as a matmul), and norms."""
+    config = model.config
+    frozen = trainable = 0
+    for name, param in model.named_parameters():
+        if param.dim() < 2 or name == "model.embed_tokens.weight":
+            continue
+        numel = param.numel() * (2 if param.dtype == torch.uint8 else 1)  # 4-bit: two weights per byte
+        if param.requires_grad:
+            trainable += numel
+        else:
+            frozen += numel
+    if config.tie_word_embeddings:
+        lm_head = config.vocab_size * config.hidden_size
+        frozen, trainable = (
+            (frozen, trainable + lm_head)
+            if model.lm_head.weight.requires_grad
+            else (frozen + lm_head, trainable)
+        )
+    return frozen, trainable
+
+
+def flops_per_token(model, context: int) -> float:
+    """Training FLOPs per token at context length `context` (see the module docstring)."""
+    config = model.config
+    frozen, trainable = matmul_weights(model)
+    attention = 12 * config.num_hidden_layers * context * config.num_attention_heads * config.head_dim
+    return 4 * frozen + 6 * trainable + attention
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large matrix multiply in `dtype` on `device`, best of a few: the denominator of MFU."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Memory in use now: allocated GPU memory, or this process's resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory used so far: peak allocated GPU memory, or peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * BYTES_PER_KIB  # Linux reports KiB

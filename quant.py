@@ -1,0 +1,270 @@
+"""QLoRA's frozen base: the decoder's linear layers in 4-bit NF4 (or FP4, or int8) through bitsandbytes.
+
+    model = load_quantized("path/to/hf_dir", quant="nf4")  # quantized tensor by tensor while loading
+    model = inject_lora(model, LoRAConfig(...))              # lora.py: adapters on top of the 4-bit layers
+    stored, bf16 = quantized_weight_bytes(model)             # what the weights really occupy
+    optimizer = make_optimizer(trainable_params, "paged_adamw8bit", lr=2e-4)
+
+Every `nn.Linear` of the decoder layers becomes a bitsandbytes `Linear4bit` (or `Linear8bitLt` for int8);
+embeddings, norms and lm_head stay in the compute dtype (the chunked loss multiplies by lm_head's weight
+matrix directly). The model is built on the meta device and each linear weight is quantized the moment it
+is read from its shard, so loading never holds more than the quantized model plus one full-precision tensor
+(and the shard safetensors has open). `dequantize_model` turns the 4-bit layers back into `nn.Linear` for a
+merged export. `make_optimizer` adds QLoRA's third ingredient, bitsandbytes' 8-bit and paged AdamW.
+Measured numbers: bench/quant_memory.py, bench/matmul_4bit.py and bench/qlora_merge_gap.py.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from nanoft.errors import UserError
+from nanoft.model import Transformer
+from nanoft.weights import assign_tensor, iter_checkpoint_tensors, load_config
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def bitsandbytes_error(error: Exception, flag: str) -> UserError:
+    """The one-line message for a bitsandbytes that is missing or cannot run here."""
+    if isinstance(error, ImportError):
+        return UserError(
+            f"{flag} needs bitsandbytes, which could not be imported ({error}); "
+            f"install it with `pip install bitsandbytes>=0.45` or drop {flag}"
+        )
+    return UserError(f"bitsandbytes cannot run on this platform ({error}); drop {flag} or run on CPU or CUDA")
+
+
+def import_bitsandbytes(flag: str):
+    """`import bitsandbytes`, turning a missing or broken install into a UserError that names `flag`."""
+    try:
+        import bitsandbytes
+    except (ImportError, RuntimeError, OSError) as error:  # OSError/RuntimeError: its native library failed
+        raise bitsandbytes_error(error, flag) from None
+    return bitsandbytes
+
+
+@dataclass
+class QuantConfig:
+    """How the base model's linear layers are stored. Strings "bf16", "fp16", "fp32" work for dtypes."""
+
+    quant: str = "nf4"  # nf4 (QLoRA's default), fp4, or int8 (LLM.int8() row-wise 8-bit)
+    double_quant: bool = True  # 4-bit only: quantize the per-block absmax too (0.5 -> 0.127 bits per weight)
+    compute_dtype: torch.dtype | str = torch.bfloat16  # activations, embeddings, norms, lm_head
+    quant_storage: torch.dtype | str = torch.uint8  # 4-bit only: dtype the packed bytes are viewed as (FSDP)
+    skip: tuple[str, ...] = ("lm_head",)  # linear modules (name or name suffix) kept in the compute dtype
+
+    def __post_init__(self):
+        if self.quant not in QUANT_TYPES:
+            raise UserError(f"--quant {self.quant}: unknown; choose one of {', '.join(QUANT_TYPES)}")
+        self.compute_dtype = DTYPES.get(self.compute_dtype, self.compute_dtype)
+        self.quant_storage = DTYPES.get(self.quant_storage, self.quant_storage)
+        if self.compute_dtype not in DTYPES.values():
+            raise UserError(f"compute dtype {self.compute_dtype}: choose bf16, fp16 or fp32")
+        if not isinstance(self.quant_storage, torch.dtype):
+            raise UserError(f"quant storage {self.quant_storage}: must be a torch dtype such as torch.uint8")
+        if not any(_matches("lm_head", pattern) for pattern in self.skip):
+            raise UserError("skip must keep 'lm_head': the chunked loss multiplies by its unquantized weight")
+        self.skip = tuple(self.skip)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def make_quantized_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
+    """An empty bitsandbytes layer shaped like `linear`; its weight is set by `quantize_weight`."""
+    bnb = import_bitsandbytes(f"--quant {config.quant}")
+    with torch.device("meta"):
+        if config.quant == "int8":
+            # threshold 0: no fp16 outlier columns, so the whole weight really is 8-bit.
+            return bnb.nn.Linear8bitLt(
+                linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
+            )
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=config.compute_dtype,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant,
+            quant_storage=config.quant_storage,
+        )
+    # On CPUs with AVX512-BF16, an eval forward under no_grad repacks the weight in place into an inference
+    # layout whose matmul has no autograd: after the first validation pass, LoRA in earlier layers would get
+    # no gradient at all (seen with bitsandbytes 0.50). Keep the one layout that trains.
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def quantize_weight(layer: nn.Module, weight: torch.Tensor, config: QuantConfig, device) -> None:
+    """Quantize a full-precision (out, in) weight into `layer` on `device` (bitsandbytes does it in `.to`)."""
+    bnb = import_bitsandbytes(f"--quant {config.quant}")
+    weight = weight.to(device=device, dtype=config.compute_dtype)
+    try:
+        if config.quant == "int8":
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
+        else:
+            layer.weight = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                compress_statistics=config.double_quant,
+                quant_type=config.quant,
+                quant_storage=config.quant_storage,
+                module=layer,
+            ).to(device)
+    except (RuntimeError, NotImplementedError) as error:
+        raise bitsandbytes_error(error, f"--quant {config.quant}") from None
+
+
+def quantize_linears(model: nn.Module, config: QuantConfig, device="cpu") -> list[str]:
+    """Replace the model's `nn.Linear` modules (except `config.skip`) in place; return their names.
+
+    Linears still on the meta device stay empty (the loader fills them); loaded ones are quantized now.
+    """
+    names = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not any(_matches(name, pattern) for pattern in config.skip)
+    ]
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent, linear = model.get_submodule(parent_name), model.get_submodule(name)
+        layer = make_quantized_linear(linear, config)
+        if linear.weight.device.type != "meta":
+            quantize_weight(layer, linear.weight.detach(), config, device)
+            if linear.bias is not None:
+                bias = linear.bias.detach().to(device, config.compute_dtype)
+                layer.bias = nn.Parameter(bias, requires_grad=False)
+        setattr(parent, child_name, layer)
+    return names
+
+
+def load_quantized(
+    path,
+    quant="nf4",
+    compute_dtype=torch.bfloat16,
+    quant_storage=torch.uint8,
+    double_quant=True,
+    device="cpu",
+    skip=("lm_head",),
+) -> Transformer:
+    """Load a Hugging Face checkpoint directory with its decoder linears quantized, one tensor at a time."""
+    config = QuantConfig(quant, double_quant, compute_dtype, quant_storage, tuple(skip))
+    model_config = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    quantized = {name + ".weight": model.get_submodule(name) for name in quantize_linears(model, config)}
+    expected = {name for name, _ in model.named_parameters()}
+    loaded = set()
+    for name, tensor in iter_checkpoint_tensors(path):
+        if model_config.tie_word_embeddings and name == "lm_head.weight":
+            continue  # some tied checkpoints store the copy anyway
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # old checkpoints saved the RoPE buffer; it is recomputed
+        if name in quantized:
+            quantize_weight(quantized[name], tensor, config, device)
+        else:
+            assign_tensor(model, name, tensor.to(device=device, dtype=config.compute_dtype), path)
+        loaded.add(name)
+    missing = expected - loaded
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. '{sorted(missing)[0]}'")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # QLoRA trains adapters only; the base is frozen, quantized or not
+    if model_config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(device)
+    return model
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a bitsandbytes layer computes with, dequantized to its compute precision."""
+    bnb = import_bitsandbytes("--quant")
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return layer.weight.data.float() * (layer.weight.SCB.float()[:, None] / 127)  # row-wise absmax scale
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def dequantize_model(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
+    """Replace every bitsandbytes linear by an `nn.Linear` holding its dequantized weight, in place."""
+    names = [name for name, module in model.named_modules() if is_quantized_linear(module)]
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        layer = model.get_submodule(name)
+        weight = dequantized_weight(layer)
+        with torch.device("meta"):
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        setattr(model.get_submodule(parent_name), child_name, linear)
+    return model
+
+
+class WeightBytes(NamedTuple):
+    stored: int  # bytes the weights occupy now: packed 4/8-bit data, quantization state, other tensors
+    bf16: int  # bytes the same weights take in bf16
+
+    @property
+    def ratio(self) -> float:
+        return self.stored / self.bf16
+
+
+def quantized_weight_bytes(model: nn.Module) -> WeightBytes:
+    """Count every parameter and quantization-state tensor once (tied or shared tensors once)."""
+    stored, bf16_elements, seen = 0, 0, set()
+
+    def count(tensor):
+        nonlocal stored
+        if tensor is not None and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            stored += tensor.numel() * tensor.element_size()
+
+    for parameter in model.parameters():  # each tied parameter once
+        quant_state = getattr(parameter, "quant_state", None)
+        if quant_state is not None:  # 4-bit: packed data + per-block absmax (+ its own 8-bit state if nested)
+            bf16_elements += quant_state.shape.numel()
+            for tensor in (quant_state.absmax, quant_state.code, quant_state.offset):
+                count(tensor)
+            if quant_state.nested:
+                count(quant_state.state2.absmax)
+                count(quant_state.state2.code)
+        elif getattr(parameter, "SCB", None) is not None:  # int8: one byte per weight + a scale per row
+            bf16_elements += parameter.numel()
+            count(parameter.SCB)
+        else:
+            bf16_elements += parameter.numel()
+        count(parameter)
+    return WeightBytes(stored, 2 * bf16_elements)
+
+
+def make_optimizer(params_or_groups, name="adamw", lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
+    """`--optim`: torch AdamW, or bitsandbytes' AdamW8bit / PagedAdamW8bit, over parameters or param groups.
+
+    AdamW keeps two fp32 moments per trainable weight (8 bytes); the 8-bit versions keep them block-quantized
+    (2 bytes; tensors under 4096 elements keep 32-bit state, where 8 bits would save nothing). The paged one
+    puts its state in CUDA unified memory, so a memory spike pages it to the host instead of running out of
+    GPU memory; on CPU it behaves as AdamW8bit.
+    """
+    params_or_groups = list(params_or_groups)
+    if name == "adamw":
+        params = [p for g in params_or_groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        # The fused kernel updates every tensor in one launch; it needs them all on CUDA.
+        fused = True if params and all(p.is_cuda for p in params) else None
+        return torch.optim.AdamW(
+            params_or_groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused
+        )
+    if name not in OPTIMIZERS:
+        raise UserError(f"--optim {name}: unknown; choose one of {', '.join(OPTIMIZERS)}")
+    bnb = import_bitsandbytes(f"--optim {name}")
+    optimizer_class = bnb.optim.PagedAdamW8bit if name == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    return optimizer_class(params_or_groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)

@@ -1,0 +1,188 @@
+"""What tests/test_distributed.py runs under torchrun, and in one process as the reference.
+
+    torchrun --nproc_per_node=2 tests/dist_worker.py RUNS_JSON OUT_DIR   # rank 0 writes OUT_DIR/<name>.pt
+    python tests/dist_worker.py RUNS_JSON OUT_DIR                        # the same runs, one process
+
+RUNS_JSON is a list of runs (see Run). Each trains a tiny random Llama with nanoft's own pieces (model,
+data.py's Batches, lora.py, quant.py, distributed.py) with the loop train.py uses: token-normalised gradient
+accumulation with gradient sync on the last micro-batch, clipping, AdamW. Several runs share one launch
+because starting torchrun and importing torch costs more than a tiny run.
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: data.py, quant.py, lora.py
+
+from data import Batches  # noqa: E402
+from nanoft.dataset_cache import TokenizedExamples  # noqa: E402
+from nanoft.distributed import (  # noqa: E402
+    all_reduce_sum,
+    clip_grad_norm,
+    full_state_dict,
+    gather_to_main,
+    gradient_sync,
+    load_full_state_dict,
+    load_optimizer_state_dict,
+    optimizer_state_dict,
+    scatter_from_main,
+    setup_distributed,
+    teardown,
+    wrap_model,
+)
+from nanoft.fsdp_qlora import parameter_bytes, quant_state_bytes  # noqa: E402
+from nanoft.model import ModelConfig, Transformer  # noqa: E402
+
+VOCAB = 128
+N_EXAMPLES = 64
+
+
+@dataclass
+class Run:
+    name: str
+    method: str = "full"  # full | lora | qlora
+    fsdp: str = "none"  # none (DDP when several ranks) | full_shard | shard_grad_op
+    cpu_offload: bool = False
+    mixed_precision: str = ""  # "" or "bf16" (FSDP's MixedPrecisionPolicy)
+    batch_size: int = 2  # per rank
+    grad_accum: int = 2
+    steps: int = 3
+    lora_dropout: float = 0.0
+    resume_at: int = 0  # >0: stop after this many steps, save, rebuild everything, load, finish
+    crash: str = ""  # "raise": rank 1 raises; "hang": rank 1 never reaches the first collective
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+    )
+
+
+def tiny_examples() -> TokenizedExamples:
+    """Examples of 6..20 tokens whose first few (the "prompt") carry no target, as data.py makes them."""
+    rng = np.random.default_rng(0)
+    input_ids, targets = [], []
+    for _ in range(N_EXAMPLES):
+        ids = rng.integers(0, VOCAB, size=int(rng.integers(6, 21))).tolist()
+        prompt = int(rng.integers(1, 4))
+        input_ids.append(ids)
+        targets.append([-100] * prompt + ids[prompt + 1 :] + [-100])  # shifted; the last token predicts nothing
+    return TokenizedExamples.from_lists(input_ids, targets, [f"tiny:{i}" for i in range(N_EXAMPLES)], seq_len=32)
+
+
+def build_model(run: Run, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config())
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    if run.method == "qlora":
+        from quant import QuantConfig, quantize_linears
+
+        quantize_linears(model, QuantConfig(compute_dtype=torch.float32))
+    if run.method in ("lora", "qlora"):
+        from lora import LoRAConfig, inject_lora
+
+        model = inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=run.lora_dropout, targets="all-linear"))
+    return model
+
+
+def set_up_training(run: Run, dist, seed: int):
+    model = build_model(run, seed)
+    mixed_precision = torch.bfloat16 if run.mixed_precision == "bf16" else None
+    model = wrap_model(model, dist, fsdp=run.fsdp, cpu_offload=run.cpu_offload, mixed_precision=mixed_precision)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    batches = Batches(tiny_examples(), run.batch_size, pad_id=0, seed=0, rank=dist.rank, world_size=dist.world_size)
+    return model, optimizer, batches
+
+
+def train_steps(model, optimizer, batches, dist, run: Run, steps: int, record_of: dict) -> None:
+    """`steps` optimizer steps; appends each step's loss (same on every rank) and the samples this rank read."""
+    micro_batches = iter(batches)
+    for _ in range(steps):
+        step_batches = [next(micro_batches) for _ in range(run.grad_accum)]
+        # Normalise by the target tokens of the whole step on all ranks, counted before any backward.
+        local_targets = sum((batch["targets"] != -100).sum() for batch in step_batches)
+        global_targets = all_reduce_sum(local_targets, dist)
+        loss_sum_total = torch.zeros(())
+        for micro_step, batch in enumerate(step_batches):
+            with gradient_sync(model, enabled=micro_step == run.grad_accum - 1):
+                loss_sum, _ = model(batch["input_ids"], targets=batch["targets"], position_ids=batch["position_ids"])
+                # DDP and FSDP average gradients over ranks: undo that so this rank's share is a plain sum.
+                (loss_sum * dist.world_size / global_targets).backward()
+            loss_sum_total += loss_sum.detach().float()
+            record_of["samples"].append(batch["sample_ids"])
+        clip_grad_norm(model, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record_of["losses"].append((all_reduce_sum(loss_sum_total, dist) / global_targets).item())
+
+
+def run_once(run: Run, dist, out_dir: Path) -> None:
+    if run.crash:
+        crash_on_purpose(run, dist)
+    result = {"losses": [], "samples": []}
+    model, optimizer, batches = set_up_training(run, dist, seed=0)
+    result["parameter_bytes"] = gather_to_main(parameter_bytes(model), dist)
+    result["quant_state_bytes"] = quant_state_bytes(model)
+    if run.resume_at:
+        train_steps(model, optimizer, batches, dist, run, run.resume_at, result)
+        checkpoint = out_dir / f"{run.name}.checkpoint.pt"
+        state = {
+            "trainable": full_state_dict(model, dist, trainable_only=True),
+            "optimizer": optimizer_state_dict(model, optimizer, dist),
+            "data": batches.state_dict(),
+            "rng": gather_to_main(torch.get_rng_state(), dist),  # dropout masks differ per rank
+        }
+        if dist.is_main:
+            torch.save(state, checkpoint)
+        del model, optimizer, batches, state
+        # A fresh process would start here: other weights (seed 1), nothing in memory but what rank 0 reads.
+        model, optimizer, batches = set_up_training(run, dist, seed=1)
+        state = torch.load(checkpoint, weights_only=False) if dist.is_main else {}
+        load_full_state_dict(model, state.get("trainable", {}), dist)
+        load_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), dist)
+        data_position = [state["data"]] * dist.world_size if dist.is_main else None
+        batches.load_state_dict(scatter_from_main(data_position, dist))
+        torch.set_rng_state(scatter_from_main(state.get("rng"), dist))
+    train_steps(model, optimizer, batches, dist, run, run.steps - run.resume_at, result)
+    result["trainable"] = full_state_dict(model, dist, trainable_only=True)
+    result["samples"] = gather_to_main(result["samples"], dist)
+    if dist.is_main:
+        torch.save(result, out_dir / f"{run.name}.pt")
+
+
+def crash_on_purpose(run: Run, dist) -> None:
+    if dist.rank == 1 and run.crash == "raise":
+        raise RuntimeError("rank 1 crashed on purpose")
+    if dist.rank == 1 and run.crash == "hang":
+        time.sleep(3600)  # never joins the all-reduce below; rank 0 must time out
+    all_reduce_sum(torch.ones(()), dist)
+
+
+@record  # torchrun's failure summary then shows the failing rank's traceback
+def main(runs_json: str, out_dir: str) -> None:
+    runs = [Run(**spec) for spec in json.loads(Path(runs_json).read_text())]
+    timeout_s = int(os.environ.get("NANOFT_TEST_DIST_TIMEOUT", "60"))
+    dist = setup_distributed(device="cpu", timeout_s=timeout_s)
+    for run in runs:
+        run_once(run, dist, Path(out_dir))
+    teardown(dist)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,120 @@
+"""nanoft/generate.py: KV-cache decoding equals full recomputation, left-padded batches, sampling, the CLI."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoft.generate import generate, generate_batch, next_token
+from nanoft.model import ModelConfig, Transformer
+from nanoft.tokenizer import Tokenizer
+
+PROMPTS = [[1, 10, 11, 12, 13], [1, 20], [1, 30, 31, 32, 33, 34, 35, 36, 37]]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    return Tokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def greedy_by_recomputation(model, tokenizer, prompt, max_new_tokens):
+    """The reference: run the whole sequence again for every new token, no cache."""
+    sequence, all_logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([sequence]))[0, -1]
+            all_logits.append(logits)
+            token = int(logits.argmax())
+            if token in tokenizer.eos_ids:
+                break
+            sequence.append(token)
+    return sequence[len(prompt) :], torch.stack(all_logits)
+
+
+def test_kv_cache_decoding_equals_full_recomputation(tiny_model, tiny_tokenizer):
+    expected = [greedy_by_recomputation(tiny_model, tiny_tokenizer, prompt, 24) for prompt in PROMPTS]
+    assert max(len(tokens) for tokens, _ in expected) > 5  # the comparison covers many cached steps
+    seen_logits = []  # what generate() computed at each step, caught on the way out of lm_head
+    hook = tiny_model.lm_head.register_forward_hook(
+        lambda module, inputs, output: seen_logits.append(output[0, -1])
+    )
+    try:
+        for prompt, (expected_tokens, expected_logits) in zip(PROMPTS, expected, strict=True):
+            seen_logits.clear()
+            assert generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=24) == expected_tokens
+            assert len(seen_logits) == len(expected_logits)
+            assert (torch.stack(seen_logits) - expected_logits).abs().max().item() <= 1e-4
+    finally:
+        hook.remove()
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_model, tiny_tokenizer):
+    one_by_one = [generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=16) for prompt in PROMPTS]
+    assert generate_batch(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=16) == one_by_one
+
+
+def test_each_row_stops_at_its_own_stop_token(tiny_model, tiny_tokenizer):
+    full = generate_batch(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=16)
+    stopping = copy.copy(tiny_tokenizer)
+    stopping.eos_ids = {44}  # a token these prompts produce at different steps (first, never, third...)
+    expected = [row[: row.index(44)] if 44 in row else row for row in full]
+    assert generate_batch(tiny_model, stopping, PROMPTS, max_new_tokens=16) == expected
+    assert len({len(row) for row in expected}) > 1
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_nucleus(tiny_model, tiny_tokenizer):
+    def sample(seed, top_p):
+        generator = torch.Generator().manual_seed(seed)
+        return generate(
+            tiny_model, tiny_tokenizer, PROMPTS[0], 16, temperature=1.0, top_p=top_p, generator=generator
+        )
+
+    assert sample(1, 0.9) == sample(1, 0.9)
+    assert sample(1, 1e-6) == generate(
+        tiny_model, tiny_tokenizer, PROMPTS[0], 16
+    )  # nucleus of one token = greedy
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    draws = {int(next_token(logits, 1.0, 0.7, generator)) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is never drawn
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "nanoft.generate", *args], capture_output=True, text=True)
+
+
+def test_cli_prints_only_the_answer(smollm2_dir):
+    result = run_cli(
+        "--prompt", "What is the capital of France?", "--chat", "--greedy", "--max-new-tokens", "16"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "nanoft:" not in result.stdout and "nanoft:" in result.stderr
+
+
+def test_cli_errors_are_one_line_with_exit_2(tmp_path):
+    result = run_cli("--model", str(tmp_path / "missing"), "--prompt", "hi")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: --model")
+    assert run_cli("--prompt", "hi", "--top-p", "0.5").returncode == 2  # top-p without sampling

@@ -1,0 +1,82 @@
+"""LR range test: the grid, the recommendation rule, and a real sweep on a tiny model where lr 10 diverges."""
+
+import math
+
+import torch
+
+from nanoft.lr_sweep import (
+    is_diverged,
+    lr_grid,
+    lr_range_test,
+    restartable_train_steps,
+    sweep_batch_count,
+    sweep_table,
+)
+from nanoft.model import ModelConfig, Transformer
+
+TINY = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def test_grid_is_ten_x_spaced_around_the_default():
+    assert lr_grid(2e-4) == [2e-6, 2e-5, 2e-4, 2e-3]
+    assert lr_grid(5e-5) == [5e-7, 5e-6, 5e-5, 5e-4]
+
+
+def test_sweep_uses_one_percent_of_the_data_but_at_least_a_few_batches():
+    assert sweep_batch_count(10) == 4
+    assert sweep_batch_count(2500) == 25
+
+
+def test_divergence_rule():
+    assert is_diverged([2.0, 1.5, math.nan])
+    assert is_diverged([2.0, 2.5])  # ended above its start
+    assert is_diverged([2.0, 5.0, 1.0])  # spiked past twice the start on the way
+    assert not is_diverged([2.0, 1.9, 1.5])
+
+
+def test_recommends_the_largest_lr_that_falls_about_as_fast_as_the_best():
+    curves = {
+        1e-6: [3.0, 2.99, 2.98],
+        1e-5: [3.0, 2.6, 2.0],  # drop 1.0 (best)
+        1e-4: [3.0, 2.5, 2.08],  # drop 0.92: within 10% of the best and larger -> chosen
+        1e-3: [3.0, 9.0, 1.0],  # spiked: diverged however low it ended
+    }
+    result = lr_range_test(lambda lr, n: curves[lr], default_lr=1e-4, n_steps=3, grid=list(curves))
+    assert result.recommended_lr == 1e-4
+    assert [row.diverged for row in result.rows] == [False, False, False, True]
+    table = sweep_table(result)
+    assert "recommended lr 0.0001" in table and "diverged" in table
+    nothing = lr_range_test(lambda lr, n: [3.0, 3.1], default_lr=1e-4, n_steps=2)
+    assert nothing.recommended_lr is None and "no recommendation" in sweep_table(nothing)
+
+
+def test_real_sweep_on_a_tiny_model_never_recommends_a_divergent_lr():
+    torch.manual_seed(0)
+    model = Transformer(TINY)
+    batches = [torch.randint(0, TINY.vocab_size, (4, 32)) for _ in range(4)]
+
+    def loss_of_batch(model, ids):
+        loss_sum, n_targets = model(ids[:, :-1], ids[:, 1:])
+        return loss_sum / n_targets
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train_steps = restartable_train_steps(model, batches, loss_of_batch)
+    grid = lr_grid(1e-3) + [10.0]
+    result = lr_range_test(train_steps, default_lr=1e-3, n_steps=12, grid=grid)
+    print(sweep_table(result))
+    assert [row.lr for row in result.rows] == grid
+    assert all(len(row.losses) >= 1 for row in result.rows)
+    assert result.rows[-1].diverged
+    assert result.recommended_lr in (1e-3, 1e-2)
+    # every lr started from the same weights (same first loss) and the model is left as it was
+    assert len({round(row.losses[0], 5) for row in result.rows}) == 1
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    for lr in grid:
+        assert f"{lr:>10.2g}" in sweep_table(result)
