@@ -63,17 +63,21 @@ class LoRAConfig:
 
 def dense_weight(layer: nn.Linear) -> torch.Tensor:
     """The (out, in) weight of a linear layer as floats; bitsandbytes 4-bit and 8-bit weights are dequantized."""
-    weight_type = type(layer.weight).__name__
-    if weight_type == "Params4bit":
-        import bitsandbytes
+    weight = layer.weight
+    if type(weight).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnb
 
-        return bitsandbytes.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    if weight_type == "Int8Params":
-        import bitsandbytes
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # After an eval forward on a CPU with AVX512-BF16, bitsandbytes repacks the weight for its inference
+            # kernel; undo that (as its own state_dict saving does) so dequantize_4bit reads the usual layout.
+            weight.data, weight.quant_state = bnb._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        return bnb.dequantize_4bit(weight.data, weight.quant_state)
+    if type(weight).__name__ == "Int8Params":
+        import bitsandbytes.functional as bnb
 
-        row_scales = layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
-        return bitsandbytes.functional.int8_vectorwise_dequant(layer.weight.data, row_scales)
-    return layer.weight
+        row_scales = layer.state.SCB if layer.state.SCB is not None else weight.SCB
+        return bnb.int8_vectorwise_dequant(weight.data, row_scales)
+    return weight
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -180,13 +184,13 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise UserError("the model already has LoRA adapters; inject or load only once")
     # isinstance(nn.Linear) also finds bitsandbytes Linear4bit / Linear8bitLt: they subclass it.
     linears = [(f"model.layers.{n}", m) for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]
-    targets = ("",) if cfg.targets == "all-linear" else cfg.targets  # every name ends with "." + ""
+    targets = () if cfg.targets == "all-linear" else cfg.targets
     if unknown := [target for target in targets if not any(matches(name, [target]) for name, _ in linears)]:
         existing = sorted({name.rpartition(".")[2] for name, _ in linears})
         raise UserError(
             f"LoRA targets {unknown} are not linear layers of the decoder blocks; they have: {', '.join(existing)}"
         )
-    targeted = {id(m) for name, m in linears if matches(name, targets)}
+    targeted = {id(m) for name, m in linears if not targets or matches(name, targets)}
     saved = [m for name, m in model.named_modules() if cfg.modules_to_save and matches(name, cfg.modules_to_save)]
     if missing := [n for n in cfg.modules_to_save if not any(matches(name, [n]) for name, _ in model.named_modules())]:
         names = sorted({name.rpartition(".")[2] for name, _ in model.named_modules() if name and not name[-1].isdigit()})

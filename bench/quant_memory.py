@@ -3,8 +3,9 @@
     python bench/quant_memory.py                          # all sections; table on stdout, JSON beside it
     python bench/quant_memory.py --sections load estimate # only some (load, train, estimate)
 
-Every measurement runs in a fresh subprocess and reports that process's peak resident memory (ru_maxrss) and
-the peak of its anonymous memory (RssAnon, sampled every 2 ms). They differ by the safetensors shard that is
+Every measurement runs in a fresh subprocess and reports that process's peak resident memory (VmHWM; not
+ru_maxrss, which Linux carries over from the parent through fork and exec) and the peak of its anonymous
+memory (RssAnon, sampled every 2 ms). They differ by the safetensors shard that is
 memory-mapped while it is read: its pages count in RSS, but they are the file's, and the kernel drops them
 first under memory pressure. "load" = peak minus the same process's RSS after its imports.
 
@@ -21,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -77,7 +77,7 @@ def qlora_weight_bytes(hidden, layers, intermediate, vocab, heads, kv_heads, tie
 
 
 class PeakAnonymousMemory:
-    """Samples RssAnon from /proc/self/status in a thread; `.peak` in bytes (0 where /proc is missing)."""
+    """Samples RssAnon in a thread; `.peak` in bytes."""
 
     def __init__(self):
         self.peak, self.running = 0, True
@@ -86,13 +86,7 @@ class PeakAnonymousMemory:
 
     def sample(self):
         while self.running:
-            try:
-                status = Path("/proc/self/status").read_text()
-            except OSError:
-                return
-            for line in status.splitlines():
-                if line.startswith("RssAnon:"):
-                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            self.peak = max(self.peak, proc_status_bytes("RssAnon"))
             time.sleep(0.002)
 
     def stop(self) -> int:
@@ -101,11 +95,12 @@ class PeakAnonymousMemory:
         return self.peak
 
 
-def current_rss() -> int:
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    return 0
+    raise RuntimeError(f"/proc/self/status has no {field}: this benchmark needs Linux")
 
 
 def child_load(job: dict) -> dict:
@@ -114,7 +109,7 @@ def child_load(job: dict) -> dict:
     import quant
     from nanoft.weights import from_pretrained
 
-    baseline = current_rss()
+    baseline = proc_status_bytes("VmRSS")
     sampler = PeakAnonymousMemory()
     start = time.perf_counter()
     if job["quant"] == "bf16":
@@ -146,7 +141,7 @@ def child_train_ours(job: dict) -> dict:
     from lora import LoRAConfig, inject_lora
     from nanoft.weights import from_pretrained
 
-    baseline = current_rss()
+    baseline = proc_status_bytes("VmRSS")
     sampler = PeakAnonymousMemory()
     if job["base"] == "bf16":
         model = from_pretrained(job["path"], dtype=torch.bfloat16)
@@ -171,7 +166,7 @@ def child_train_reference(job: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    baseline = current_rss()
+    baseline = proc_status_bytes("VmRSS")
     sampler = PeakAnonymousMemory()
     options = {"dtype": torch.bfloat16}
     if job["base"] == "nf4":
@@ -219,7 +214,7 @@ def child_main(job: dict) -> None:
     result = {"load": child_load, "ours": child_train_ours, "reference": child_train_reference}[job["kind"]](
         job
     )
-    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    result["peak_rss"] = proc_status_bytes("VmHWM")
     print("RESULT " + json.dumps(result))
 
 

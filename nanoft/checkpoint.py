@@ -19,16 +19,43 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanoft.distributed import all_reduce_sum
 from nanoft.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
+
+
+def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
+    """The run directory, checked before any expensive work: a new run never mixes with an old one's files."""
+    run_dir = Path(out)
+    if resume and latest_checkpoint(run_dir) is None:
+        raise UserError(
+            f"--resume: {run_dir} holds no checkpoint to resume from (one is saved every --save-every "
+            "steps); start afresh with --overwrite"
+        )
+    holds = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
+    if holds and not resume and not overwrite:
+        raise UserError(
+            f"--out {run_dir} already holds a run or other files ({', '.join(holds[:3])}); pass --resume "
+            "to continue it, --overwrite to replace it, or choose another --out"
+        )
+    all_reduce_sum(
+        torch.zeros(1, device=dist.device), dist
+    )  # every rank has checked before rank 0 changes it
+    if dist.is_main:
+        if holds and overwrite:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def checkpoint_path(run_dir, step: int) -> Path:
@@ -139,3 +166,34 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (schedulers, torchrun, `kill`) ask the loop to stop after the current step,
+    save a checkpoint and exit; a second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.number = None
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, number, frame):
+        if self.number is not None:
+            raise KeyboardInterrupt
+        self.number = number
+        print(
+            f"\n{self.name}: finishing this step, then saving a checkpoint (Ctrl-C again quits now)",
+            file=sys.stderr,
+        )
+
+    def received(self, dist) -> bool:
+        """True on every rank once any rank got a signal (they must stop at the same step)."""
+        flag = torch.tensor([float(self.number is not None)], device=dist.device)
+        if all_reduce_sum(flag, dist).item() > 0:
+            self.number = self.number or signal.SIGTERM
+            return True
+        return False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.number).name

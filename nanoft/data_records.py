@@ -3,8 +3,8 @@
     records, file_report = read_records("train.jsonl", format="auto", skip_bad_records=False)
 
 Every problem names the file and line and says what to do, as a UserError (exit code 2). With
-`skip_bad_records` a bad record is counted in `file_report["skipped_bad_records"]` and its first few reasons are
-kept, never dropped silently. ShareGPT is mapped to chat messages here, so the rest of data.py sees three
+`skip_bad_records` a bad record is counted in `file_report["skipped_bad_records"]` and its first few reasons
+are kept, never dropped silently. ShareGPT is mapped to chat messages here, so the rest of data.py sees three
 kinds of record: alpaca (instruction, input, output), chat (a list of {role, content}) and text.
 """
 
@@ -16,7 +16,13 @@ from nanoft.errors import UserError
 
 FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 CHAT_ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 SKIP_HINT = "fix it, or pass --skip-bad-records to skip such records"
 REASONS_KEPT = 5  # skipped-record reasons quoted in the log and report
 
@@ -42,7 +48,9 @@ def read_records(path, format: str = "auto", skip_bad_records: bool = False) -> 
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
+        raise UserError(
+            f"{path}: is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8"
+        ) from None
     if not text.strip():
         raise UserError(f"{path}: is empty, there are no records in it (remove it from the data files)")
     if path.suffix == ".txt":
@@ -110,8 +118,10 @@ def json_array_values(path: Path, text: str):
         try:
             value, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}); "
-                            "fix the file (a JSON array cannot be read past a syntax error)") from None
+            raise UserError(
+                f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}); "
+                "fix the file (a JSON array cannot be read past a syntax error)"
+            ) from None
         yield text.count("\n", 0, position) + 1, value
         position = skip_whitespace(text, end)
         if text.startswith(",", position):
@@ -130,12 +140,18 @@ def skip_whitespace(text: str, position: int) -> int:
 def detect_format(value) -> str:
     if not isinstance(value, dict):
         raise BadRecord(f"a record must be a JSON object, got {type(value).__name__}")
-    for key, format in (("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
-                        ("text", "text")):
+    for key, format in (
+        ("messages", "chat"),
+        ("conversations", "sharegpt"),
+        ("instruction", "alpaca"),
+        ("text", "text"),
+    ):
         if key in value:
             return format
-    raise BadRecord(f"cannot tell the data format from the keys {sorted(value)}: expected 'messages' (chat), "
-                    "'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca) or 'text'; or pass --format")
+    raise BadRecord(
+        f"cannot tell the data format from the keys {sorted(value)}: expected 'messages' (chat), "
+        "'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca) or 'text'; or pass --format"
+    )
 
 
 def check_record(value, format: str) -> tuple[str, dict | list | str]:
@@ -143,17 +159,24 @@ def check_record(value, format: str) -> tuple[str, dict | list | str]:
     if not isinstance(value, dict):
         raise BadRecord(f"a record must be a JSON object, got {type(value).__name__}")
     if format == "alpaca":
-        fields = {name: string_field(value, name, required=name != "input") for name in ("instruction", "input", "output")}
+        fields = {
+            name: string_field(value, name, required=name != "input")
+            for name in ("instruction", "input", "output")
+        }
         if not fields["instruction"].strip():
             raise BadRecord("'instruction' is empty")
         return "alpaca", fields
     if format == "text":
         return "text", string_field(value, "text", required=True)
     if format == "chat":
-        return "chat", [chat_message(message, index, "role", "content", {r: r for r in CHAT_ROLES})
-                        for index, message in enumerate(message_list(value, "messages"))]
-    return "chat", [chat_message(message, index, "from", "value", SHAREGPT_ROLES)
-                    for index, message in enumerate(message_list(value, "conversations"))]
+        return "chat", [
+            chat_message(message, index, "role", "content", {r: r for r in CHAT_ROLES})
+            for index, message in enumerate(message_list(value, "messages"))
+        ]
+    return "chat", [
+        chat_message(message, index, "from", "value", SHAREGPT_ROLES)
+        for index, message in enumerate(message_list(value, "conversations"))
+    ]
 
 
 def string_field(value: dict, name: str, required: bool) -> str:
@@ -180,7 +203,9 @@ def message_list(value: dict, name: str) -> list:
 def chat_message(message, index: int, role_key: str, content_key: str, roles: dict) -> dict:
     where = f"message {index}"
     if not isinstance(message, dict):
-        raise BadRecord(f"{where} must be an object with '{role_key}' and '{content_key}', got {type(message).__name__}")
+        raise BadRecord(
+            f"{where} must be an object with '{role_key}' and '{content_key}', got {type(message).__name__}"
+        )
     for key in (role_key, content_key):
         if key not in message:
             raise BadRecord(f"{where} has no '{key}' (it has {sorted(message)})")

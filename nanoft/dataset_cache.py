@@ -10,6 +10,7 @@ array they take ~80 MB and load in well under a second.
 """
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from nanoft.loss import IGNORE_INDEX
 
 CACHE_FORMAT_VERSION = 1  # bump when what data.py produces for the same inputs changes
 
@@ -32,9 +35,11 @@ class TokenizedExamples:
     seq_len: int  # the longest an example may be (packing capacity)
 
     @classmethod
-    def from_lists(cls, input_ids: list[list[int]], targets: list[list[int]], sources: list[str], seq_len: int):
+    def from_lists(
+        cls, input_ids: list[list[int]], targets: list[list[int]], sources: list[str], seq_len: int
+    ):
         lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
-        flat = lambda lists: np.fromiter((x for row in lists for x in row), dtype=np.int32, count=lengths.sum())
+        flat = lambda lists: np.array(list(itertools.chain.from_iterable(lists)), dtype=np.int32)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         return cls(flat(input_ids), flat(targets), offsets, list(sources), seq_len)
 
@@ -55,13 +60,13 @@ class TokenizedExamples:
 
     @property
     def n_target_tokens(self) -> int:
-        return int((self.targets != -100).sum())
+        return int((self.targets != IGNORE_INDEX).sum())
 
     def subset(self, indices) -> "TokenizedExamples":
         indices = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[indices]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        # Token positions of the chosen examples, in order: each example's start plus 0, 1, ... its length - 1.
+        # Token positions of the chosen examples, in order: each one's start plus 0, 1, ... its length - 1.
         take = np.repeat(self.offsets[indices] - offsets[:-1], lengths) + np.arange(offsets[-1])
         sources = [self.sources[i] for i in indices]
         return TokenizedExamples(self.input_ids[take], self.targets[take], offsets, sources, self.seq_len)
@@ -80,10 +85,21 @@ def file_digest(path: Path) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """The whole tokenizer.json (vocabulary, merges, normaliser, added tokens), the template and special ids."""
-    parts = [tokenizer.backend.to_str(), tokenizer.chat_template or "",
-             json.dumps([tokenizer.bos_id, tokenizer.eos_id, sorted(tokenizer.eos_ids), tokenizer.pad_id,
-                         tokenizer.add_bos, tokenizer.special_tokens])]
+    """All of tokenizer.json (vocabulary, merges, normaliser, added tokens), the template, special ids."""
+    parts = [
+        tokenizer.backend.to_str(),
+        tokenizer.chat_template or "",
+        json.dumps(
+            [
+                tokenizer.bos_id,
+                tokenizer.eos_id,
+                sorted(tokenizer.eos_ids),
+                tokenizer.pad_id,
+                tokenizer.add_bos,
+                tokenizer.special_tokens,
+            ]
+        ),
+    ]
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()
 
 
@@ -128,8 +144,11 @@ def load_cached(path: Path) -> tuple[dict[str, TokenizedExamples], dict] | None:
     meta = json.loads(payload.pop("meta"))
     pools = {
         name: TokenizedExamples(
-            stored["input_ids"].numpy(), stored["targets"].numpy(), stored["offsets"].numpy(),
-            list(stored["sources"]), int(stored["seq_len"]),
+            stored["input_ids"].numpy(),
+            stored["targets"].numpy(),
+            stored["offsets"].numpy(),
+            list(stored["sources"]),
+            int(stored["seq_len"]),
         )
         for name, stored in payload.items()
     }

@@ -1,12 +1,12 @@
 """Find duplicate records: exact (same normalised text) and near (MinHash LSH from datasketch, word shingles).
 
-    duplicates = find_duplicates(texts, near_dup_threshold=0.8)   # [Duplicate(removed, kept, method, similarity)]
+    duplicates = find_duplicates(texts, near_dup_threshold=0.8)  # [Duplicate(removed, kept, method, ...)]
 
 The first record of each cluster is kept, so the caller decides which copy wins by the order of `texts`.
 Speed: datasketch's `MinHash.update` hashes one shingle at a time in Python (about an hour for 100k Alpaca
 records here). The signatures are therefore computed here with numpy, by exactly datasketch's "affine32"
-scheme (fmix32 pre-mix, then `a * h + b mod 2^32` with datasketch's own permutations; tests/test_data.py checks
-equality with `MinHash.update_batch`), and handed to datasketch's `MinHashLSH` as `LeanMinHash` sketches.
+scheme (fmix32 pre-mix, then `a * h + b mod 2^32` with datasketch's own permutations; tests/test_data.py
+checks equality with `MinHash.update_batch`), and handed to datasketch's `MinHashLSH` as `LeanMinHash`s.
 """
 
 import hashlib
@@ -76,8 +76,10 @@ def find_near_duplicates(texts: list[str], indices: list[int], threshold: float)
 def shingle_hashes(text: str, word_hashes: dict[str, int]) -> np.ndarray:
     """uint32 hash of each run of SHINGLE_WORDS words (one shingle for shorter texts, even an empty one)."""
     words = WORD.findall(text)
-    hashes = np.array([word_hashes.get(w) or word_hashes.setdefault(w, zlib.crc32(w.encode())) for w in words],
-                      dtype=np.uint32)
+    hashes = np.array(
+        [word_hashes.get(w) or word_hashes.setdefault(w, zlib.crc32(w.encode())) for w in words],
+        dtype=np.uint32,
+    )
     if len(hashes) < SHINGLE_WORDS:
         hashes = np.concatenate([hashes, np.zeros(SHINGLE_WORDS - len(hashes), dtype=np.uint32)])
     n = len(hashes) - SHINGLE_WORDS + 1
@@ -94,7 +96,7 @@ def fmix32(h: np.ndarray) -> np.ndarray:
 
 
 def minhash_signatures(texts: list[str]) -> np.ndarray:
-    """(N, NUM_PERM) uint32: datasketch's MinHash(num_perm=128, seed=1) hash values of each text's shingles."""
+    """(N, NUM_PERM) uint32: datasketch's MinHash(num_perm=128, seed=1) values of each text's shingles."""
     a, b = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, scheme=SCHEME).permutations  # (NUM_PERM,) each
     word_hashes: dict[str, int] = {}
     signatures = np.empty((len(texts), NUM_PERM), dtype=np.uint32)

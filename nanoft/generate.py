@@ -13,6 +13,7 @@ Decoding stops at any of the tokenizer's `eos_ids`; the stop token is not return
 """
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -48,7 +49,20 @@ def generate_batch(
     top_p=1.0,
     generator=None,
 ) -> list[list[int]]:
-    """New tokens for each prompt; prompts of different lengths are left-padded into one batch."""
+    """New tokens for each prompt; prompts of different lengths are left-padded into one batch.
+
+    The model runs in eval mode (no dropout) and goes back to the mode it was in, so a training loop can
+    call this for a spot check.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return decode_with_kv_cache(model, tokenizer, prompts, max_new_tokens, temperature, top_p, generator)
+    finally:
+        model.train(was_training)
+
+
+def decode_with_kv_cache(model, tokenizer, prompts, max_new_tokens, temperature, top_p, generator):
     if not prompts or min(len(prompt) for prompt in prompts) == 0:
         raise UserError("generation needs at least one non-empty prompt")
     device = model.lm_head.weight.device
@@ -63,7 +77,6 @@ def generate_batch(
     cache = KVCache(model.config, batch_size, longest + max_new_tokens, model.lm_head.weight.dtype, device)
     stop_ids = torch.tensor(sorted(tokenizer.eos_ids), device=device)
 
-    model.eval()
     logits = model(
         input_ids,
         position_ids=position_ids,
@@ -147,7 +160,8 @@ def main(argv=None):
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = from_pretrained(model_dir, dtype=dtype, device=device)
     if args.adapter:
-        model = load_adapter_into(model, args.adapter).to(device)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the answer only; lora.py reports counts
+            model = load_adapter_into(model, args.adapter).to(device)
     print(
         f"nanoft: {model_dir} on {device} ({dtype})" + (f" + adapter {args.adapter}" if args.adapter else ""),
         file=sys.stderr,

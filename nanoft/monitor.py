@@ -31,7 +31,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanoft.generate import generate
+
 BYTES_PER_KIB = 1024
+IGNORE = -100
 
 
 class Monitor:
@@ -92,6 +95,33 @@ class Monitor:
             plain, {f"hparams/{key}": value for key, value in results.items()}, run_name="hparams"
         )
 
+    def print_eval(
+        self, step: int, val_loss: float, progress: dict, train_losses: list[float], flat_advice: str | None
+    ) -> None:
+        """The eval's line, a warning when val rises while train falls (overfitting) or val stays flat, and
+        the first generated sample (the untuned model's answer at step 0, then the fine-tuned one's)."""
+        if not self.enabled:
+            return
+        train = sum(train_losses) / len(train_losses) if train_losses else None
+        note = " (baseline, untuned)" if step == 0 else " (best)" if progress["best_step"] == step else ""
+        self.print(
+            f"step {step}: val loss {val_loss:.4f}{note}" + (f", train loss {train:.4f}" if train else "")
+        )
+        if self.last_eval and train is not None and self.last_eval[1] is not None:
+            last_val, last_train = self.last_eval
+            if val_loss > last_val and train < last_train:
+                self.print(
+                    f"  warning: val loss rose {last_val:.4f} -> {val_loss:.4f} while train loss fell "
+                    f"{last_train:.4f} -> {train:.4f}: overfitting begins; the best checkpoint (step "
+                    f"{progress['best_step']}) is kept; fewer epochs, more data or a smaller r help"
+                )
+        if flat_advice and not self.warned_flat:
+            self.print(f"  warning: {flat_advice}")
+            self.warned_flat = True
+        self.last_eval = (val_loss, train)
+        for prompt, generated, _ in progress["samples"][:1]:
+            self.print(f"  sample: {prompt_tail(prompt)!r} -> {generated[:120]!r}")
+
     def print(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text, file=sys.stderr)
@@ -104,6 +134,35 @@ class Monitor:
         if self.enabled:
             self.bar.close()
             self.writer.close()
+
+
+def prompt_tail(prompt: str, chars: int = 70) -> str:
+    """The end of a prompt (the question), without the chat template's system text before it."""
+    text = " ".join(prompt.split())
+    return text if len(text) <= chars else "..." + text[-chars:]
+
+
+def val_prompts(examples, n: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference ids) of the first n val examples: the tokens before the first trained one,
+    and the trained ones (what the model should write)."""
+    prompts = []
+    for index in range(min(n, len(examples))):
+        ids, targets = examples.example(index)
+        trained = (targets != IGNORE).nonzero()[0]  # targets[t] is the label of token t + 1
+        prompts.append((ids[: trained[0] + 1].tolist(), ids[trained[0] + 1 : trained[-1] + 2].tolist()))
+    return prompts
+
+
+def generate_samples(model, tokenizer, prompts, max_new_tokens: int = 48) -> list[tuple[str, str, str]]:
+    """(prompt, greedy continuation, reference) as text, for TensorBoard and the report."""
+    samples = []
+    for prompt_ids, reference_ids in prompts:
+        new_ids = generate(model, tokenizer, prompt_ids, max_new_tokens)
+        samples.append(
+            (tokenizer.decode(prompt_ids), tokenizer.decode(new_ids), tokenizer.decode(reference_ids))
+        )
+    model.train()  # generate() leaves the model in eval mode
+    return samples
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -175,3 +234,56 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * BYTES_PER_KIB  # Linux reports KiB
+
+
+def write_summary_and_report(run_dir, summary: dict, gates_table: str | None) -> None:
+    """summary.json (for programs) and report.md (for people) in the run directory."""
+    run_dir = Path(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    data, config = summary["data"], summary["config"]
+    baseline, best, final = summary["baseline_val_loss"], summary["best_val_loss"], summary["final_val_loss"]
+    method = config["method"] + (
+        f" r={config['lora_r']} alpha={config['lora_alpha']:g} on {','.join(config['lora_targets'])}"
+        if config["method"] != "full"
+        else ""
+    )
+    dedup = (
+        f"dedup removed {data['exact_duplicates_removed']} exact and {data['near_duplicates_removed']} near "
+        "duplicates"
+        if data["dedup"]
+        else "dedup off"
+    )
+    lines = [
+        f"# nanoft run {run_dir}",
+        "",
+        f"Stopped: {summary['stop_reason']}.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| model | {config['model'] or 'built-in SmolLM2-135M-Instruct'} ({method}, {config['dtype']}) |",
+        f"| data | {data['train_examples']} train / {data['val_examples']} val examples; {dedup} |",
+        f"| val loss | baseline {baseline:.4f} -> best {best:.4f} at step {summary['best_step']} "
+        f"({best / baseline - 1:+.1%}) -> final {final:.4f} |",
+        f"| training | {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
+        f"{summary['train_tokens_per_s']:.0f} tokens/s, wall {summary['wall_s'] / 60:.1f} min |",
+        f"| peak memory | {summary['peak_memory_bytes'] / 2**30:.2f} GiB |",
+        f"| best weights | {summary['best_dir']} |",
+        "",
+        "## Val loss",
+        "",
+        "| step | val loss |",
+        "| --- | --- |",
+        *(f"| {step} | {loss:.4f} |" for step, loss in summary["val_curve"]),
+        "",
+    ]
+    if gates_table:
+        lines += ["## Quality gates", "", gates_table]
+    lines += ["## Samples at the last eval (greedy)", ""]
+    for prompt, generated, reference in summary["samples"]:
+        lines += [
+            f"- **prompt** `{prompt_tail(prompt, 200)}`",
+            f"  - **model**: {' '.join(generated.split())}",
+            f"  - **reference**: {' '.join(reference.split())}",
+        ]
+    lines += ["", "## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))

@@ -74,11 +74,13 @@ def tiny_config() -> ModelConfig:
 
 
 def tiny_examples() -> TokenizedExamples:
-    """Examples of 6..20 tokens whose first few (the "prompt") carry no target, as data.py makes them."""
+    """Examples of 6..20 tokens counting up from a random start by a random stride (learnable in a few steps),
+    whose first few tokens (the "prompt") carry no target, as data.py makes them."""
     rng = np.random.default_rng(0)
     input_ids, targets = [], []
     for _ in range(N_EXAMPLES):
-        ids = rng.integers(0, VOCAB, size=int(rng.integers(6, 21))).tolist()
+        start, stride, length = (int(x) for x in (rng.integers(VOCAB), rng.integers(1, 4), rng.integers(6, 21)))
+        ids = [(start + stride * t) % VOCAB for t in range(length)]
         prompt = int(rng.integers(1, 4))
         input_ids.append(ids)
         targets.append([-100] * prompt + ids[prompt + 1 :] + [-100])  # shifted; the last token predicts nothing
@@ -86,7 +88,8 @@ def tiny_examples() -> TokenizedExamples:
 
 
 def build_model(run: Run, seed: int) -> Transformer:
-    torch.manual_seed(seed)
+    """The tiny model; `seed` draws what will be trained (the base of a full fine-tune, else the adapters)."""
+    torch.manual_seed(seed if run.method == "full" else 0)
     model = Transformer(tiny_config())
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.1)
@@ -97,7 +100,9 @@ def build_model(run: Run, seed: int) -> Transformer:
     if run.method in ("lora", "qlora"):
         from lora import LoRAConfig, inject_lora
 
-        model = inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=run.lora_dropout, targets="all-linear"))
+        torch.manual_seed(seed)
+        targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        model = inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=run.lora_dropout, targets=targets))
     return model
 
 
@@ -133,6 +138,7 @@ def train_steps(model, optimizer, batches, dist, run: Run, steps: int, record_of
 
 
 def run_once(run: Run, dist, out_dir: Path) -> None:
+    started = time.perf_counter()
     if run.crash:
         crash_on_purpose(run, dist)
     result = {"losses": [], "samples": []}
@@ -164,6 +170,7 @@ def run_once(run: Run, dist, out_dir: Path) -> None:
     result["samples"] = gather_to_main(result["samples"], dist)
     if dist.is_main:
         torch.save(result, out_dir / f"{run.name}.pt")
+        print(f"{run.name}: {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def crash_on_purpose(run: Run, dist) -> None:

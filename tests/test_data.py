@@ -7,6 +7,7 @@ The tokenizers are tiny byte-level BPEs trained here on Python's own docstrings,
 directories with real chat templates (SmolLM2's ChatML with pad = eos, Llama 2's [INST] with BOS).
 """
 
+import functools
 import json
 import pydoc
 import re
@@ -22,17 +23,17 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from data import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_WITH_INPUT,
-    IGNORE,
     Batches,
-    pack_examples,
     prepare_data,
     record_tokens,
     split_train_val,
 )
+from nanoft.batches import pack_examples
 from nanoft.data_records import Record
 from nanoft.dataset_cache import TokenizedExamples
 from nanoft.dedup import find_duplicates, minhash_signatures, shingle_hashes
 from nanoft.errors import UserError
+from nanoft.loss import IGNORE_INDEX
 from nanoft.model import ModelConfig, Transformer
 from nanoft.tokenizer import Tokenizer
 
@@ -40,7 +41,8 @@ from nanoft.tokenizer import Tokenizer
 # transformers can compute the reference assistant mask; the marks do not change the rendered text.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\\n' }}"
     "{% endif %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['role'] == 'assistant' %}"
     "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
     "{% else %}{{ message['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
@@ -68,12 +70,17 @@ def save_tokenizer(path, specials, config: dict, bos_processor: str | None = Non
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(corpus(), trainer)
     if bos_processor:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos_processor} $A", special_tokens=[(bos_processor, backend.token_to_id(bos_processor))])
+            single=f"{bos_processor} $A", special_tokens=[(bos_processor, backend.token_to_id(bos_processor))]
+        )
     path.mkdir(parents=True, exist_ok=True)
     backend.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -83,9 +90,14 @@ def save_tokenizer(path, specials, config: dict, bos_processor: str | None = Non
 @pytest.fixture(scope="module")
 def chatml_dir(tmp_path_factory):
     return save_tokenizer(
-        tmp_path_factory.mktemp("chatml"), ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-         "chat_template": CHATML_TEMPLATE},
+        tmp_path_factory.mktemp("chatml"),
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        {
+            "bos_token": "<|im_start|>",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|im_end|>",
+            "chat_template": CHATML_TEMPLATE,
+        },
     )
 
 
@@ -96,16 +108,24 @@ def chatml(chatml_dir):
 
 @pytest.fixture(scope="module")
 def llama2(tmp_path_factory):
-    path = save_tokenizer(tmp_path_factory.mktemp("llama2"), ["<unk>", "<s>", "</s>"],
-                          {"bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2_TEMPLATE}, "<s>")
+    path = save_tokenizer(
+        tmp_path_factory.mktemp("llama2"),
+        ["<unk>", "<s>", "</s>"],
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2_TEMPLATE},
+        "<s>",
+    )
     return Tokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A base model's tokenizer: BOS added by encode, no chat template."""
-    path = save_tokenizer(tmp_path_factory.mktemp("base"), ["<unk>", "<s>", "</s>"],
-                          {"bos_token": "<s>", "eos_token": "</s>"}, "<s>")
+    path = save_tokenizer(
+        tmp_path_factory.mktemp("base"),
+        ["<unk>", "<s>", "</s>"],
+        {"bos_token": "<s>", "eos_token": "</s>"},
+        "<s>",
+    )
     return Tokenizer.from_pretrained(path)
 
 
@@ -113,8 +133,12 @@ def base(tmp_path_factory):
 def reference(chatml_dir):
     transformers = pytest.importorskip("transformers")
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(chatml_dir / "tokenizer.json"), eos_token="<|im_end|>", pad_token="<|im_end|>",
-        bos_token="<|im_start|>", chat_template=CHATML_TEMPLATE)
+        tokenizer_file=str(chatml_dir / "tokenizer.json"),
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        chat_template=CHATML_TEMPLATE,
+    )
 
 
 def write_jsonl(path, rows):
@@ -122,19 +146,30 @@ def write_jsonl(path, rows):
     return path
 
 
+@functools.cache
+def vocabulary() -> list[str]:
+    return re.findall(r"[a-z]+", " ".join(corpus()).lower())
+
+
 def words(seed: int, n: int) -> str:
-    vocabulary = re.findall(r"[a-z]+", " ".join(corpus()).lower())
+    vocabulary_words = vocabulary()
     rng = np.random.default_rng(seed)
-    return " ".join(vocabulary[i] for i in rng.integers(0, len(vocabulary), n))
+    return " ".join(vocabulary_words[i] for i in rng.integers(0, len(vocabulary_words), n))
 
 
 def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
-    return [{"instruction": words(seed * 100_000 + 3 * i, 8), "input": words(seed * 100_000 + 3 * i + 1, 4) if i % 2
-             else "", "output": words(seed * 100_000 + 3 * i + 2, 12)} for i in range(n)]
+    return [
+        {
+            "instruction": words(seed * 100_000 + 3 * i, 8),
+            "input": words(seed * 100_000 + 3 * i + 1, 4) if i % 2 else "",
+            "output": words(seed * 100_000 + 3 * i + 2, 12),
+        }
+        for i in range(n)
+    ]
 
 
 def trained_token_mask(ids, labels):
-    return [label != IGNORE for label in labels]
+    return [label != IGNORE_INDEX for label in labels]
 
 
 def prepare(paths, tokenizer, tmp_path, **kwargs):
@@ -157,18 +192,38 @@ CONVERSATION = [
 
 def test_chat_mask_equals_transformers_assistant_mask(chatml, reference):
     ids, labels = record_tokens(Record("x:1", "chat", CONVERSATION), chatml, "chat", False)
-    expected = reference.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
-                                             return_assistant_tokens_mask=True)
+    expected = reference.apply_chat_template(
+        CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     assert ids == list(expected["input_ids"])
     assert trained_token_mask(ids, labels) == [bool(m) for m in expected["assistant_masks"]]
-    trained = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE]
-    assert chatml.decode(trained, skip_special_tokens=False) == "Paris is the capital.<|im_end|>Rome, since 1871.<|im_end|>"
+    trained = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    assert (
+        chatml.decode(trained, skip_special_tokens=False)
+        == "Paris is the capital.<|im_end|>Rome, since 1871.<|im_end|>"
+    )
+
+
+def test_smollm2_template_trains_every_answer_and_its_end_of_turn(smollm2_dir):
+    smollm2 = Tokenizer.from_pretrained(smollm2_dir)  # the built-in model's real tokenizer and template
+    ids, labels = record_tokens(Record("x:1", "chat", CONVERSATION), smollm2, "chat", False)
+    assert ids == smollm2.apply_chat_template(CONVERSATION, tokenize=True)
+    trained = smollm2.decode([label for label in labels if label != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained == "Paris is the capital.<|im_end|>Rome, since 1871.<|im_end|>"
+    assert smollm2.eos_id == smollm2.backend.token_to_id("<|im_end|>")
 
 
 def test_eos_is_trained_when_pad_is_eos(chatml, tmp_path):
     assert chatml.pad_id == chatml.eos_id  # the case that masks the EOS in trainers that mask every pad id
-    rows = [{"messages": [{"role": "user", "content": words(i, 3 + 5 * i)},
-                          {"role": "assistant", "content": words(100 + i, 2 + i)}]} for i in range(2)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": words(i, 3 + 5 * i)},
+                {"role": "assistant", "content": words(100 + i, 2 + i)},
+            ]
+        }
+        for i in range(2)
+    ]
     train, _, _ = prepare(write_jsonl(tmp_path / "chat.jsonl", rows), chatml, tmp_path, val_frac=0)
     batch = next(iter(Batches(train, batch_size=2, pad_id=chatml.pad_id, shuffle=False)))
     for row in range(2):
@@ -176,23 +231,29 @@ def test_eos_is_trained_when_pad_is_eos(chatml, tmp_path):
         eos_positions = (ids == chatml.eos_id).nonzero().flatten().tolist()
         turn_end = eos_positions[2]  # system, user, assistant: the third <|im_end|> closes the answer
         assert targets[turn_end - 1] == chatml.eos_id  # predicted from the last answer token: trained
-        assert (targets[ids == chatml.pad_id][-1:] == IGNORE).all()
-    assert (batch["input_ids"][0, batch["targets"][0].ne(IGNORE).nonzero().max() + 3 :] == chatml.pad_id).all()
+        assert (targets[ids == chatml.pad_id][-1:] == IGNORE_INDEX).all()
+    assert (
+        batch["input_ids"][0, batch["targets"][0].ne(IGNORE_INDEX).nonzero().max() + 3 :] == chatml.pad_id
+    ).all()
 
 
 def test_alpaca_prompt_for_base_model(base, tmp_path):
-    rows = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
-            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
-    train, _, report = prepare(write_jsonl(tmp_path / "a.jsonl", rows), base, tmp_path, val_frac=0, dedup=False)
+    rows = [
+        {"instruction": "Name a color.", "input": "", "output": "Blue."},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    ]
+    train, _, report = prepare(
+        write_jsonl(tmp_path / "a.jsonl", rows), base, tmp_path, val_frac=0, dedup=False
+    )
     assert report.alpaca_style == "alpaca" and report.files[0]["format"] == "alpaca"
     for index, row in enumerate(rows):
         ids, targets = train.example(index)
         prompt = (ALPACA_PROMPT_WITH_INPUT if row["input"] else ALPACA_PROMPT).format(**row)
         assert ids.tolist() == [base.bos_id] + base.encode(prompt + row["output"]) + [base.eos_id]
-        trained = targets[targets != IGNORE].tolist()
+        trained = targets[targets != IGNORE_INDEX].tolist()
         assert base.decode(trained, skip_special_tokens=False) == row["output"] + "</s>"
         n_prompt = len(base.encode(prompt)) + 1
-        assert (targets[: n_prompt - 1] == IGNORE).all()  # nothing of the prompt is a label
+        assert (targets[: n_prompt - 1] == IGNORE_INDEX).all()  # nothing of the prompt is a label
 
 
 def test_alpaca_through_chat_template(chatml, tmp_path):
@@ -202,20 +263,31 @@ def test_alpaca_through_chat_template(chatml, tmp_path):
     ids, targets = train.example(0)
     text = chatml.decode(ids.tolist(), skip_special_tokens=False)
     assert "<|im_start|>user\nName a color.\n\nsky<|im_end|>" in text
-    assert chatml.decode(targets[targets != IGNORE].tolist(), skip_special_tokens=False) == "Blue.<|im_end|>"
+    assert (
+        chatml.decode(targets[targets != IGNORE_INDEX].tolist(), skip_special_tokens=False)
+        == "Blue.<|im_end|>"
+    )
     forced, _, report = prepare(tmp_path / "a.json", chatml, tmp_path, val_frac=0, alpaca_style="alpaca")
     assert report.alpaca_style == "alpaca" and "### Response:" in chatml.decode(forced.example(0)[0].tolist())
 
 
 def test_llama2_template_sharegpt_multi_turn(llama2, tmp_path):
-    rows = [{"conversations": [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "Hi there"},
-                               {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Bye"},
-                               {"from": "gpt", "value": "Goodbye."}]}]
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "Be terse."},
+                {"from": "human", "value": "Hi there"},
+                {"from": "gpt", "value": "Hello."},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Goodbye."},
+            ]
+        }
+    ]
     train, _, report = prepare(write_jsonl(tmp_path / "sg.jsonl", rows), llama2, tmp_path, val_frac=0)
     assert report.files[0]["format"] == "sharegpt"
     ids, targets = train.example(0)
     assert ids[0] == llama2.bos_id and "<<SYS>>" in llama2.decode(ids.tolist(), skip_special_tokens=False)
-    trained = llama2.decode(targets[targets != IGNORE].tolist(), skip_special_tokens=False)
+    trained = llama2.decode(targets[targets != IGNORE_INDEX].tolist(), skip_special_tokens=False)
     assert trained.replace(" ", "") == "Hello.</s>Goodbye.</s>"  # both turns and both EOS, no prompt
 
 
@@ -223,7 +295,7 @@ def test_train_on_everything(chatml, tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])
     train, _, _ = prepare(path, chatml, tmp_path, val_frac=0, train_on_everything=True)
     ids, targets = train.example(0)
-    assert targets[:-1].tolist() == ids[1:].tolist() and targets[-1] == IGNORE
+    assert targets[:-1].tolist() == ids[1:].tolist() and targets[-1] == IGNORE_INDEX
 
 
 def test_raw_text_blocks(chatml, tmp_path):
@@ -243,10 +315,13 @@ def test_raw_text_blocks(chatml, tmp_path):
 
 
 def test_truncation_and_dropping_counted(chatml, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": words(1, 200)}, {"role": "assistant", "content": "ok"}]},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": words(2, 200)}]}]
-    train, _, report = prepare(write_jsonl(tmp_path / "long.jsonl", rows), chatml, tmp_path, seq_len=64,
-                               val_frac=0)
+    rows = [
+        {"messages": [{"role": "user", "content": words(1, 200)}, {"role": "assistant", "content": "ok"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": words(2, 200)}]},
+    ]
+    train, _, report = prepare(
+        write_jsonl(tmp_path / "long.jsonl", rows), chatml, tmp_path, seq_len=64, val_frac=0
+    )
     assert report.truncated_examples == 2 and report.dropped_examples == 1  # the first lost its whole answer
     assert len(train) == 1 and train.lengths.tolist() == [64]
     full = len(record_tokens(Record("x", "chat", rows[1]["messages"]), chatml, "chat", False)[0])
@@ -256,25 +331,45 @@ def test_truncation_and_dropping_counted(chatml, tmp_path):
 # ---------------------------------------------------------------- properties
 
 chat_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
-conversations = st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]), chat_text), min_size=1,
-                         max_size=6)
+conversations = st.lists(
+    st.tuples(st.sampled_from(["system", "user", "assistant"]), chat_text), min_size=1, max_size=6
+)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(conversations)
 def test_property_masks_line_up_and_never_leak(chatml, reference, turns):
     messages = [{"role": role, "content": content} for role, content in turns]
     ids, labels = record_tokens(Record("x", "chat", messages), chatml, "chat", False)
-    assert len(ids) == len(labels)
-    expected = reference.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                             return_assistant_tokens_mask=True)
-    if messages[-1]["role"] != "assistant" or labels[-1] != IGNORE:
-        # No label outside what the assistant writes (transformers' mask) and the answers' EOS is trained.
-        reference_ids = list(expected["input_ids"])
-        assert ids[: len(reference_ids)] == reference_ids
-        for label, in_assistant in zip(labels, expected["assistant_masks"], strict=False):
-            assert label == IGNORE or in_assistant
-        assert sum(label == chatml.eos_id for label in labels) == sum(m["role"] == "assistant" for m in messages)
+    expected = reference.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert ids == list(expected["input_ids"]) and len(labels) == len(ids)
+    # No label outside what the assistant writes (transformers' mask from the {% generation %} marks) ...
+    assert all(
+        label == IGNORE_INDEX or in_assistant
+        for label, in_assistant in zip(labels, expected["assistant_masks"], strict=True)
+    )
+    # ... and all of it trained, but for a token that straddles the turn's start (a leading space merged
+    # into the template's newline), and every answer's <|im_end|>.
+    n_assistant = sum(m["role"] == "assistant" for m in messages)
+    assert sum(expected["assistant_masks"]) - sum(label != IGNORE_INDEX for label in labels) <= n_assistant
+    assert sum(label == chatml.eos_id for label in labels) == n_assistant
+
+
+alternating = st.lists(st.tuples(chat_text, chat_text), min_size=1, max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.none(), chat_text), alternating)
+def test_property_llama2_trains_exactly_the_answers(llama2, system, exchanges):
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for question, answer in exchanges:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    ids, labels = record_tokens(Record("x", "chat", messages), llama2, "chat", False)
+    assert ids == llama2.apply_chat_template(messages, tokenize=True) and len(labels) == len(ids)
+    trained = llama2.decode([label for label in labels if label != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained == "".join(f" {answer.strip()} </s>" for _, answer in exchanges)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -283,9 +378,11 @@ def test_property_alpaca_renders_and_aligns(base, instruction, input, output):
     fields = {"instruction": instruction or "x", "input": input, "output": output}
     ids, labels = record_tokens(Record("x", "alpaca", fields), base, "alpaca", False)
     assert len(ids) == len(labels) and labels[-1] == base.eos_id
-    prompt = (ALPACA_PROMPT_WITH_INPUT if input else ALPACA_PROMPT).format(**fields)
-    n_prompt_tokens = len(base.encode(prompt)) + 1  # + BOS
-    assert all(label == IGNORE for label in labels[: n_prompt_tokens - 1])
+    trained = base.decode([label for label in labels if label != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained.endswith("</s>")
+    # The output (up to trailing spaces) is trained, but for leading whitespace merged into the prompt's "\n".
+    answer, output = trained.removesuffix("</s>"), output.rstrip()
+    assert output.endswith(answer) and not output[: len(output) - len(answer)].strip()
 
 
 # ---------------------------------------------------------------- packing
@@ -293,22 +390,36 @@ def test_property_alpaca_renders_and_aligns(base, instruction, input, output):
 
 def tiny_model(vocab_size):
     torch.manual_seed(0)
-    config = ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=512)
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
     return Transformer(config).eval()
 
 
 def per_example_losses(model, batch) -> dict[int, float]:
     """Summed cross-entropy of each example in the batch (keyed by sample id)."""
     with torch.no_grad():
-        logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
-    token_losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
-                                                     ignore_index=IGNORE, reduction="none").view_as(batch["targets"])
+        logits = model(
+            batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]
+        )
+    token_losses = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(batch["targets"])
     losses, ids = {}, iter(batch["sample_ids"])
     for row in range(len(token_losses)):
-        documents = batch["document_ids"][row] if batch["document_ids"] is not None else torch.zeros_like(
-            batch["targets"][row])
+        documents = (
+            batch["document_ids"][row]
+            if batch["document_ids"] is not None
+            else torch.zeros_like(batch["targets"][row])
+        )
         for document in documents.unique().tolist():
             if document >= 0:
                 losses[next(ids)] = token_losses[row][documents == document].sum().item()
@@ -316,8 +427,15 @@ def per_example_losses(model, batch) -> dict[int, float]:
 
 
 def test_packed_loss_equals_one_by_one(chatml, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": words(i, 2 + 7 * i % 20)},
-                          {"role": "assistant", "content": words(50 + i, 3 + 5 * i % 17)}]} for i in range(10)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": words(i, 2 + 7 * i % 20)},
+                {"role": "assistant", "content": words(50 + i, 3 + 5 * i % 17)},
+            ]
+        }
+        for i in range(10)
+    ]
     train, _, _ = prepare(write_jsonl(tmp_path / "p.jsonl", rows), chatml, tmp_path, seq_len=400, val_frac=0)
     model = tiny_model(chatml.vocab_size)
     packed = Batches(train, batch_size=2, pad_id=chatml.pad_id, pack=True, shuffle=False, drop_last=False)
@@ -336,10 +454,16 @@ def test_packed_loss_equals_one_by_one(chatml, tmp_path):
     # and the model's own summed loss of a packed batch is the sum of those
     batch = next(iter(Batches(train, batch_size=2, pad_id=chatml.pad_id, pack=True, shuffle=False)))
     with torch.no_grad():
-        loss_sum, n_targets = model(batch["input_ids"], batch["targets"], position_ids=batch["position_ids"],
-                                    document_ids=batch["document_ids"])
+        loss_sum, n_targets = model(
+            batch["input_ids"],
+            batch["targets"],
+            position_ids=batch["position_ids"],
+            document_ids=batch["document_ids"],
+        )
     assert loss_sum.item() == pytest.approx(sum(single_losses[i] for i in batch["sample_ids"]), rel=1e-5)
-    assert n_targets.item() == sum(train.example(i)[1].__ne__(IGNORE).sum() for i in batch["sample_ids"])
+    assert n_targets.item() == sum(
+        train.example(i)[1].__ne__(IGNORE_INDEX).sum() for i in batch["sample_ids"]
+    )
 
 
 def test_pack_examples_fits_capacity():
@@ -356,7 +480,9 @@ def test_pack_examples_fits_capacity():
 def synthetic_examples(n, seq_len=32, seed=0) -> TokenizedExamples:
     rng = np.random.default_rng(seed)
     ids = [rng.integers(3, 50, rng.integers(2, seq_len + 1)).tolist() for _ in range(n)]
-    return TokenizedExamples.from_lists(ids, [x[1:] + [IGNORE] for x in ids], [f"s:{i}" for i in range(n)], seq_len)
+    return TokenizedExamples.from_lists(
+        ids, [x[1:] + [IGNORE_INDEX] for x in ids], [f"s:{i}" for i in range(n)], seq_len
+    )
 
 
 def test_padding_to_longest_in_batch():
@@ -367,7 +493,9 @@ def test_padding_to_longest_in_batch():
         for row, index in enumerate(batch["sample_ids"]):
             ids, targets = examples.example(index)
             assert batch["input_ids"][row, : len(ids)].tolist() == ids.tolist()
-            assert (batch["input_ids"][row, len(ids) :] == 0).all() and (batch["targets"][row, len(ids) :] == IGNORE).all()
+            assert (batch["input_ids"][row, len(ids) :] == 0).all() and (
+                batch["targets"][row, len(ids) :] == IGNORE_INDEX
+            ).all()
 
 
 def test_two_ranks_cover_each_epoch_once_and_reshuffle():
@@ -410,8 +538,10 @@ def test_group_by_length_reduces_padding():
 
 def test_eval_batches_keep_the_tail():
     examples = synthetic_examples(11)
-    ranks = [Batches(examples, batch_size=4, pad_id=0, shuffle=False, drop_last=False, rank=r, world_size=2)
-             for r in range(2)]
+    ranks = [
+        Batches(examples, batch_size=4, pad_id=0, shuffle=False, drop_last=False, rank=r, world_size=2)
+        for r in range(2)
+    ]
     assert sorted(i for rank in ranks for b in rank for i in b["sample_ids"]) == list(range(11))
     with pytest.raises(UserError, match="cannot fill one batch"):
         Batches(examples, batch_size=8, pad_id=0, world_size=2)
@@ -499,13 +629,27 @@ def test_cache_hit_and_invalidation(chatml, llama2, tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"bad\.jsonl:2: not valid JSON"),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad\.jsonl:2: missing field 'output'"),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
+            r"bad\.jsonl:2: not valid JSON",
+        ),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n',
+            r"bad\.jsonl:2: missing field 'output'",
+        ),
         ('{"instruction": "a", "output": 3}\n', r"bad\.jsonl:1: field 'output' must be a string, got int"),
-        ('{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
-         r"bad\.jsonl:1: message 1 has unknown role 'robot'"),
-        ('{"messages": [{"role": "user", "content": null}]}\n', r"bad\.jsonl:1: message 0 'content' must be a string"),
-        ('{"conversations": [{"from": "alien", "value": "b"}]}\n', r"bad\.jsonl:1: message 0 has unknown from"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
+            r"bad\.jsonl:1: message 1 has unknown role 'robot'",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": null}]}\n',
+            r"bad\.jsonl:1: message 0 'content' must be a string",
+        ),
+        (
+            '{"conversations": [{"from": "alien", "value": "b"}]}\n',
+            r"bad\.jsonl:1: message 0 has unknown from",
+        ),
         ('["a", "b"]\n', r"bad\.jsonl:1: a record must be a JSON object"),
         ('{"prompt": "a", "completion": "b"}\n', r"bad\.jsonl:1: cannot tell the data format"),
         ("\n  \n", r"bad\.jsonl: is empty"),
@@ -526,20 +670,40 @@ def test_bad_json_array_line_and_missing_file(chatml, tmp_path):
     with pytest.raises(UserError, match="not found"):
         prepare(tmp_path / "nope.jsonl", chatml, tmp_path)
     with pytest.raises(UserError, match="roles must alternate"):  # the template refuses the record
-        prepare(write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": "assistant", "content": "a"},
-                                                                   {"role": "assistant", "content": "b"}]}]),
-                llama2_tokenizer(tmp_path), tmp_path)
+        prepare(
+            write_jsonl(
+                tmp_path / "x.jsonl",
+                [
+                    {
+                        "messages": [
+                            {"role": "assistant", "content": "a"},
+                            {"role": "assistant", "content": "b"},
+                        ]
+                    }
+                ],
+            ),
+            llama2_tokenizer(tmp_path),
+            tmp_path,
+        )
 
 
 def llama2_tokenizer(tmp_path):
-    path = save_tokenizer(tmp_path / "llama2", ["<unk>", "<s>", "</s>"],
-                          {"bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2_TEMPLATE}, "<s>")
+    path = save_tokenizer(
+        tmp_path / "llama2",
+        ["<unk>", "<s>", "</s>"],
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2_TEMPLATE},
+        "<s>",
+    )
     return Tokenizer.from_pretrained(path)
 
 
 def test_skip_bad_records_counts_and_reports(chatml, tmp_path):
     good = alpaca_rows(30)
-    lines = [json.dumps(row) for row in good] + ["{not json", '{"instruction": "a"}', '{"instruction": 1, "output": "b"}']
+    lines = [json.dumps(row) for row in good] + [
+        "{not json",
+        '{"instruction": "a"}',
+        '{"instruction": 1, "output": "b"}',
+    ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
     logged = []

@@ -4,12 +4,15 @@ import copy
 import subprocess
 import sys
 
+import peft
 import pytest
 import torch
+import transformers
 
-from nanoft.generate import generate, generate_batch, next_token
+from nanoft.generate import generate, generate_batch, main, next_token
 from nanoft.model import ModelConfig, Transformer
 from nanoft.tokenizer import Tokenizer
+from nanoft.weights import copy_tokenizer_files, save_pretrained
 
 PROMPTS = [[1, 10, 11, 12, 13], [1, 20], [1, 30, 31, 32, 33, 34, 35, 36, 37]]
 
@@ -71,7 +74,10 @@ def test_kv_cache_decoding_equals_full_recomputation(tiny_model, tiny_tokenizer)
 
 def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_model, tiny_tokenizer):
     one_by_one = [generate(tiny_model, tiny_tokenizer, prompt, max_new_tokens=16) for prompt in PROMPTS]
+    tiny_model.train()  # as in a training loop's spot check: generation runs in eval, then restores the mode
     assert generate_batch(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=16) == one_by_one
+    assert tiny_model.training
+    tiny_model.eval()
 
 
 def test_each_row_stops_at_its_own_stop_token(tiny_model, tiny_tokenizer):
@@ -113,8 +119,40 @@ def test_cli_prints_only_the_answer(smollm2_dir):
     assert "nanoft:" not in result.stdout and "nanoft:" in result.stderr
 
 
-def test_cli_errors_are_one_line_with_exit_2(tmp_path):
-    result = run_cli("--model", str(tmp_path / "missing"), "--prompt", "hi")
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert result.stderr.startswith("error: --model")
-    assert run_cli("--prompt", "hi", "--top-p", "0.5").returncode == 2  # top-p without sampling
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "missing"), "--prompt", "hi"])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and stderr.startswith("error: --model") and stderr.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--prompt", "hi", "--top-p", "0.5"])  # top-p without sampling
+    assert exit_info.value.code == 2
+
+
+def test_cli_adapter_answers_like_peft(tiny_model, tiny_tokenizer, tiny_tokenizer_dir, tmp_path, capsys):
+    """--adapter loads a PEFT-written adapter; the greedy text equals transformers + peft generating."""
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    save_pretrained(tiny_model.state_dict(), tiny_model.config, model_dir)
+    copy_tokenizer_files(tiny_tokenizer_dir, model_dir)
+    torch.manual_seed(1)
+    # init_lora_weights=False: random B too, so the adapter changes the output from the first step.
+    targets = ["q_proj", "v_proj"]
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    reference = peft.get_peft_model(reference, lora_config)
+    reference.save_pretrained(adapter_dir)
+    prompt = "w1 w2 w3"
+    input_ids = torch.tensor([tiny_tokenizer.encode(prompt, add_special_tokens=True)])
+    stop_ids = sorted(tiny_tokenizer.eos_ids)
+    reference.eval()
+    expected_ids = reference.generate(
+        input_ids, max_new_tokens=12, do_sample=False, eos_token_id=stop_ids, pad_token_id=0
+    )[0, input_ids.shape[1] :]
+    expected = tiny_tokenizer.decode(expected_ids.tolist())
+
+    def cli_answer(*adapter_args):
+        main(["--model", str(model_dir), *adapter_args, "--prompt", prompt, "--max-new-tokens=12"])
+        return capsys.readouterr().out.rstrip("\n")
+
+    assert cli_answer("--adapter", str(adapter_dir)) == expected
+    assert cli_answer() != expected  # the adapter changed the answer, so the comparison above means something

@@ -41,8 +41,8 @@ def tiny_config(model_type="llama", tie_word_embeddings=False) -> ModelConfig:
     return ModelConfig(
         model_type=model_type,
         vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -144,13 +144,13 @@ def test_trained_tied_embeddings_travel_to_peft(base_dir, tmp_path):
 
 def test_adapter_config_agrees_with_what_peft_writes(base_dir, tmp_path):
     cfg = LoRAConfig(r=8, alpha=16, dropout=0.1, use_rslora=True, use_dora=True, modules_to_save=("embed_tokens",))
-    save_adapter(inject_lora(from_pretrained(base_dir), cfg), tmp_path / "ours", base_model_name_or_path="base")
+    save_adapter(inject_lora(from_pretrained(base_dir), cfg), tmp_path / "ours", base_model_name_or_path=str(base_dir))
     options = dict(r=8, lora_alpha=16, lora_dropout=0.1, use_rslora=True, use_dora=True)
     reference = get_peft_model(
         load_transformers(base_dir),
         LoraConfig(**options, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"], task_type="CAUSAL_LM"),
     )
-    reference.peft_config["default"].base_model_name_or_path = "base"
+    reference.peft_config["default"].base_model_name_or_path = str(base_dir)
     reference.save_pretrained(tmp_path / "peft")
     ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -251,7 +251,7 @@ def test_load_adapter_errors_are_clear(base_dir, tmp_path):
     save_adapter(inject_lora(from_pretrained(base_dir), LoRAConfig(r=4)), tmp_path / "r4")
     config = json.loads((tmp_path / "r4" / "adapter_config.json").read_text())
     (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-    with pytest.raises(UserError, match=r"lora_A.weight' has shape \(4, 32\), this model needs \(8, 32\)"):
+    with pytest.raises(UserError, match=r"lora_A.weight' has shape \(4, 64\), this model needs \(8, 64\)"):
         load_adapter(from_pretrained(base_dir), tmp_path / "r4")
     (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn"]}))
     with pytest.raises(UserError, match=r"\['c_attn'\] are not linear layers"):
@@ -282,20 +282,25 @@ def quantize_linears(model, quant_type):
 @pytest.mark.parametrize("case", ["lora", "dora"])
 def test_quantized_base_trains_and_merging_dequantizes(base_dir, tmp_path, quant_type, case):
     model = quantize_linears(from_pretrained(base_dir), quant_type)
-    expected = our_logits(model)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
-    assert torch.equal(our_logits(model), expected)
+    # Train mode throughout the first part: an eval forward makes bitsandbytes (CPU, AVX512-BF16) switch to an
+    # inference kernel that drops input gradients from then on.
+    with torch.no_grad():
+        expected = model.train()(input_ids())
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, **ADAPTER_CASES[case]))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids()), expected)  # step 0 is the quantized base
     randomize_trainable(model)
     ids = input_ids()
-    loss_sum, n_targets = model.train()(ids, targets=ids)
+    loss_sum, _ = model(ids, targets=ids)
     loss_sum.backward()
-    assert model.model.layers[0].self_attn.q_proj.lora_A.weight.grad is not None
+    assert model.model.layers[0].self_attn.q_proj.lora_A.weight.grad is not None  # reached through 4-bit layers
     unmerged = our_logits(model)
     export_merged(model, model.config, base_dir, tmp_path / "merged", dtype=torch.float32)
     assert type(model.model.layers[0].self_attn.q_proj.base_layer) is torch.nn.Linear
     assert type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear  # no adapter, dequantized for export
-    assert (our_logits(model) - unmerged).abs().max() < TOLERANCE
-    assert (hf_logits(load_transformers(tmp_path / "merged")) - unmerged).abs().max() < TOLERANCE
+    merged = our_logits(model)
+    assert (merged - unmerged).abs().max() < 1e-2 * unmerged.abs().max()  # bitsandbytes' CPU kernel runs in bf16
+    assert (hf_logits(load_transformers(tmp_path / "merged")) - merged).abs().max() < TOLERANCE
     with pytest.raises(UserError, match="cannot unmerge"):
         unmerge_lora(model)
 

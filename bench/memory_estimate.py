@@ -1,0 +1,200 @@
+"""The planner's memory estimate against measurement, and its table for 7B / 13B / 34B models.
+
+    python bench/memory_estimate.py             # the README table, then estimated vs measured on this machine
+    python bench/memory_estimate.py --table     # the table only
+
+Measured: a ~34M-parameter Llama (vocab 32000, random weights written to disk) trains two optimizer steps of
+2 micro-batches x 2 sequences x 256 tokens with LoRA, QLoRA and a full fine-tune, each in a fresh process
+(`--child`), set up the way train.py sets up a run (nanoft/precision.py's dtypes, lora.py, quant.py, AdamW).
+"Peak memory" is the same quantity on both sides: the process's peak RSS while it trains (VmHWM, reset after
+loading with /proc/self/clear_refs so loading's own peak is not counted) minus its RSS after importing torch,
+bitsandbytes and nanoft; on CUDA it is torch.cuda.max_memory_allocated. The estimate is
+nanoft.planner.estimate_memory for the same shape, which models the gradients of earlier micro-batches being
+held during the next forward (so the second step of accumulation is the peak).
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from nanoft.model import ModelConfig, Transformer  # noqa: E402
+from nanoft.planner import GiB, TrainingShape, count_parameters, estimate_memory  # noqa: E402
+from nanoft.weights import save_pretrained  # noqa: E402
+
+MEASURED_MODEL = ModelConfig(
+    vocab_size=32000,
+    hidden_size=384,
+    intermediate_size=1024,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+)
+MICRO_BATCH, SEQ_LEN, GRAD_ACCUM, STEPS = 2, 256, 2, 2
+
+REFERENCE_MODELS = {
+    "Llama-2-7B": ModelConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    ),
+    "Llama-2-13B": ModelConfig(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000
+    ),
+    "CodeLlama-34B": ModelConfig(
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_hidden_layers=48,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+}
+# What users quote (GB as tools print GiB): LoRA and full for a 7B, QLoRA for 7B / 13B / 34B.
+FOLKLORE_GB = {
+    ("Llama-2-7B", "lora"): 16.9,
+    ("Llama-2-7B", "full"): 29.5,
+    ("Llama-2-7B", "qlora"): 8.0,
+    ("Llama-2-13B", "qlora"): 14.0,
+    ("CodeLlama-34B", "qlora"): 22.0,
+}
+TABLE_SHAPES = {  # micro-batch x seq len and checkpointing for the table's columns
+    "micro 1 x 512, checkpointing": (1, 512, True),
+    "micro 4 x 1024, checkpointing": (4, 1024, True),
+    "micro 4 x 1024, no checkpointing": (4, 1024, False),
+}
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def child(model_dir: str, method: str, checkpointing: bool) -> dict:
+    """One measured run, in its own process: set up like train.py, train STEPS steps, report peak bytes."""
+    import bitsandbytes  # noqa: F401  imported before the baseline: its import is not training memory
+
+    import lora
+    import quant
+    from nanoft.precision import choose_precision
+    from nanoft.weights import from_pretrained
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = choose_precision("auto", device, method)
+    torch.manual_seed(0)
+    baseline = rss_bytes()
+    if method == "qlora":
+        model = quant.load_quantized(model_dir, compute_dtype=precision.compute_dtype, device=device)
+    else:
+        model = from_pretrained(model_dir, dtype=precision.base_dtype, device=device)
+    if method != "full":
+        model = lora.inject_lora(model, lora.LoRAConfig())
+    model.activation_checkpointing = checkpointing
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = quant.make_optimizer(trainable, "adamw", lr=1e-4)
+    batches = [torch.randint(0, MEASURED_MODEL.vocab_size, (MICRO_BATCH, SEQ_LEN + 1), device=device)]
+    batches = batches * GRAD_ACCUM
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the peak starts at what is allocated now: the loaded model
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: loading's peak is not the step's
+    model.train()
+    for _ in range(STEPS):
+        n_targets = sum((batch[:, 1:] != -100).sum() for batch in batches)
+        for batch in batches:
+            with torch.autocast(device.type, precision.compute_dtype, enabled=precision.autocast):
+                loss_sum, _ = model(batch[:, :-1], batch[:, 1:])
+            (loss_sum / n_targets).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = rss_bytes("VmHWM") - baseline
+    return {"peak_bytes": peak, "compute_bytes": precision.compute_dtype.itemsize, "device": device.type}
+
+
+def write_measured_model(path: Path) -> None:
+    torch.manual_seed(0)
+    model = Transformer(MEASURED_MODEL)
+    save_pretrained(model.state_dict(), MEASURED_MODEL, path)
+
+
+def measure(model_dir: Path, method: str, checkpointing: bool = False) -> dict:
+    """Run `child` in a fresh process and return its report plus the planner's estimate for the same run."""
+    command = [sys.executable, __file__, "--child", str(model_dir), method] + (["--ckpt"] if checkpointing else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring {method} failed:\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    shape = TrainingShape(
+        method,
+        MICRO_BATCH,
+        SEQ_LEN,
+        activation_checkpointing=checkpointing,
+        compute_bytes=report["compute_bytes"],
+        device_type=report["device"],
+    )
+    report["estimate_bytes"] = estimate_memory(MEASURED_MODEL, shape).total
+    report["ratio"] = report["estimate_bytes"] / report["peak_bytes"]
+    return report
+
+
+def measured_table(model_dir: Path) -> str:
+    params = count_parameters(MEASURED_MODEL).total / 1e6
+    lines = [
+        f"{params:.0f}M-parameter Llama, {GRAD_ACCUM} micro-batches x {MICRO_BATCH} x {SEQ_LEN} tokens, {STEPS} steps",
+        f"{'method':<22}{'estimated MiB':>14}{'measured MiB':>14}{'estimate/measured':>19}",
+    ]
+    for method, checkpointing in (("lora", False), ("qlora", False), ("full", False), ("lora", True)):
+        report = measure(model_dir, method, checkpointing)
+        name = method + (" + checkpointing" if checkpointing else "")
+        lines.append(
+            f"{name:<22}{report['estimate_bytes'] / 2**20:>14.0f}{report['peak_bytes'] / 2**20:>14.0f}"
+            f"{report['ratio']:>19.2f}"
+        )
+    return "\n".join(lines)
+
+
+def reference_table() -> str:
+    """The planner's estimates for real 7B / 13B / 34B configs (bf16 compute, AdamW, LoRA r=16 on q,v)."""
+    header = "| model | method | " + " | ".join(TABLE_SHAPES) + " | folklore |"
+    lines = [header, "| --- | --- | " + " | ".join("---:" for _ in TABLE_SHAPES) + " | ---: |"]
+    for name, config in REFERENCE_MODELS.items():
+        for method in ("lora", "qlora", "full"):
+            cells = []
+            for micro_batch, seq_len, checkpointing in TABLE_SHAPES.values():
+                shape = TrainingShape(method, micro_batch, seq_len, activation_checkpointing=checkpointing)
+                cells.append(f"{estimate_memory(config, shape).total / GiB:.1f}")
+            folklore = FOLKLORE_GB.get((name, method))
+            lines.append(
+                f"| {name} | {method} | " + " | ".join(cells) + f" | {'~' + str(folklore) if folklore else ''} |"
+            )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", action="store_true", help="print only the 7B/13B/34B table")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL_DIR", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], args.ckpt)))
+        return
+    print("Estimated peak GiB per device (bf16, AdamW, LoRA r=16 on q_proj,v_proj):\n")
+    print(reference_table())
+    if args.table:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_measured_model(Path(tmp))
+        print("\nEstimated vs measured on this machine:\n")
+        print(measured_table(Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""nanoft/distributed.py and nanoft/fsdp_qlora.py: 2 CPU processes (gloo) against one process, on a tiny Llama.
+
+    python -m pytest tests/test_distributed.py -q
+
+Each torchrun launch runs tests/dist_worker.py; one launch serves several tests because starting two
+processes that import torch costs more than the tiny runs themselves. The reference runs are the same
+worker in this process, with the per-rank batch doubled (2 ranks x batch b == 1 process x batch 2b).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_worker
+from dist_worker import Run
+from nanoft.distributed import Dist, all_reduce_sum, gradient_sync, setup_distributed, wrap_model
+from nanoft.errors import UserError
+from nanoft.fsdp_qlora import prepare_4bit_linears_for_fsdp
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "dist_worker.py"
+RANKS = 2
+# Per rank: batch 4 x accumulation 2 x 4 steps x 2 ranks = 64 examples, one epoch of tiny_examples().
+EPOCH = dict(batch_size=4, grad_accum=2, steps=4)
+DISTRIBUTED_RUNS = [
+    Run("ddp_lora", method="lora", **EPOCH),
+    Run("ddp_full", method="full", **EPOCH),
+    Run("fsdp_lora", method="lora", fsdp="full_shard", **EPOCH),
+    Run("zero2_offload_lora", method="lora", fsdp="shard_grad_op", cpu_offload=True, **EPOCH),
+    Run("fsdp_full", method="full", fsdp="full_shard", **EPOCH),
+    Run("fsdp_qlora", method="qlora", fsdp="full_shard", **EPOCH),
+    Run("fsdp_bf16_lora", method="lora", fsdp="full_shard", mixed_precision="bf16", **EPOCH),
+    Run("fsdp_dropout", method="lora", fsdp="full_shard", lora_dropout=0.1, **EPOCH),
+    Run("fsdp_dropout_resumed", method="lora", fsdp="full_shard", lora_dropout=0.1, resume_at=2, **EPOCH),
+]
+ONE_PROCESS = dict(EPOCH, batch_size=RANKS * EPOCH["batch_size"])
+REFERENCE_RUNS = [Run(method, method=method, **ONE_PROCESS) for method in ("lora", "full", "qlora")]
+
+
+def environment(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def write_runs(path: Path, runs: list[Run]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "runs.json").write_text(json.dumps([asdict(run) for run in runs]))
+    return path / "runs.json"
+
+
+def torchrun(runs: list[Run], out_dir: Path, *launch_args, timeout_s=300, **env):
+    """Launch the worker under torchrun (one node, 2 processes unless launch_args say otherwise)."""
+    runs_json = write_runs(out_dir, runs)
+    launch = list(launch_args) or ["--standalone", f"--nproc-per-node={RANKS}"]
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, str(WORKER), str(runs_json), str(out_dir)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment(**env))
+
+
+def load(out_dir: Path, name: str) -> dict:
+    return torch.load(out_dir / f"{name}.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("distributed")
+    finished = torchrun(DISTRIBUTED_RUNS, out_dir)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return {run.name: load(out_dir, run.name) for run in DISTRIBUTED_RUNS}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("reference")
+    single = setup_distributed(device="cpu")
+    for run in REFERENCE_RUNS:
+        dist_worker.run_once(run, single, out_dir)
+    return {run.name: load(out_dir, run.name) for run in REFERENCE_RUNS}
+
+
+def assert_same_training(result: dict, expected: dict, atol=1e-5):
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(expected["losses"]), rtol=1e-6, atol=0)
+    assert result["trainable"].keys() == expected["trainable"].keys()
+    for name, tensor in expected["trainable"].items():
+        torch.testing.assert_close(result["trainable"][name], tensor, rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize(
+    "name, method",
+    [("ddp_lora", "lora"), ("ddp_full", "full"), ("fsdp_lora", "lora"), ("zero2_offload_lora", "lora"),
+     ("fsdp_full", "full"), ("fsdp_qlora", "qlora")],
+)
+def test_two_ranks_train_like_one_process_with_twice_the_batch(distributed, reference, name, method):
+    assert_same_training(distributed[name], reference[method])
+    # ... and both trained: every trainable tensor moved away from where it started.
+    initial = dist_worker.build_model(Run("initial", method=method), seed=0).state_dict()
+    for tensor_name, tensor in distributed[name]["trainable"].items():
+        assert (tensor - initial[tensor_name]).abs().max() > 1e-3, tensor_name
+
+
+def test_every_rank_reads_different_samples_and_together_the_epoch_once(distributed):
+    for name in ("ddp_lora", "fsdp_lora"):
+        per_rank = [[i for batch in batches for i in batch] for batches in distributed[name]["samples"]]
+        assert len(per_rank) == RANKS
+        assert not set(per_rank[0]) & set(per_rank[1])
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(dist_worker.N_EXAMPLES))
+
+
+def test_fsdp_mixed_precision_bf16_stays_close_to_fp32(distributed, reference):
+    losses, expected = distributed["fsdp_bf16_lora"]["losses"], reference["lora"]["losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=0, atol=2e-2)
+
+
+def test_resume_under_fsdp_is_exact(distributed):
+    """Stopped after 2 steps, saved (gathered weights, optimizer, data position, each rank's RNG), rebuilt
+    from other random adapters and restored: the same losses and weights as the uninterrupted run, exactly."""
+    assert_same_training(distributed["fsdp_dropout_resumed"], distributed["fsdp_dropout"], atol=0)
+
+
+def test_fsdp_qlora_keeps_the_base_4bit_and_sharded(distributed, reference):
+    model = dist_worker.build_model(Run("count", method="qlora"), seed=0)
+    quantized_weights = sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "Linear4bit")
+    one_process = reference["qlora"]["parameter_bytes"][0]
+    per_rank = distributed["fsdp_qlora"]["parameter_bytes"]
+    assert one_process[torch.uint8] == quantized_weights // 2  # 4 bits per weight, packed two to a byte
+    for rank_bytes in per_rank:
+        # Each rank holds half of the packed bytes: a quarter of what its half takes in bf16, an eighth of
+        # the whole bf16 base on one device...
+        assert rank_bytes[torch.uint8] == quantized_weights // 2 // RANKS
+        assert rank_bytes[torch.uint8] * 8 == 2 * quantized_weights
+        # ...and no dequantized copy: the float parameters (adapters, norms, embeddings) are halved too.
+        assert rank_bytes[torch.float32] == one_process[torch.float32] // RANKS
+        assert set(rank_bytes) == {torch.uint8, torch.float32}
+    # The quantization state (block scales) is kept whole on every rank: small next to the weights.
+    assert distributed["fsdp_qlora"]["quant_state_bytes"] < quantized_weights // 2 // 4
+
+
+def test_adapter_gathered_from_fsdp_loads_with_peft(distributed, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lora import save_adapter
+    from nanoft.weights import save_pretrained
+
+    base = dist_worker.build_model(Run("base", method="full"), seed=0)  # the base the adapters were trained on
+    save_pretrained(base.state_dict(), base.config, tmp_path / "base")
+    ours = dist_worker.build_model(Run("ours", method="lora"), seed=1)
+    missing, unexpected = ours.load_state_dict(distributed["fsdp_lora"]["trainable"], strict=False)
+    assert not unexpected and not [name for name in missing if "lora_" in name]
+    save_adapter(ours, tmp_path / "adapter")
+    reference_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    reference_model = peft.PeftModel.from_pretrained(reference_model, tmp_path / "adapter").eval()
+    input_ids = torch.randint(0, dist_worker.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(input_ids), reference_model(input_ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_crashing_rank_stops_the_job(tmp_path):
+    finished = torchrun([Run("crash", crash="raise")], tmp_path, timeout_s=120)
+    assert finished.returncode != 0
+    assert "rank 1 crashed on purpose" in finished.stdout + finished.stderr
+
+
+def test_a_hanging_rank_makes_the_others_time_out(tmp_path):
+    # Rank 1 sleeps instead of joining a collective: rank 0 gives up after the process-group timeout, and
+    # torchrun then stops rank 1 too. The subprocess timeout is the bound "no silent hang" is held to.
+    finished = torchrun([Run("hang", crash="hang")], tmp_path, timeout_s=120, NANOFT_TEST_DIST_TIMEOUT="5")
+    assert finished.returncode != 0
+    assert "timed out" in (finished.stdout + finished.stderr).lower()
+
+
+def free_port() -> int:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_train_like_one_process(tmp_path, reference):
+    endpoint = f"127.0.0.1:{free_port()}"
+    run = Run("two_nodes", method="lora", **EPOCH)
+    runs_json = write_runs(tmp_path, [run])
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+             f"--node-rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=nanoft-test",
+             str(WORKER), str(runs_json), str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(),
+        )
+        for node in range(2)
+    ]
+    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-3000:] for output in outputs)
+    assert_same_training(load(tmp_path, "two_nodes"), reference["lora"])
+
+
+def test_single_process_takes_no_distributed_path(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    single = setup_distributed(device="cpu")
+    assert (single.rank, single.world_size, single.backend, single.is_main) == (0, 1, None, True)
+    model = torch.nn.Linear(2, 2)
+    assert wrap_model(model, single) is model
+    assert all_reduce_sum(torch.tensor(3.0), single).item() == 3.0
+    with gradient_sync(model, enabled=False):
+        model(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(UserError, match="torchrun"):
+        wrap_model(model, single, fsdp="full_shard")
+
+
+def test_fsdp_refuses_4bit_bytes_that_mixed_precision_would_cast():
+    from quant import QuantConfig, quantize_linears
+
+    model = dist_worker.build_model(Run("bf16_storage", method="full"), seed=0)
+    quantize_linears(model, QuantConfig(compute_dtype=torch.float32, quant_storage=torch.bfloat16))
+    with pytest.raises(UserError, match="quant_storage"):
+        prepare_4bit_linears_for_fsdp(model, mixed_precision=torch.float16)
+

@@ -1,0 +1,522 @@
+"""Fine-tune a Llama-family model with LoRA, QLoRA or a full fine-tune. Read it top to bottom.
+
+    python train.py                                              # built-in SmolLM2-135M-Instruct and dataset
+    python train.py --model DIR --data train.jsonl --out runs/x  # LoRA r=16 on q_proj,v_proj
+    python train.py --model DIR --data train.jsonl --method qlora
+    python train.py --out runs/x --resume                        # continue exactly where it stopped
+    torchrun --nproc_per_node=4 train.py --out runs/x ...        # DDP, one process per GPU
+    python train.py --help                                       # every flag; --config FILE.toml sets them too
+
+config -> devices -> data -> model (4-bit for QLoRA) -> LoRA or full -> optimizer and schedule -> (resume)
+-> the loop (evaluate, checkpoint, one optimizer step over accumulated micro-batches) -> the final report.
+The run directory ends up holding the best adapter (PEFT format) or best weights (Hugging Face format),
+summary.json, report.md, resumable checkpoints, TensorBoard logs and metrics.jsonl.
+"""
+
+import itertools
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from data import SPOT_CHECK_SAMPLES, Batches, prepare_data
+from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter
+from nanoft.checkpoint import (
+    StopSignals,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_run_dir,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_directory_atomically,
+)
+from nanoft.config import DEFAULT_LR, default_out_dir, hyperparameter_notes, parse_config, save_config
+from nanoft.default_data import default_data_path
+from nanoft.default_model import resolve_model
+from nanoft.distributed import (
+    all_reduce_sum,
+    clip_grad_norm,
+    full_state_dict,
+    gather_to_main,
+    gradient_sync,
+    is_fsdp,
+    load_full_state_dict,
+    load_optimizer_state_dict,
+    optimizer_state_dict,
+    print0,
+    scatter_from_main,
+    seed_for_rank,
+    setup_distributed,
+    teardown,
+    unwrap,
+    wrap_model,
+)
+from nanoft.errors import UserError, exit_on_user_error
+from nanoft.gates import UtilisationSampler, evaluate_gates, flat_val_loss_advice, gates_markdown
+from nanoft.monitor import (
+    Monitor,
+    flops_per_token,
+    generate_samples,
+    measure_peak_flops,
+    memory_bytes,
+    peak_memory_bytes,
+    val_prompts,
+    write_summary_and_report,
+)
+from nanoft.precision import choose_precision
+from nanoft.schedule import lr_at
+from nanoft.tokenizer import Tokenizer
+from nanoft.weights import copy_tokenizer_files, from_pretrained, load_config, save_pretrained
+from quant import load_quantized, make_optimizer
+
+IGNORE = -100
+
+
+def to_device(batch: dict, device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+def forward(model, batch: dict):
+    """(fp32 sum of the target tokens' cross-entropy, number of target tokens) of one batch."""
+    return model(
+        batch["input_ids"],
+        batch["targets"],
+        position_ids=batch["position_ids"],
+        document_ids=batch["document_ids"],
+    )
+
+
+@torch.no_grad()
+def evaluate(model, val_batches, dist, autocast) -> float:
+    """Val loss per target token over the whole val split (each rank its share, summed over ranks)."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
+    for batch in val_batches:
+        with autocast:
+            loss_sum, n_targets = forward(model, to_device(batch, dist.device))
+        totals += torch.stack([loss_sum.double(), n_targets.double()])
+    model.train()
+    totals = all_reduce_sum(totals, dist)
+    return (totals[0] / totals[1]).item()
+
+
+def save_best_weights(model, dist, run_dir: Path, model_dir: Path, method: str) -> Path:
+    """The run's best weights so far: a PEFT adapter (LoRA/QLoRA) or a Hugging Face model (full)."""
+    if method == "full":
+        weights = full_state_dict(model, dist, trainable_only=False)  # every rank calls: FSDP gathers
+        if dist.is_main:
+            write = lambda tmp: (
+                save_pretrained(weights, unwrap(model).config, tmp),
+                copy_tokenizer_files(model_dir, tmp),
+            )
+            write_directory_atomically(run_dir / "model", write)
+        return run_dir / "model"
+    if dist.is_main:
+        write = lambda tmp: save_adapter(unwrap(model), tmp, base_model_name_or_path=str(model_dir))
+        write_directory_atomically(run_dir / "adapter", write)
+    return run_dir / "adapter"
+
+
+def export_best_merged(model, best_dir: Path, model_dir: Path, out_dir: Path, dtype) -> None:
+    """Load the best adapter back into the model and write it merged into the base (a plain HF model)."""
+    best = load_file(best_dir / "adapter_model.safetensors")
+    missing, unexpected = model.load_state_dict(
+        {k.removeprefix(PEFT_PREFIX): v for k, v in best.items()}, strict=False
+    )
+    assert not unexpected, unexpected
+    write_directory_atomically(
+        out_dir, lambda tmp: export_merged(model, model.config, model_dir, tmp, dtype=dtype)
+    )
+
+
+def save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist) -> Path:
+    """A resumable checkpoint; every rank calls this (their weights, optimizer shards and RNGs are gathered)."""
+    trainable = full_state_dict(model, dist, trainable_only=True)
+    optimizer_state = optimizer_state_dict(model, optimizer, dist)
+    rng_states = gather_to_main(rng_state(), dist)
+    if not dist.is_main:
+        return Path()
+    state = {**progress, "data": train_batches.state_dict(), "scaler": scaler.state_dict()}
+    path = save_checkpoint(
+        run_dir, progress["step"], trainable, optimizer_state, rng_states, state, config.to_dict()
+    )
+    prune_checkpoints(run_dir, config.keep_last, keep_step=progress["best_step"])
+    return path
+
+
+@exit_on_user_error
+def main(argv=None):
+    started = time.perf_counter()
+    # ---------------------------------------------------------------- config and devices
+    config = parse_config(argv)
+    if config.method == "auto":  # the planner (issue 8) will choose from the model's size and the hardware
+        raise UserError(
+            "--method auto needs the planner, which this checkout lacks; choose lora, qlora or full"
+        )
+    config = replace(
+        config,
+        lr=config.lr or DEFAULT_LR[config.method],
+        out=config.out or default_out_dir(),
+        quant=config.quant or ("nf4" if config.method == "qlora" else ""),
+    )
+    dist = setup_distributed(config.device)
+    run_dir = prepare_run_dir(config.out, resume=config.resume, overwrite=config.overwrite, dist=dist)
+    model_dir = resolve_model(config.model)
+    model_config = load_config(model_dir)
+    if config.seq_len > model_config.max_position_embeddings:
+        raise UserError(
+            f"--seq-len {config.seq_len} is longer than the model's context "
+            f"({model_config.max_position_embeddings} tokens); lower --seq-len"
+        )
+    precision = choose_precision(config.dtype, dist.device, config.method)
+    config = replace(
+        config,
+        dtype={torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[precision.compute_dtype],
+    )
+    # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls. LoRA needs none (see precision.py).
+    autocast = (
+        torch.autocast(dist.device.type, dtype=precision.compute_dtype)
+        if precision.autocast
+        else nullcontext()
+    )
+    if dist.is_main:
+        save_config(config, run_dir / "config.json")
+    torch.manual_seed(config.seed)  # the same on every rank: LoRA's initial A must be identical everywhere
+
+    # ---------------------------------------------------------------- data
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    train_examples, val_examples, data_report = prepare_data(
+        config.data or [default_data_path()],
+        tokenizer,
+        config.seq_len,
+        val_paths=config.val_data,
+        val_frac=config.val_frac,
+        seed=config.seed,
+        format=config.data_format,
+        dedup=config.dedup,
+        near_dup_threshold=config.near_dup_threshold,
+        train_on_everything=config.train_on_everything,
+        skip_bad_records=config.skip_bad_records,
+        alpaca_style=config.alpaca_style,
+        run_dir=run_dir if dist.is_main else None,
+        log=lambda text: print0(dist, text),
+    )
+    if not len(val_examples):
+        raise UserError(
+            "no validation data (--val-frac 0 and no --val-data): nanoft keeps the checkpoint with "
+            "the best val loss, so it needs some; pass --val-frac 0.05 or --val-data FILE"
+        )
+    train_batches = Batches(
+        train_examples,
+        config.batch_size,
+        tokenizer.pad_id,
+        seed=config.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        pack=config.pack,
+        group_by_length=config.group_by_length,
+    )
+    val_batches = Batches(
+        val_examples,
+        config.batch_size,
+        tokenizer.pad_id,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        shuffle=False,
+        pack=config.pack,
+        drop_last=False,
+    )
+    steps_per_epoch = len(train_batches) // config.grad_accum
+    total_steps = config.max_steps or math.floor(config.epochs * len(train_batches) / config.grad_accum)
+    if total_steps == 0:
+        raise UserError(
+            f"one optimizer step takes {config.grad_accum} x {config.batch_size} x {dist.world_size} "
+            f"sequences and the training split has {len(train_examples)}: lower --grad-accum or "
+            "--batch-size, or raise --epochs"
+        )
+    warmup_steps = round(config.warmup_frac * total_steps)
+
+    # ---------------------------------------------------------------- model: quantized base for QLoRA
+    if config.method == "qlora":
+        model = load_quantized(
+            model_dir, quant=config.quant, compute_dtype=precision.compute_dtype, device=dist.device
+        )
+    else:
+        model = from_pretrained(model_dir, dtype=precision.base_dtype, device=dist.device)
+
+    # ---------------------------------------------------------------- LoRA adapters, or every weight trains
+    if config.method in ("lora", "qlora"):
+        lora_config = LoRAConfig(
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            targets="all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets),
+        )
+        model = inject_lora(model, lora_config)  # freezes the base; adapters are fp32
+    model.activation_checkpointing = config.activation_checkpointing
+    if config.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    model = wrap_model(model, dist)
+    torch.manual_seed(seed_for_rank(config.seed, dist))  # from here on (dropout), each rank its own stream
+
+    # ---------------------------------------------------------------- optimizer and schedule
+    # Weight decay pulls matrices towards zero; on norm gains and biases it would only distort the model.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(
+        [
+            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        config.optim,
+        lr=config.lr,
+    )
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.grad_scaler)  # fp16 only
+
+    # ---------------------------------------------------------------- resume
+    progress = {
+        "step": 0,
+        "tokens_seen": 0,
+        "train_seconds": 0.0,
+        "wall_seconds": 0.0,
+        "val_curve": [],
+        "best_val_loss": math.inf,
+        "best_step": None,
+        "evals_since_best": 0,
+        "samples": [],
+    }
+    if config.resume:
+        checkpoint = load_checkpoint(latest_checkpoint(run_dir)) if dist.is_main else {}
+        load_full_state_dict(model, checkpoint.get("trainable", {}), dist)
+        load_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), dist)
+        state = scatter_from_main([checkpoint["state"]] * dist.world_size if dist.is_main else None, dist)
+        train_batches.load_state_dict(state.pop("data"))
+        scaler.load_state_dict(state.pop("scaler"))
+        progress.update(state)
+        set_rng_state(scatter_from_main(checkpoint.get("rng"), dist))
+        print0(dist, f"resumed from {latest_checkpoint(run_dir)} at step {progress['step']}")
+
+    print0(
+        dist,
+        f"model {model_dir} ({model_config.model_type}, {n_total / 1e6:.0f}M parameters), "
+        f"{config.method}, on {dist.device} x {dist.world_size}",
+    )
+    for line in hyperparameter_notes(
+        config,
+        world_size=dist.world_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        trainable=n_trainable,
+        total=n_total,
+        precision=precision.reason,
+    ):
+        print0(dist, "  " + line)
+    monitor = Monitor(run_dir, dist.is_main, total_steps, start_step=progress["step"])
+    peak_flops = measure_peak_flops(dist.device, precision.compute_dtype)
+    utilisation = UtilisationSampler(dist.device)
+    prompts = val_prompts(val_examples, n=3)
+    micro_batches = itertools.chain.from_iterable(itertools.repeat(train_batches))  # epoch after epoch
+    signals = StopSignals()  # SIGINT / SIGTERM: finish this step, save a checkpoint, exit
+    step, stop_reason, recent_train_losses = progress["step"], None, []
+
+    # ---------------------------------------------------------------- the loop
+    while True:
+        finished = step == total_steps or stop_reason is not None
+        evaluated = progress["val_curve"] and progress["val_curve"][-1][0] == step
+        if (
+            (step % config.eval_every == 0 or finished)
+            and not evaluated
+            and stop_reason not in ("nan", "signal")
+        ):
+            val_loss = evaluate(model, val_batches, dist, autocast)
+            progress["val_curve"].append((step, val_loss))
+            if val_loss < progress["best_val_loss"]:
+                progress.update(best_val_loss=val_loss, best_step=step, evals_since_best=0)
+                save_best_weights(model, dist, run_dir, model_dir, config.method)
+            elif step > 0:
+                progress["evals_since_best"] += 1
+            if dist.is_main and not is_fsdp(model):  # FSDP would need every rank to take part
+                progress["samples"] = generate_samples(unwrap(model), tokenizer, prompts)
+            monitor.log_eval(step, val_loss, progress["samples"])
+            monitor.print_eval(
+                step,
+                val_loss,
+                progress,
+                recent_train_losses,
+                flat_val_loss_advice(progress["val_curve"], warmup_steps),
+            )
+            if config.patience and progress["evals_since_best"] >= config.patience and not finished:
+                stop_reason = "early_stop"
+                monitor.print(
+                    f"early stop: {config.patience} evals without a better val loss than "
+                    f"{progress['best_val_loss']:.4f} (step {progress['best_step']})"
+                )
+        finished = step == total_steps or stop_reason is not None
+        if step > 0 and (step % config.save_every == 0 or finished) and stop_reason != "nan":
+            progress["wall_seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            checkpoint_path = save_training_state(
+                run_dir, model, optimizer, scaler, train_batches, progress, config, dist
+            )
+        if finished:
+            break
+
+        # One optimizer step: grad_accum micro-batches, normalised by the target tokens of all of them.
+        step_started = time.perf_counter()
+        batches = [next(micro_batches) for _ in range(config.grad_accum)]
+        local_counts = torch.tensor(
+            [
+                sum(int((b["targets"] != IGNORE).sum()) for b in batches),
+                sum(int(train_examples.lengths[b["sample_ids"]].sum()) for b in batches),
+            ]
+        )
+        n_targets, n_tokens = all_reduce_sum(local_counts.to(dist.device), dist).tolist()  # over all ranks
+        loss_sum_total = torch.zeros((), device=dist.device)
+        for micro_step, batch in enumerate(batches):
+            # DDP: all-reduce the gradients only after the last micro-batch; the others just accumulate.
+            with gradient_sync(model, enabled=micro_step == config.grad_accum - 1), autocast:
+                loss_sum, _ = forward(model, to_device(batch, dist.device))
+            # Sum of token losses / all target tokens of the step: every token weighs the same, however they
+            # fall into micro-batches. x world_size: DDP and FSDP average gradients over ranks, we want the sum.
+            scaler.scale(loss_sum * dist.world_size / n_targets).backward()
+            loss_sum_total += loss_sum.detach()
+        train_loss = all_reduce_sum(loss_sum_total, dist).item() / n_targets
+        if not math.isfinite(train_loss):
+            stop_reason = "nan"
+            bad_samples = gather_to_main(
+                [train_examples.sources[i] for b in batches for i in b["sample_ids"]], dist
+            )
+            continue
+        lr = lr_at(step, config.lr, warmup_steps, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
+        grad_norm = clip_grad_norm(model, config.grad_clip or math.inf).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # Bookkeeping: progress bar, TensorBoard, metrics.jsonl; a signal stops after a checkpoint.
+        seconds = time.perf_counter() - step_started
+        progress.update(
+            step=step,
+            tokens_seen=progress["tokens_seen"] + n_tokens,
+            train_seconds=progress["train_seconds"] + seconds,
+        )
+        recent_train_losses.append(train_loss)
+        context = sum(b["input_ids"].shape[1] for b in batches) / len(batches)
+        tokens_per_s = n_tokens / seconds
+        utilisation.sample()
+        monitor.log_step(
+            step,
+            {
+                "loss": train_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s / dist.world_size * flops_per_token(unwrap(model), context) / peak_flops,
+                "memory_bytes": memory_bytes(dist.device),
+            },
+        )
+        if signals.received(dist):
+            stop_reason = "signal"
+
+    # ---------------------------------------------------------------- final report
+    if stop_reason == "signal":
+        monitor.close()
+        print0(
+            dist,
+            f"stopped by {signals.name} at step {step}: checkpoint {checkpoint_path}; continue with "
+            f"python train.py --out {run_dir} --resume",
+        )
+        teardown(dist)
+        sys.exit(128 + signals.number)
+    if stop_reason == "nan":
+        print0(
+            dist,
+            f"loss became NaN or inf at step {step + 1}; that step was not applied. What to try:\n"
+            f"  - halve the lr (--lr {config.lr / 2:.1e}); spikes before the NaN point the same way\n"
+            "  - --dtype bf16 instead of fp16 (fp16 overflows), or fp32 to rule precision out\n"
+            "  - check the data: the batch held " + ", ".join(sum(bad_samples or [], [])),
+        )
+    best_dir = run_dir / ("model" if config.method == "full" else "adapter")
+    if config.merge and dist.is_main:
+        export_best_merged(unwrap(model), best_dir, model_dir, run_dir / "merged", precision.compute_dtype)
+    if dist.is_main:
+        summary = {
+            "stop_reason": {None: "finished", "early_stop": "early stop", "nan": "NaN loss"}[stop_reason],
+            "baseline_val_loss": progress["val_curve"][0][1],
+            "best_val_loss": progress["best_val_loss"],
+            "best_step": progress["best_step"],
+            "final_val_loss": progress["val_curve"][-1][1],
+            "steps": step,
+            "total_steps": total_steps,
+            "tokens_seen": progress["tokens_seen"],
+            "train_tokens_per_s": progress["tokens_seen"] / max(progress["train_seconds"], 1e-9),
+            "peak_memory_bytes": peak_memory_bytes(dist.device),
+            "wall_s": progress["wall_seconds"] + time.perf_counter() - started,
+            "best_dir": str(best_dir),
+            "val_curve": progress["val_curve"],
+            "samples": progress["samples"],
+            "data": data_report.to_dict(),
+            "config": config.to_dict(),
+        }
+        gates = evaluate_gates(
+            val_curve=progress["val_curve"],
+            warmup_steps=warmup_steps,
+            device_type=dist.device.type,
+            utilisation=utilisation.samples,
+            utilisation_note=utilisation.reason,
+            dedup_counts={
+                "exact": data_report.exact_duplicates_removed,
+                "near": data_report.near_duplicates_removed,
+            }
+            if data_report.dedup
+            else None,
+            samples_path=str(run_dir / "samples.txt"),
+            samples_written=min(SPOT_CHECK_SAMPLES, len(train_examples)),
+            micro_batch=config.batch_size,
+            grad_accum=config.grad_accum,
+            world_size=dist.world_size,
+            best_checkpoint=(progress["best_step"], progress["best_val_loss"], str(best_dir)),
+        )
+        summary["gates"] = [asdict(gate) for gate in gates]
+        write_summary_and_report(run_dir, summary, gates_markdown(gates))
+        monitor.log_hparams(config.to_dict(), {"best_val_loss": summary["best_val_loss"]})
+        print0(
+            dist,
+            f"done ({summary['stop_reason']}): {step} steps, {summary['tokens_seen']:,} tokens in "
+            f"{summary['wall_s'] / 60:.1f} min ({summary['train_tokens_per_s']:.0f} tokens/s), peak "
+            f"memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB",
+        )
+        print0(
+            dist,
+            f"val loss: baseline {summary['baseline_val_loss']:.4f} -> best {summary['best_val_loss']:.4f} "
+            f"at step {summary['best_step']} -> final {summary['final_val_loss']:.4f}",
+        )
+        print0(
+            dist,
+            f"best weights: {best_dir}; report: {run_dir / 'report.md'}; "
+            f"tensorboard --logdir {run_dir / 'tensorboard'}",
+        )
+    monitor.close()
+    teardown(dist)
+    if stop_reason == "nan":
+        sys.exit(f"error: loss is NaN or inf at step {step + 1}; stopped, best weights kept in {best_dir}")
+
+
+if __name__ == "__main__":
+    main()
