@@ -82,7 +82,7 @@ def quant_state_bytes(model: nn.Module) -> int:
     total = 0
     for module in model.modules():
         if Linear4bit is not None and isinstance(module, Linear4bit):
-            state = module.quant_state
+            state = getattr(module.weight, "quant_state", None) or module.quant_state
             tensors = [state.absmax, state.code]
             if state.nested:
                 tensors += [state.state2.absmax, state.state2.code]

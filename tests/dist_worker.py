@@ -144,7 +144,7 @@ def run_once(run: Run, dist, out_dir: Path) -> None:
     result = {"losses": [], "samples": []}
     model, optimizer, batches = set_up_training(run, dist, seed=0)
     result["parameter_bytes"] = gather_to_main(parameter_bytes(model), dist)
-    result["quant_state_bytes"] = quant_state_bytes(model)
+    result["quant_state_bytes"] = gather_to_main(quant_state_bytes(model), dist)
     if run.resume_at:
         train_steps(model, optimizer, batches, dist, run, run.resume_at, result)
         checkpoint = out_dir / f"{run.name}.checkpoint.pt"

@@ -136,8 +136,9 @@ def test_fsdp_qlora_keeps_the_base_4bit_and_sharded(distributed, reference):
         # ...and no dequantized copy: the float parameters (adapters, norms, embeddings) are halved too.
         assert rank_bytes[torch.float32] == one_process[torch.float32] // RANKS
         assert set(rank_bytes) == {torch.uint8, torch.float32}
-    # The quantization state (block scales) is kept whole on every rank: small next to the weights.
-    assert distributed["fsdp_qlora"]["quant_state_bytes"] < quantized_weights // 2 // 4
+    # The quantization state (block scales, code books) is kept whole on every rank, as in one process. At
+    # this toy size its fixed 1 KB code book per layer dominates; on a real model it is ~0.13 bits per weight.
+    assert distributed["fsdp_qlora"]["quant_state_bytes"] == reference["qlora"]["quant_state_bytes"] * RANKS
 
 
 def test_adapter_gathered_from_fsdp_loads_with_peft(distributed, tmp_path):
