@@ -40,7 +40,13 @@ import numpy as np
 
 from nanoft.batches import Batches  # noqa: F401  (part of the public API: `from data import Batches`)
 from nanoft.data_records import FORMATS, BadRecord, Record, read_records
-from nanoft.data_report import DataReport, log_report, write_jsonl, write_spot_check
+from nanoft.data_report import (  # noqa: F401  (SPOT_CHECK_SAMPLES: public, for the run report)
+    SPOT_CHECK_SAMPLES,
+    DataReport,
+    log_report,
+    write_jsonl,
+    write_spot_check,
+)
 from nanoft.dataset_cache import (
     TokenizedExamples,
     cache_file,
@@ -56,6 +62,7 @@ from nanoft.loss import IGNORE_INDEX
 ALPACA_STYLES = ("auto", "chat", "alpaca")
 MIN_VAL_EXAMPLES, MAX_VAL_EXAMPLES = 20, 1000  # a val loss from fewer is noise; more only slows evaluation
 DEDUP_EXAMPLES_PER_METHOD = 10
+DEDUP_EXAMPLE_CHARS = 500  # of each text in dedup_examples.jsonl: enough to judge the pair
 TURN_PROBE = "nanoft-assistant-turn-probe"
 ENCODE_BATCH = 1024  # texts per call to the tokenizer (it parallelises within a call)
 
@@ -110,7 +117,7 @@ def chat_template_spans(messages: list[dict], tokenizer) -> tuple[str, list[tupl
             spans.append((start, len(turn)))
             continue
         # Templates that rewrite earlier turns cannot be cut into prefixes: find the message itself after the
-        # previous turn instead.
+        # previous turn instead, with the end-of-turn token right after it.
         content = message["content"].strip()
         start = text.find(content, spans[-1][1] if spans else 0) if content else -1
         if start < 0:
@@ -118,7 +125,11 @@ def chat_template_spans(messages: list[dict], tokenizer) -> tuple[str, list[tupl
                 f"the chat template changes assistant message {index}, so its tokens cannot be "
                 "located for masking (train on everything, or use another template)"
             )
-        spans.append((start, start + len(content)))
+        end = start + len(content)
+        end_of_turn = tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False)
+        if text[end:].lstrip().startswith(end_of_turn):
+            end = text.index(end_of_turn, end) + len(end_of_turn)
+        spans.append((start, end))
     return text, spans
 
 
@@ -310,11 +321,11 @@ def remove_duplicates(records: list[Record], near_dup_threshold: float | None, r
                     "similarity": round(duplicate.similarity, 3),
                     "kept": {
                         "source": records[duplicate.kept].source,
-                        "text": dedup_text(records[duplicate.kept]),
+                        "text": dedup_text(records[duplicate.kept])[:DEDUP_EXAMPLE_CHARS],
                     },
                     "removed": {
                         "source": records[duplicate.removed].source,
-                        "text": dedup_text(records[duplicate.removed]),
+                        "text": dedup_text(records[duplicate.removed])[:DEDUP_EXAMPLE_CHARS],
                     },
                 }
             )

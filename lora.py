@@ -42,7 +42,10 @@ class LoRAConfig:
     r: int = 16  # rank of the update B A
     alpha: float = 32  # the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.05  # dropout on the adapter's input only; the base path never sees it
-    targets: tuple[str, ...] | str = ("q_proj", "v_proj")  # layer names in the decoder blocks, or "all-linear"
+    targets: tuple[str, ...] | str = (
+        "q_proj",
+        "v_proj",
+    )  # layer names in the decoder blocks, or "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()  # modules trained in full, e.g. ("embed_tokens",) for new tokens
@@ -70,7 +73,9 @@ def dense_weight(layer: nn.Linear) -> torch.Tensor:
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
             # After an eval forward on a CPU with AVX512-BF16, bitsandbytes repacks the weight for its inference
             # kernel; undo that (as its own state_dict saving does) so dequantize_4bit reads the usual layout.
-            weight.data, weight.quant_state = bnb._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            weight.data, weight.quant_state = bnb._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
         return bnb.dequantize_4bit(weight.data, weight.quant_state)
     if type(weight).__name__ == "Int8Params":
         import bitsandbytes.functional as bnb
@@ -87,7 +92,9 @@ def is_quantized(layer: nn.Module) -> bool:
 class LoRALinear(nn.Module):
     """Wraps a linear layer (nn.Linear or a bitsandbytes one, whose weight is used as is) with a LoRA update."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora=False, use_dora=False):
+    def __init__(
+        self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora=False, use_dora=False
+    ):
         super().__init__()
         self.base_layer = base_layer
         device = base_layer.weight.device
@@ -111,20 +118,21 @@ class LoRALinear(nn.Module):
             return torch.linalg.norm(weight + self.scale * delta.to(weight.dtype), dim=1)
 
     def forward(self, x):
-        result = self.base_layer(x)  # (..., out), in the base's dtype
+        result = self.base_layer(x)  # (..., out), in the base's compute dtype
         if self.merged:
             return result
-        # Compute the adapter path in the adapters' fp32 and cast its (..., out) result down once: measured on a
-        # 2-core AVX512-BF16 CPU at 576x576 and 4096x4096 this was as fast as casting A and B down to bf16
-        # (the rank-r matmuls are ~3% of the base's work either way), and it is what PEFT computes.
-        x = self.dropout(x.to(self.lora_A.weight.dtype))
-        update = self.lora_B(self.lora_A(x)) * self.scale  # (..., out)
+        # The fp32 adapters are cast to x's dtype (what autocast does) rather than x up to fp32 (what PEFT does):
+        # casting two r-row matrices is cheaper than casting (..., in) activations and their gradients, and
+        # bench/lora_linear.py measured it faster on CPU in bf16. The scale multiplies the small (..., r) tensor.
+        lora_A, lora_B = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        x = self.dropout(x)
+        update = F.linear(F.linear(x, lora_A) * self.scale, lora_B)  # (..., out)
         if self.use_dora:
             # m / ||W + scale B A|| (W + scale B A) x, written as a correction on top of the base output.
-            weight = dense_weight(self.base_layer).to(x.dtype)
-            magnitude_scale = self.lora_magnitude_vector / self.weight_norm(weight)  # (out,)
+            weight = dense_weight(self.base_layer).float()
+            magnitude_scale = (self.lora_magnitude_vector / self.weight_norm(weight)).to(x.dtype)  # (out,)
             if self.training and isinstance(self.dropout, nn.Dropout):
-                base_without_bias = F.linear(x, weight)  # W dropout(x), exactly as PEFT
+                base_without_bias = F.linear(x, weight.to(x.dtype))  # W dropout(x), exactly as PEFT
             else:
                 bias = self.base_layer.bias
                 base_without_bias = result if bias is None else result - bias
@@ -153,7 +161,9 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         if self.dequantized_by_merge:
-            raise UserError("cannot unmerge LoRA from a quantized base: merging dequantized it; reload the model")
+            raise UserError(
+                "cannot unmerge LoRA from a quantized base: merging dequantized it; reload the model"
+            )
         weight = self.base_layer.weight.float()
         if self.use_dora:
             weight = weight / (self.lora_magnitude_vector / self.norm_at_merge)[:, None]
@@ -183,7 +193,9 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UserError("the model already has LoRA adapters; inject or load only once")
     # isinstance(nn.Linear) also finds bitsandbytes Linear4bit / Linear8bitLt: they subclass it.
-    linears = [(f"model.layers.{n}", m) for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]
+    linears = [
+        (f"model.layers.{n}", m) for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)
+    ]
     targets = () if cfg.targets == "all-linear" else cfg.targets
     if unknown := [target for target in targets if not any(matches(name, [target]) for name, _ in linears)]:
         existing = sorted({name.rpartition(".")[2] for name, _ in linears})
@@ -191,10 +203,18 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             f"LoRA targets {unknown} are not linear layers of the decoder blocks; they have: {', '.join(existing)}"
         )
     targeted = {id(m) for name, m in linears if not targets or matches(name, targets)}
-    saved = [m for name, m in model.named_modules() if cfg.modules_to_save and matches(name, cfg.modules_to_save)]
-    if missing := [n for n in cfg.modules_to_save if not any(matches(name, [n]) for name, _ in model.named_modules())]:
-        names = sorted({name.rpartition(".")[2] for name, _ in model.named_modules() if name and not name[-1].isdigit()})
-        raise UserError(f"modules_to_save {missing} are not in the model; its module names are: {', '.join(names)}")
+    saved = [
+        m for name, m in model.named_modules() if cfg.modules_to_save and matches(name, cfg.modules_to_save)
+    ]
+    if missing := [
+        n for n in cfg.modules_to_save if not any(matches(name, [n]) for name, _ in model.named_modules())
+    ]:
+        names = sorted(
+            {name.rpartition(".")[2] for name, _ in model.named_modules() if name and not name[-1].isdigit()}
+        )
+        raise UserError(
+            f"modules_to_save {missing} are not in the model; its module names are: {', '.join(names)}"
+        )
     if any(id(inner) in targeted for module in saved for inner in module.modules()):
         raise UserError("modules_to_save must not hold LoRA targets; name whole layers such as embed_tokens")
     model.requires_grad_(False)
@@ -204,10 +224,14 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             wrapped = LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
             setattr(model.get_submodule(parent), child, wrapped)
     for module in saved:
-        module.requires_grad_(True)  # trained in place: on a tied model embed_tokens and lm_head move together
+        module.requires_grad_(
+            True
+        )  # trained in place: on a tied model embed_tokens and lm_head move together
     model.lora_config = cfg  # save_adapter writes it
     trainable, total = count_parameters(model)
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
     return model
 
 
@@ -216,7 +240,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     Unlike PEFT, modules_to_save are trained in place rather than copied, so "all" has no second copy."""
     trainable = total = 0
     for param in model.parameters():  # shared (tied) tensors are listed once
-        n = param.numel() * 2 * param.element_size() if type(param).__name__ == "Params4bit" else param.numel()
+        n = (
+            param.numel() * 2 * param.element_size()
+            if type(param).__name__ == "Params4bit"
+            else param.numel()
+        )
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
@@ -257,8 +285,13 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapter(model: nn.Module, path, base_model_name_or_path: str = "") -> None:
-    """adapter_config.json + adapter_model.safetensors, as peft 0.21 writes them."""
+def save_adapter(
+    model: nn.Module, path, base_model_name_or_path: str = "", tensors: dict | None = None
+) -> None:
+    """adapter_config.json + adapter_model.safetensors, as peft 0.21 writes them.
+
+    tensors: the trainable tensors under the model's own names when the model does not hold them whole (under
+    FSDP, distributed.full_state_dict gathers them); by default the model's own (lora_state_dict)."""
     cfg = model.lora_config
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -291,9 +324,14 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path: str = "") -> N
         "alpha_pattern": {},
     }
     # clone: safetensors refuses tensors that share memory (a tied embed_tokens / lm_head pair).
-    tensors = {name: t.to("cpu").clone().contiguous() for name, t in lora_state_dict(model).items()}
-    write_atomically(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2)))
-    write_atomically(path / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    state = lora_state_dict(model) if tensors is None else {PEFT_PREFIX + n: t for n, t in tensors.items()}
+    tensors = {name: t.to("cpu").clone().contiguous() for name, t in state.items()}
+    write_atomically(
+        path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2))
+    )
+    write_atomically(
+        path / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"})
+    )
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
@@ -302,7 +340,9 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     for file in (config_file, weights_file):
         if not file.is_file():
-            raise UserError(f"{file}: not found; an adapter directory has adapter_config.json and adapter_model.safetensors")
+            raise UserError(
+                f"{file}: not found; an adapter directory has adapter_config.json and adapter_model.safetensors"
+            )
     try:
         peft_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
@@ -311,10 +351,14 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     unsupported |= {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
     for key, supported in unsupported.items():
         if peft_config.get(key, supported) not in (supported, None):
-            raise UserError(f"{config_file}: {key}={peft_config[key]!r} is not supported (nanoft needs {supported!r})")
+            raise UserError(
+                f"{config_file}: {key}={peft_config[key]!r} is not supported (nanoft needs {supported!r})"
+            )
     targets = peft_config["target_modules"]
     if isinstance(targets, str) and targets != "all-linear":
-        raise UserError(f"{config_file}: target_modules as a regex ({targets!r}) is not supported; list the names")
+        raise UserError(
+            f"{config_file}: target_modules as a regex ({targets!r}) is not supported; list the names"
+        )
     cfg = LoRAConfig(
         r=peft_config["r"],
         alpha=peft_config["lora_alpha"],
@@ -343,7 +387,9 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             ours[name].copy_(tensor)
             loaded.add(id(ours[name]))
     if missing := [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in loaded]:
-        raise UserError(f"{weights_file}: lacks {len(missing)} adapter tensors, e.g. '{PEFT_PREFIX + missing[0]}'")
+        raise UserError(
+            f"{weights_file}: lacks {len(missing)} adapter tensors, e.g. '{PEFT_PREFIX + missing[0]}'"
+        )
     return model
 
 

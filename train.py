@@ -100,10 +100,22 @@ def evaluate(model, val_batches, dist, autocast) -> float:
     """Val loss per target token over the whole val split (each rank its share, summed over ranks)."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
+    n_batches = 0
     for batch in val_batches:
         with autocast:
             loss_sum, n_targets = forward(model, to_device(batch, dist.device))
         totals += torch.stack([loss_sum.double(), n_targets.double()])
+        n_batches += 1
+    if is_fsdp(model):
+        # FSDP's forward is a collective: where this rank's share of the last batch was empty, it still joins
+        # the others' forward, with one token and no target.
+        no_target = {
+            "input_ids": torch.zeros((1, 1), dtype=torch.long),
+            "targets": torch.full((1, 1), IGNORE),
+        }
+        for _ in range(len(val_batches) - n_batches):
+            with autocast:
+                model(**to_device(no_target, dist.device))
     model.train()
     totals = all_reduce_sum(totals, dist)
     return (totals[0] / totals[1]).item()
@@ -120,8 +132,12 @@ def save_best_weights(model, dist, run_dir: Path, model_dir: Path, method: str) 
             )
             write_directory_atomically(run_dir / "model", write)
         return run_dir / "model"
+    # Under FSDP each rank holds a shard of each adapter: gather them (every rank calls) for rank 0 to write.
+    adapter = full_state_dict(model, dist, trainable_only=True) if is_fsdp(model) else None
     if dist.is_main:
-        write = lambda tmp: save_adapter(unwrap(model), tmp, base_model_name_or_path=str(model_dir))
+        write = lambda tmp: save_adapter(
+            unwrap(model), tmp, base_model_name_or_path=str(model_dir), tensors=adapter
+        )
         write_directory_atomically(run_dir / "adapter", write)
     return run_dir / "adapter"
 
@@ -168,7 +184,7 @@ def main(argv=None):
         out=config.out or default_out_dir(),
         quant=config.quant or ("nf4" if config.method == "qlora" else ""),
     )
-    dist = setup_distributed(config.device)
+    dist = setup_distributed(config.device, timeout_s=config.dist_timeout)
     run_dir = prepare_run_dir(config.out, resume=config.resume, overwrite=config.overwrite, dist=dist)
     model_dir = resolve_model(config.model)
     model_config = load_config(model_dir)
@@ -268,7 +284,15 @@ def main(argv=None):
             layer.compile()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    model = wrap_model(model, dist)
+    # DDP under torchrun; --fsdp shards instead. FSDP's mixed precision only where autocast would be used
+    # (full fine-tunes): a LoRA base is already stored in the compute dtype and its adapters stay fp32.
+    model = wrap_model(
+        model,
+        dist,
+        fsdp=config.fsdp,
+        cpu_offload=config.fsdp_cpu_offload,
+        mixed_precision=precision.compute_dtype if precision.autocast else None,
+    )
     torch.manual_seed(seed_for_rank(config.seed, dist))  # from here on (dropout), each rank its own stream
 
     # ---------------------------------------------------------------- optimizer and schedule
@@ -454,7 +478,15 @@ def main(argv=None):
         )
     best_dir = run_dir / ("model" if config.method == "full" else "adapter")
     if config.merge and dist.is_main:
-        export_best_merged(unwrap(model), best_dir, model_dir, run_dir / "merged", precision.compute_dtype)
+        merge_into = unwrap(model)
+        if is_fsdp(model):  # the shards cannot be merged in place: rank 0 loads a whole base into CPU memory
+            merge_into = inject_lora(
+                load_quantized(model_dir, quant=config.quant, compute_dtype=precision.compute_dtype)
+                if config.method == "qlora"
+                else from_pretrained(model_dir, dtype=precision.base_dtype),
+                lora_config,
+            )
+        export_best_merged(merge_into, best_dir, model_dir, run_dir / "merged", precision.compute_dtype)
     if dist.is_main:
         summary = {
             "stop_reason": {None: "finished", "early_stop": "early stop", "nan": "NaN loss"}[stop_reason],

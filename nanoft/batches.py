@@ -111,35 +111,33 @@ class Batches:
             batches = self.global_batches(self.epoch)
         while self.batch_index < len(batches):
             mine = np.array_split(batches[self.batch_index], self.world_size)[self.rank]
-            self.batch_index += (
-                1  # advanced before the yield: a checkpoint taken now resumes at the next batch
-            )
+            # Advanced before the yield: a checkpoint taken while this batch trains resumes at the next one.
+            self.batch_index += 1
             if len(mine):
-                yield self.collate([self.rows[row] for row in mine])
+                yield self.collate(mine)
         self.set_epoch(self.epoch + 1)
 
-    def collate(self, rows: list[list[int]]) -> dict:
-        T = int(max(sum(len(self.examples.example(i)[0]) for i in row) for row in rows))
-        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T)
-        targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.arange(T).repeat(len(rows), 1)
-        document_ids = torch.full((len(rows), T), -1, dtype=torch.long)  # -1: padding
-        for b, row in enumerate(rows):
+    def collate(self, row_indices: np.ndarray) -> dict:
+        B, T = len(row_indices), int(self.row_lengths[row_indices].max())
+        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        position_ids = np.tile(np.arange(T), (B, 1))
+        document_ids = np.full((B, T), -1, dtype=np.int64)  # -1: padding
+        for b, row in enumerate(row_indices):
             start = 0
-            for document, index in enumerate(row):
+            for document, index in enumerate(self.rows[row]):
                 ids, example_targets = self.examples.example(index)
                 end = start + len(ids)
-                input_ids[b, start:end] = torch.from_numpy(ids.astype(np.int64))
-                targets[b, start:end] = torch.from_numpy(example_targets.astype(np.int64))
-                position_ids[b, start:end] = torch.arange(len(ids))
+                input_ids[b, start:end], targets[b, start:end] = ids, example_targets
+                position_ids[b, start:end] = np.arange(len(ids))
                 document_ids[b, start:end] = document
                 start = end
         return {
-            "input_ids": input_ids,
-            "targets": targets,
-            "position_ids": position_ids,
-            "document_ids": document_ids if self.pack else None,
-            "sample_ids": [index for row in rows for index in row],
+            "input_ids": torch.from_numpy(input_ids),  # (B, T)
+            "targets": torch.from_numpy(targets),
+            "position_ids": torch.from_numpy(position_ids),
+            "document_ids": torch.from_numpy(document_ids) if self.pack else None,
+            "sample_ids": [index for row in row_indices for index in self.rows[row]],
         }
 
     def set_epoch(self, epoch: int) -> None:

@@ -27,6 +27,7 @@ METHODS = ("lora", "qlora", "full", "auto")
 QUANT_TYPES = ("nf4", "fp4", "int8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+FSDP_MODES = ("none", "full_shard", "shard_grad_op")  # distributed: none = DDP under torchrun
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 ALPACA_STYLES = ("auto", "chat", "alpaca")
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # the playbook's starting points
@@ -115,6 +116,21 @@ class TrainConfig:
     )
     compile: bool = flag(False, "torch.compile each decoder layer")
 
+    # distributed, under torchrun (nanoft/distributed.py)
+    fsdp: str = flag(
+        "none",
+        "shard the model over the torchrun processes (FSDP2): full_shard also frees each layer's gathered "
+        "weights after its forward (ZeRO-3-like, least memory), shard_grad_op keeps them until backward "
+        "(ZeRO-2-like, less communication); none: DDP, a full copy per process",
+        FSDP_MODES,
+    )
+    fsdp_cpu_offload: bool = flag(
+        False, "with --fsdp: keep parameter shards, gradients and optimizer state in CPU RAM"
+    )
+    dist_timeout: int = flag(
+        600, "seconds a process waits for the others before the whole job stops with an error"
+    )
+
     def __post_init__(self):
         for f in fields(self):
             value, choices = getattr(self, f.name), f.metadata["choices"]
@@ -128,6 +144,7 @@ class TrainConfig:
             "save_every",
             "keep_last",
             "lora_r",
+            "dist_timeout",
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{kebab(name)} {getattr(self, name)}: must be at least 1")
@@ -161,6 +178,20 @@ class TrainConfig:
             raise UserError("--resume needs --out: the run directory to continue")
         if not self.lora_targets:
             raise UserError("--lora-targets is empty; name linear layers (e.g. q_proj,v_proj) or all-linear")
+        # distributed (nanoft/distributed.py, nanoft/fsdp_qlora.py)
+        if self.fsdp_cpu_offload and self.fsdp == "none":
+            raise UserError(
+                "--fsdp-cpu-offload offloads FSDP's shards; add --fsdp full_shard (or shard_grad_op)"
+            )
+        if self.fsdp != "none" and self.optim != "adamw":
+            raise UserError(
+                f"--optim {self.optim} cannot update FSDP's sharded parameters (bitsandbytes has no DTensor "
+                "support); use --optim adamw with --fsdp, or drop --fsdp (DDP)"
+            )
+        if self.fsdp != "none" and self.quant == "int8":
+            raise UserError(
+                "--fsdp cannot shard int8 layers; use --quant nf4 with --fsdp, or drop --fsdp (DDP)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

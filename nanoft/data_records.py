@@ -46,7 +46,7 @@ def read_records(path, format: str = "auto", skip_bad_records: bool = False) -> 
     if not path.is_file():
         raise UserError(f"{path}: is not a file (give .jsonl, .json or .txt files)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the data
     except UnicodeDecodeError as error:
         raise UserError(
             f"{path}: is not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8"

@@ -82,9 +82,8 @@ def log_report(report: DataReport, log) -> None:
 
 def marked_text(ids: np.ndarray, targets: np.ndarray, tokenizer) -> str:
     """The example as text with every trained token (the label of a target) inside ⟦ ⟧."""
-    trained = np.concatenate(
-        [[False], targets[:-1] != IGNORE_INDEX]
-    )  # token t is trained if targets[t-1] is set
+    # Token t is trained when it is the label of position t-1; the first token never is.
+    trained = np.concatenate([[False], targets[:-1] != IGNORE_INDEX])
     pieces, start = [], 0
     for end in range(1, len(ids) + 1):
         if end == len(ids) or trained[end] != trained[start]:

@@ -23,7 +23,7 @@ SCHEME = "affine32"
 SHINGLE_WORDS = 3  # short instruction records: a 3-word shingle still changes when one word does
 SHINGLES_PER_CHUNK = 100_000  # (NUM_PERM, chunk) uint32 work array: 51 MB
 WORD = re.compile(r"\w+")
-SHINGLE_MIXERS = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA77))  # odd constants: mix word hashes into one
+SHINGLE_MIXER = np.uint32(0x9E3779B1)  # odd, so no word's bits are lost when mixing
 
 
 @dataclass
@@ -73,17 +73,24 @@ def find_near_duplicates(texts: list[str], indices: list[int], threshold: float)
     return duplicates
 
 
-def shingle_hashes(text: str, word_hashes: dict[str, int]) -> np.ndarray:
+class WordHashes(dict):
+    """crc32 of each word, computed once per distinct word."""
+
+    def __missing__(self, word: str) -> int:
+        self[word] = zlib.crc32(word.encode("utf-8"))
+        return self[word]
+
+
+def shingle_hashes(text: str, word_hashes: WordHashes) -> np.ndarray:
     """uint32 hash of each run of SHINGLE_WORDS words (one shingle for shorter texts, even an empty one)."""
-    words = WORD.findall(text)
-    hashes = np.array(
-        [word_hashes.get(w) or word_hashes.setdefault(w, zlib.crc32(w.encode())) for w in words],
-        dtype=np.uint32,
-    )
+    hashes = np.array([word_hashes[word] for word in WORD.findall(text)], dtype=np.uint32)
     if len(hashes) < SHINGLE_WORDS:
         hashes = np.concatenate([hashes, np.zeros(SHINGLE_WORDS - len(hashes), dtype=np.uint32)])
     n = len(hashes) - SHINGLE_WORDS + 1
-    return hashes[:n] * SHINGLE_MIXERS[0] + hashes[1 : n + 1] * SHINGLE_MIXERS[1] + hashes[2 : n + 2]
+    shingles = np.zeros(n, dtype=np.uint32)
+    for offset in range(SHINGLE_WORDS):  # a polynomial hash of the words in order (uint32 wraps)
+        shingles = shingles * SHINGLE_MIXER + hashes[offset : offset + n]
+    return shingles
 
 
 def fmix32(h: np.ndarray) -> np.ndarray:
@@ -98,7 +105,7 @@ def fmix32(h: np.ndarray) -> np.ndarray:
 def minhash_signatures(texts: list[str]) -> np.ndarray:
     """(N, NUM_PERM) uint32: datasketch's MinHash(num_perm=128, seed=1) values of each text's shingles."""
     a, b = MinHash(num_perm=NUM_PERM, seed=MINHASH_SEED, scheme=SCHEME).permutations  # (NUM_PERM,) each
-    word_hashes: dict[str, int] = {}
+    word_hashes = WordHashes()
     signatures = np.empty((len(texts), NUM_PERM), dtype=np.uint32)
     start = 0
     while start < len(texts):

@@ -1,6 +1,6 @@
-"""torch.distributed behind torchrun: set-up, DDP or FSDP2 wrapping, gradient sync, gathering for checkpoints.
+"""torch.distributed behind torchrun: set-up, DDP or FSDP2 wrapping, gradient sync, gathering checkpoints.
 
-    dist = setup_distributed(device="auto", timeout_s=600)  # torchrun's env -> process group; else one process
+    dist = setup_distributed(device="auto", timeout_s=600)  # torchrun's env -> process group, else 1 process
     model = wrap_model(model, dist, fsdp="full_shard", mixed_precision=torch.bfloat16)
     for micro_step in range(grad_accum):
         with gradient_sync(model, enabled=micro_step == grad_accum - 1):
@@ -9,7 +9,7 @@
     adapter = full_state_dict(model, dist, trainable_only=True)  # every rank calls; rank 0 gets the tensors
     teardown(dist)
 
-Launch with `torchrun --nproc_per_node=N train.py ...` (one node) or torchrun's c10d rendezvous (several nodes).
+Launch with `torchrun --nproc_per_node=N train.py ...` (one node) or with torchrun's c10d rendezvous (nodes).
 Without torchrun nothing here touches torch.distributed: the model is returned as it is and every helper is a
 no-op. FSDP over bitsandbytes 4-bit layers (QLoRA) is prepared by nanoft/fsdp_qlora.py.
 """
@@ -56,7 +56,9 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:
-        return Dist(rank=0, local_rank=0, world_size=1, device=torch.device(device), is_main=True, backend=None)
+        return Dist(
+            rank=0, local_rank=0, world_size=1, device=torch.device(device), is_main=True, backend=None
+        )
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.device(device).type == "cuda":
@@ -109,9 +111,12 @@ def wrap_model(model, dist: Dist, fsdp: str | None = None, cpu_offload: bool = F
         if dist.world_size == 1:
             return model
         # find_unused_parameters=False: every trainable parameter gets a gradient in every step, so DDP need
-        # not walk the graph after each forward looking for ones that did not.
+        # not walk the graph after each forward looking for ones that did not. broadcast_buffers=False: the
+        # only buffers (RoPE frequencies) are constants, equal on every rank: no need to resend them.
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+        return DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=False, broadcast_buffers=False
+        )
     if fsdp not in FSDP_MODES:
         raise UserError(f"--fsdp {fsdp} is not a mode; choose one of none, {', '.join(FSDP_MODES)}")
     if dist.backend is None:
@@ -119,8 +124,12 @@ def wrap_model(model, dist: Dist, fsdp: str | None = None, cpu_offload: bool = F
             f"--fsdp {fsdp} shards the model across processes but this run has one: "
             "start it with torchrun --nproc_per_node=N, or drop --fsdp"
         )
-    return shard_model(model, reshard_after_forward=fsdp == "full_shard", cpu_offload=cpu_offload,
-                       mixed_precision=mixed_precision)
+    return shard_model(
+        model,
+        reshard_after_forward=fsdp == "full_shard",
+        cpu_offload=cpu_offload,
+        mixed_precision=mixed_precision,
+    )
 
 
 def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_precision):
@@ -137,7 +146,9 @@ def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_pre
         if mixed_precision is not None
         else MixedPrecisionPolicy(),
         # Pinned memory makes the host-to-GPU copies asynchronous; there is nothing to pin without CUDA.
-        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy(),
+        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if cpu_offload
+        else OffloadPolicy(),
     )
     for layer in model.model.layers:
         fully_shard(layer, **options)
@@ -211,7 +222,9 @@ def load_full_state_dict(model, state_dict: dict, dist: Dist) -> None:
     Only rank 0's `state_dict` is read; under torchrun it is broadcast and each rank keeps its shard, so the
     other ranks may pass {} (a checkpoint need not be on every node's disk).
     """
-    options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=dist.backend is not None)
+    options = StateDictOptions(
+        full_state_dict=True, strict=False, broadcast_from_rank0=dist.backend is not None
+    )
     set_model_state_dict(unwrap(model), state_dict, options=options)
 
 

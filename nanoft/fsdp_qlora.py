@@ -1,6 +1,6 @@
-"""FSDP2 over bitsandbytes 4-bit linears (QLoRA): the packed 4-bit bytes are sharded, the small state is not.
+"""FSDP2 over bitsandbytes 4-bit linears (QLoRA): the packed 4-bit bytes are sharded, the small state not.
 
-    prepare_4bit_linears_for_fsdp(model, mixed_precision)  # before fully_shard; distributed.wrap_model calls it
+    prepare_4bit_linears_for_fsdp(model, mixed_precision)  # before fully_shard (distributed.wrap_model does)
     parameter_bytes(model)  # {dtype: bytes this rank holds}: the proof that 4-bit weights stay 4-bit
 
 The problem: fully_shard rebuilds every parameter as a DTensor from its plain data, so a bitsandbytes
@@ -42,7 +42,9 @@ def prepare_4bit_linears_for_fsdp(model: nn.Module, mixed_precision: torch.dtype
         return
     for name, module in model.named_modules():
         if isinstance(module, Linear8bitLt):
-            raise UserError(f"{name}: --fsdp cannot shard 8-bit (int8) layers; use --quant nf4, or DDP (no --fsdp)")
+            raise UserError(
+                f"{name}: --fsdp cannot shard 8-bit (int8) layers; use --quant nf4, or DDP (no --fsdp)"
+            )
         if not isinstance(module, Linear4bit):
             continue
         quant_state = module.weight.quant_state
@@ -51,8 +53,8 @@ def prepare_4bit_linears_for_fsdp(model: nn.Module, mixed_precision: torch.dtype
         storage = module.weight.dtype
         if mixed_precision is not None and storage.is_floating_point and storage != mixed_precision:
             raise UserError(
-                f"{name}: 4-bit weights stored as {storage} would be cast to {mixed_precision} by FSDP's mixed "
-                f"precision and corrupted; quantize with quant_storage=torch.uint8 (or {mixed_precision})"
+                f"{name}: FSDP's mixed precision would cast 4-bit weights stored as {storage} to "
+                f"{mixed_precision} and corrupt them; quantize with quant_storage=uint8"
             )
         module.quant_state = quant_state
         module.weight = nn.Parameter(module.weight.data, requires_grad=False)

@@ -46,16 +46,11 @@ class Monitor:
 
         run_dir = Path(run_dir)
         self.metrics_path = run_dir / "metrics.jsonl"
-        keep_metrics_until(
-            self.metrics_path, start_step
-        )  # a resumed run rewrites what came after its checkpoint
+        keep_metrics_until(self.metrics_path, start_step)  # a resumed run redoes what came after its checkpoint
         # purge_step hides events a crashed run logged after the checkpoint we resume from.
-        self.writer = SummaryWriter(
-            run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None
-        )
-        self.bar = tqdm(
-            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr
-        )
+        self.writer = SummaryWriter(run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.last_eval, self.warned_flat = None, False  # for the overfitting and flat-loss warnings
 
     def log_step(self, step: int, metrics: dict) -> None:
         if not self.enabled:

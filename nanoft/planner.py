@@ -161,9 +161,11 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
     - SDPA keeps q, k, v after RoPE, its output (o_proj's input is a view of it) and an fp32 logsumexp per
       head: c (2 H D + 2 KV D) + 4 H;
     - SwiGLU keeps gate's output (for silu), silu(gate) and up (for their product): 3 c I;
-    - LoRA / QLoRA (frozen base, fp32 adapters): a frozen linear keeps nothing (bitsandbytes' 4-bit matmul
-      neither); each adapted layer casts its input to fp32, dropout keeps its mask (fp32 on CPU, bool on CUDA)
-      and A keeps the dropped-out input: (4 + mask) in per adapted layer, plus A's output (4 r) for B;
+    - LoRA / QLoRA: a frozen linear keeps nothing (bitsandbytes' 4-bit matmul neither). lora.py casts the
+      fp32 adapters to the compute dtype; with dropout each adapted layer keeps dropout's mask (the input's
+      dtype on CPU, bool on CUDA) and its output (c in) for A's gradient; without dropout A keeps the layer's
+      input itself, shared by q/k/v and by gate/up (o_proj's is SDPA's output, kept anyway); B keeps A's
+      output (c r);
     - full fine-tune, fp32 weights under autocast: the residual stream is fp32, each norm also keeps its
       normalised output (4C) for its weight's gradient, and autocast casts a norm's output once per linear
       that reads it (q, k, v: 3 cC; gate, up: 2 cC); down_proj keeps its input (c I). Without autocast (fp32
@@ -179,16 +181,26 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
         if c < 4:
             return norm_inputs + 2 * 4 * C + 5 * c * C + attention + mlp + c * I
         return norm_inputs + 2 * 4 * C + 2 * 4 * C + attention + mlp + 4 * I
-    shapes = linear_shapes(config)
-    lora = sum((4 + dropout_mask_bytes(shape)) * shapes[t][0] + 4 * shape.lora_r for t in shape.lora_targets)
-    return norm_inputs + attention + mlp + lora
+    return norm_inputs + attention + mlp + lora_activation_bytes_per_token(config, shape)
+
+
+def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
+    shapes, c, r = linear_shapes(config), shape.compute_bytes, shape.lora_r
+    if shape.lora_dropout > 0:
+        return sum((dropout_mask_bytes(shape) + c) * shapes[t][0] + c * r for t in shape.lora_targets)
+    input_groups = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "sdpa"}
+    input_groups |= {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "product"}
+    group_width = {"attention": config.hidden_size, "sdpa": 0, "mlp": config.hidden_size}
+    group_width["product"] = config.intermediate_size
+    kept_inputs = {input_groups[t] for t in shape.lora_targets}
+    return sum(c * group_width[group] for group in kept_inputs) + len(shape.lora_targets) * c * r
 
 
 def dropout_mask_bytes(shape: TrainingShape) -> int:
-    """CUDA's fused dropout keeps a bool mask; the CPU kernel keeps a mask of the input's dtype (fp32)."""
+    """CUDA's fused dropout keeps a bool mask; the CPU kernel keeps a mask in the input's dtype."""
     if shape.lora_dropout == 0:
         return 0
-    return 4 if shape.device_type == "cpu" else 1
+    return shape.compute_bytes if shape.device_type == "cpu" else 1
 
 
 def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: bool) -> int:
@@ -228,7 +240,8 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
         linear_bytes = NF4_BYTES_PER_PARAM if shape.method == "qlora" else c
         weights = math.ceil(linear_bytes * params.block_linear) + c * (params.total - params.block_linear)
         trainable = lora_parameter_count(config, shape.lora_targets, shape.lora_r)
-        adapters = 4 * trainable
+        # fp32 adapters, and the compute-dtype copies lora.py casts them to for each forward.
+        adapters = (4 + (c if c < 4 else 0)) * trainable
     gradients = 4 * trainable * (2 if shape.ddp else 1)
     optimizer = OPTIMIZER_BYTES_PER_PARAM[shape.optim] * trainable
 

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: data.py, quant.py, lora.py
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repository root: data.py, quant.py, lora.py
 
 from data import Batches  # noqa: E402
 from nanoft.dataset_cache import TokenizedExamples  # noqa: E402
@@ -56,6 +58,7 @@ class Run:
     grad_accum: int = 2
     steps: int = 3
     lora_dropout: float = 0.0
+    activation_checkpointing: bool = False
     resume_at: int = 0  # >0: stop after this many steps, save, rebuild everything, load, finish
     crash: str = ""  # "raise": rank 1 raises; "hang": rank 1 never reaches the first collective
 
@@ -79,12 +82,18 @@ def tiny_examples() -> TokenizedExamples:
     rng = np.random.default_rng(0)
     input_ids, targets = [], []
     for _ in range(N_EXAMPLES):
-        start, stride, length = (int(x) for x in (rng.integers(VOCAB), rng.integers(1, 4), rng.integers(6, 21)))
+        start, stride, length = (
+            int(x) for x in (rng.integers(VOCAB), rng.integers(1, 4), rng.integers(6, 21))
+        )
         ids = [(start + stride * t) % VOCAB for t in range(length)]
         prompt = int(rng.integers(1, 4))
         input_ids.append(ids)
-        targets.append([-100] * prompt + ids[prompt + 1 :] + [-100])  # shifted; the last token predicts nothing
-    return TokenizedExamples.from_lists(input_ids, targets, [f"tiny:{i}" for i in range(N_EXAMPLES)], seq_len=32)
+        targets.append(
+            [-100] * prompt + ids[prompt + 1 :] + [-100]
+        )  # shifted; the last token predicts nothing
+    return TokenizedExamples.from_lists(
+        input_ids, targets, [f"tiny:{i}" for i in range(N_EXAMPLES)], seq_len=32
+    )
 
 
 def build_model(run: Run, seed: int) -> Transformer:
@@ -108,15 +117,22 @@ def build_model(run: Run, seed: int) -> Transformer:
 
 def set_up_training(run: Run, dist, seed: int):
     model = build_model(run, seed)
+    model.activation_checkpointing = run.activation_checkpointing
     mixed_precision = torch.bfloat16 if run.mixed_precision == "bf16" else None
-    model = wrap_model(model, dist, fsdp=run.fsdp, cpu_offload=run.cpu_offload, mixed_precision=mixed_precision)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    batches = Batches(tiny_examples(), run.batch_size, pad_id=0, seed=0, rank=dist.rank, world_size=dist.world_size)
+    model = wrap_model(
+        model, dist, fsdp=run.fsdp, cpu_offload=run.cpu_offload, mixed_precision=mixed_precision
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+    )
+    batches = Batches(
+        tiny_examples(), run.batch_size, pad_id=0, seed=0, rank=dist.rank, world_size=dist.world_size
+    )
     return model, optimizer, batches
 
 
 def train_steps(model, optimizer, batches, dist, run: Run, steps: int, record_of: dict) -> None:
-    """`steps` optimizer steps; appends each step's loss (same on every rank) and the samples this rank read."""
+    """Train `steps` steps; record each step's loss (equal on all ranks) and the samples this rank read."""
     micro_batches = iter(batches)
     for _ in range(steps):
         step_batches = [next(micro_batches) for _ in range(run.grad_accum)]
@@ -126,7 +142,9 @@ def train_steps(model, optimizer, batches, dist, run: Run, steps: int, record_of
         loss_sum_total = torch.zeros(())
         for micro_step, batch in enumerate(step_batches):
             with gradient_sync(model, enabled=micro_step == run.grad_accum - 1):
-                loss_sum, _ = model(batch["input_ids"], targets=batch["targets"], position_ids=batch["position_ids"])
+                loss_sum, _ = model(
+                    batch["input_ids"], targets=batch["targets"], position_ids=batch["position_ids"]
+                )
                 # DDP and FSDP average gradients over ranks: undo that so this rank's share is a plain sum.
                 (loss_sum * dist.world_size / global_targets).backward()
             loss_sum_total += loss_sum.detach().float()

@@ -31,7 +31,7 @@ from data import (
 from nanoft.batches import pack_examples
 from nanoft.data_records import Record
 from nanoft.dataset_cache import TokenizedExamples
-from nanoft.dedup import find_duplicates, minhash_signatures, shingle_hashes
+from nanoft.dedup import WordHashes, find_duplicates, minhash_signatures, shingle_hashes
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
 from nanoft.model import ModelConfig, Transformer
@@ -168,10 +168,6 @@ def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
     ]
 
 
-def trained_token_mask(ids, labels):
-    return [label != IGNORE_INDEX for label in labels]
-
-
 def prepare(paths, tokenizer, tmp_path, **kwargs):
     kwargs = {"seq_len": 256, "cache_dir": tmp_path / "cache", "log": lambda line: None, **kwargs}
     seq_len = kwargs.pop("seq_len")
@@ -196,7 +192,7 @@ def test_chat_mask_equals_transformers_assistant_mask(chatml, reference):
         CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     assert ids == list(expected["input_ids"])
-    assert trained_token_mask(ids, labels) == [bool(m) for m in expected["assistant_masks"]]
+    assert [label != IGNORE_INDEX for label in labels] == [bool(m) for m in expected["assistant_masks"]]
     trained = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
     assert (
         chatml.decode(trained, skip_special_tokens=False)
@@ -213,6 +209,20 @@ def test_smollm2_template_trains_every_answer_and_its_end_of_turn(smollm2_dir):
     assert smollm2.eos_id == smollm2.backend.token_to_id("<|im_end|>")
 
 
+def test_template_that_is_not_prefix_stable(chatml_dir, tmp_path):
+    """A template whose text for the first turns changes with later ones (here: a message count on top), as
+    templates that drop earlier reasoning do: each answer is found in the text instead."""
+    path = save_tokenizer(
+        tmp_path / "counting",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        {"eos_token": "<|im_end|>", "chat_template": "{{ messages | length }} messages\n" + CHATML_TEMPLATE},
+    )
+    counting = Tokenizer.from_pretrained(path)
+    ids, labels = record_tokens(Record("x:1", "chat", CONVERSATION), counting, "chat", False)
+    trained = counting.decode([label for label in labels if label != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained == "Paris is the capital.<|im_end|>Rome, since 1871.<|im_end|>"
+
+
 def test_eos_is_trained_when_pad_is_eos(chatml, tmp_path):
     assert chatml.pad_id == chatml.eos_id  # the case that masks the EOS in trainers that mask every pad id
     rows = [
@@ -226,15 +236,21 @@ def test_eos_is_trained_when_pad_is_eos(chatml, tmp_path):
     ]
     train, _, _ = prepare(write_jsonl(tmp_path / "chat.jsonl", rows), chatml, tmp_path, val_frac=0)
     batch = next(iter(Batches(train, batch_size=2, pad_id=chatml.pad_id, shuffle=False)))
-    for row in range(2):
+    lengths = [len(train.example(index)[0]) for index in batch["sample_ids"]]
+    assert lengths[0] != lengths[1]  # so one row is padded with the pad id, which is the EOS id
+    for row, n in enumerate(lengths):
         ids, targets = batch["input_ids"][row], batch["targets"][row]
-        eos_positions = (ids == chatml.eos_id).nonzero().flatten().tolist()
-        turn_end = eos_positions[2]  # system, user, assistant: the third <|im_end|> closes the answer
-        assert targets[turn_end - 1] == chatml.eos_id  # predicted from the last answer token: trained
-        assert (targets[ids == chatml.pad_id][-1:] == IGNORE_INDEX).all()
-    assert (
-        batch["input_ids"][0, batch["targets"][0].ne(IGNORE_INDEX).nonzero().max() + 3 :] == chatml.pad_id
-    ).all()
+        answer_end = (ids[:n] == chatml.eos_id).nonzero().flatten()[-1]  # the <|im_end|> closing the answer
+        assert targets[answer_end - 1] == chatml.eos_id  # predicted from the answer's last token: trained
+        assert (ids[n:] == chatml.pad_id).all() and (targets[n - 1 :] == IGNORE_INDEX).all()
+
+
+def test_json_array_with_byte_order_mark(chatml, tmp_path):
+    path = tmp_path / "array.json"
+    path.write_text("\ufeff" + json.dumps(alpaca_rows(3), indent=2), encoding="utf-8")
+    train, _, report = prepare(path, chatml, tmp_path, val_frac=0)
+    assert report.files[0]["records"] == 3 and report.files[0]["format"] == "alpaca"
+    assert train.sources == [f"{path}:2", f"{path}:7", f"{path}:12"]  # the line each record starts on
 
 
 def test_alpaca_prompt_for_base_model(base, tmp_path):
@@ -555,7 +571,7 @@ def test_minhash_equals_datasketch():
     texts = [words(1, 30), "one two", "", words(2, 300)]
     for text, signature in zip(texts, minhash_signatures(texts), strict=True):
         reference = datasketch.MinHash(num_perm=128, seed=1, hashfunc=int)
-        reference.update_batch([int(h) for h in shingle_hashes(text, {})])
+        reference.update_batch([int(h) for h in shingle_hashes(text, WordHashes())])
         assert (reference.hashvalues == signature).all()
 
 
@@ -669,32 +685,18 @@ def test_bad_json_array_line_and_missing_file(chatml, tmp_path):
         prepare(path, chatml, tmp_path)
     with pytest.raises(UserError, match="not found"):
         prepare(tmp_path / "nope.jsonl", chatml, tmp_path)
-    with pytest.raises(UserError, match="roles must alternate"):  # the template refuses the record
-        prepare(
-            write_jsonl(
-                tmp_path / "x.jsonl",
-                [
-                    {
-                        "messages": [
-                            {"role": "assistant", "content": "a"},
-                            {"role": "assistant", "content": "b"},
-                        ]
-                    }
-                ],
-            ),
-            llama2_tokenizer(tmp_path),
-            tmp_path,
-        )
 
 
-def llama2_tokenizer(tmp_path):
-    path = save_tokenizer(
-        tmp_path / "llama2",
-        ["<unk>", "<s>", "</s>"],
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2_TEMPLATE},
-        "<s>",
-    )
-    return Tokenizer.from_pretrained(path)
+def test_record_the_template_refuses(llama2, tmp_path):
+    twice = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
+    rows = [{"messages": twice}, {"messages": twice[1:]}]  # the second opens with the assistant
+    path = write_jsonl(tmp_path / "x.jsonl", rows * 15)
+    with pytest.raises(
+        UserError, match=r"x\.jsonl:2: chat template refused the conversation: .*must alternate"
+    ):
+        prepare(path, llama2, tmp_path, dedup=False)
+    train, val, report = prepare(path, llama2, tmp_path, dedup=False, skip_bad_records=True)
+    assert report.skipped_bad_records == 15 and len(train) + len(val) == 15
 
 
 def test_skip_bad_records_counts_and_reports(chatml, tmp_path):

@@ -1,4 +1,4 @@
-"""nanoft/distributed.py and nanoft/fsdp_qlora.py: 2 CPU processes (gloo) against one process, on a tiny Llama.
+"""nanoft/distributed.py and nanoft/fsdp_qlora.py: 2 CPU processes (gloo) against one, on a tiny Llama.
 
     python -m pytest tests/test_distributed.py -q
 
@@ -9,20 +9,29 @@ worker in this process, with the per-rank batch doubled (2 ranks x batch b == 1 
 
 import json
 import os
+import random
+import shutil
 import socket
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import dist_worker
+import peft
 import pytest
 import torch
-
-import dist_worker
+import transformers
 from dist_worker import Run
-from nanoft.distributed import Dist, all_reduce_sum, gradient_sync, setup_distributed, wrap_model
+from safetensors.torch import load_file
+
+from lora import load_adapter, save_adapter
+from nanoft.distributed import all_reduce_sum, gradient_sync, setup_distributed, wrap_model
 from nanoft.errors import UserError
 from nanoft.fsdp_qlora import prepare_4bit_linears_for_fsdp
+from nanoft.model import ModelConfig, Transformer
+from nanoft.weights import from_pretrained, save_pretrained
+from quant import QuantConfig, quantize_linears
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"
@@ -35,6 +44,7 @@ DISTRIBUTED_RUNS = [
     Run("fsdp_lora", method="lora", fsdp="full_shard", **EPOCH),
     Run("zero2_offload_lora", method="lora", fsdp="shard_grad_op", cpu_offload=True, **EPOCH),
     Run("fsdp_full", method="full", fsdp="full_shard", **EPOCH),
+    Run("fsdp_checkpointing_lora", method="lora", fsdp="full_shard", activation_checkpointing=True, **EPOCH),
     Run("fsdp_qlora", method="qlora", fsdp="full_shard", **EPOCH),
     Run("fsdp_bf16_lora", method="lora", fsdp="full_shard", mixed_precision="bf16", **EPOCH),
     Run("fsdp_dropout", method="lora", fsdp="full_shard", lora_dropout=0.1, **EPOCH),
@@ -58,7 +68,15 @@ def torchrun(runs: list[Run], out_dir: Path, *launch_args, timeout_s=300, **env)
     """Launch the worker under torchrun (one node, 2 processes unless launch_args say otherwise)."""
     runs_json = write_runs(out_dir, runs)
     launch = list(launch_args) or ["--standalone", f"--nproc-per-node={RANKS}"]
-    command = [sys.executable, "-m", "torch.distributed.run", *launch, str(WORKER), str(runs_json), str(out_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launch,
+        str(WORKER),
+        str(runs_json),
+        str(out_dir),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment(**env))
 
 
@@ -84,7 +102,9 @@ def reference(tmp_path_factory):
 
 
 def assert_same_training(result: dict, expected: dict, atol=1e-5):
-    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(expected["losses"]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(result["losses"]), torch.tensor(expected["losses"]), rtol=1e-6, atol=0
+    )
     assert result["trainable"].keys() == expected["trainable"].keys()
     for name, tensor in expected["trainable"].items():
         torch.testing.assert_close(result["trainable"][name], tensor, rtol=0, atol=atol, msg=name)
@@ -92,8 +112,15 @@ def assert_same_training(result: dict, expected: dict, atol=1e-5):
 
 @pytest.mark.parametrize(
     "name, method",
-    [("ddp_lora", "lora"), ("ddp_full", "full"), ("fsdp_lora", "lora"), ("zero2_offload_lora", "lora"),
-     ("fsdp_full", "full"), ("fsdp_qlora", "qlora")],
+    [
+        ("ddp_lora", "lora"),
+        ("ddp_full", "full"),
+        ("fsdp_lora", "lora"),
+        ("zero2_offload_lora", "lora"),
+        ("fsdp_full", "full"),
+        ("fsdp_checkpointing_lora", "lora"),
+        ("fsdp_qlora", "qlora"),
+    ],
 )
 def test_two_ranks_train_like_one_process_with_twice_the_batch(distributed, reference, name, method):
     assert_same_training(distributed[name], reference[method])
@@ -124,7 +151,9 @@ def test_resume_under_fsdp_is_exact(distributed):
 
 def test_fsdp_qlora_keeps_the_base_4bit_and_sharded(distributed, reference):
     model = dist_worker.build_model(Run("count", method="qlora"), seed=0)
-    quantized_weights = sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "Linear4bit")
+    quantized_weights = sum(
+        m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "Linear4bit"
+    )
     one_process = reference["qlora"]["parameter_bytes"][0]
     per_rank = distributed["fsdp_qlora"]["parameter_bytes"]
     assert one_process[torch.uint8] == quantized_weights // 2  # 4 bits per weight, packed two to a byte
@@ -142,22 +171,23 @@ def test_fsdp_qlora_keeps_the_base_4bit_and_sharded(distributed, reference):
 
 
 def test_adapter_gathered_from_fsdp_loads_with_peft(distributed, tmp_path):
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    from lora import save_adapter
-    from nanoft.weights import save_pretrained
-
-    base = dist_worker.build_model(Run("base", method="full"), seed=0)  # the base the adapters were trained on
+    base = dist_worker.build_model(
+        Run("base", method="full"), seed=0
+    )  # the base the adapters were trained on
     save_pretrained(base.state_dict(), base.config, tmp_path / "base")
     ours = dist_worker.build_model(Run("ours", method="lora"), seed=1)
     missing, unexpected = ours.load_state_dict(distributed["fsdp_lora"]["trainable"], strict=False)
     assert not unexpected and not [name for name in missing if "lora_" in name]
     save_adapter(ours, tmp_path / "adapter")
-    reference_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    reference_model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", dtype=torch.float32
+    )
     reference_model = peft.PeftModel.from_pretrained(reference_model, tmp_path / "adapter").eval()
     input_ids = torch.randint(0, dist_worker.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(input_ids), reference_model(input_ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            ours.eval()(input_ids), reference_model(input_ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_a_crashing_rank_stops_the_job(tmp_path):
@@ -186,10 +216,24 @@ def test_two_nodes_on_localhost_train_like_one_process(tmp_path, reference):
     runs_json = write_runs(tmp_path, [run])
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-             f"--node-rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=nanoft-test",
-             str(WORKER), str(runs_json), str(tmp_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(),
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={node}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                "--rdzv-id=nanoft-test",
+                str(WORKER),
+                str(runs_json),
+                str(tmp_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=environment(),
         )
         for node in range(2)
     ]
@@ -213,10 +257,123 @@ def test_single_process_takes_no_distributed_path(monkeypatch):
 
 
 def test_fsdp_refuses_4bit_bytes_that_mixed_precision_would_cast():
-    from quant import QuantConfig, quantize_linears
-
     model = dist_worker.build_model(Run("bf16_storage", method="full"), seed=0)
     quantize_linears(model, QuantConfig(compute_dtype=torch.float32, quant_storage=torch.bfloat16))
     with pytest.raises(UserError, match="quant_storage"):
         prepare_4bit_linears_for_fsdp(model, mixed_precision=torch.float16)
 
+
+# ---------------------------------------------------------------- train.py under torchrun
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A random 2-layer Llama over conftest's 64-word tokenizer, with train and val data in its words."""
+    path = tmp_path_factory.mktemp("tiny_model")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_tokenizer_dir / file, path / file)
+    config = ModelConfig(
+        **{
+            **asdict(dist_worker.tiny_config()),
+            "vocab_size": 64,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        }
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    save_pretrained(model.state_dict(), config, path)
+    words = random.Random(0)
+    sentence = lambda n: " ".join(f"w{words.randrange(58)}" for _ in range(n))
+    for split, n_records in (("train", 48), ("val", 21)):  # 21: a rank's share of the last val batch is empty
+        records = [{"instruction": sentence(6), "input": "", "output": sentence(5)} for _ in range(n_records)]
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def train_command(model_dir: Path, out_dir: Path, *flags) -> list[str]:
+    return [
+        "train.py",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(model_dir / "train.jsonl"),
+        "--val-data",
+        str(model_dir / "val.jsonl"),
+        "--out",
+        str(out_dir),
+        "--max-steps",
+        "3",
+        "--grad-accum",
+        "2",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--seq-len",
+        "32",
+        "--dtype",
+        "fp32",
+        "--lr",
+        "1e-2",
+        "--lora-dropout",
+        "0",
+        "--no-dedup",
+        *flags,
+    ]
+
+
+def run_train(command: list[str], torchrun: bool):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}"]
+    finished = subprocess.run(
+        (launch if torchrun else [sys.executable]) + command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment(),
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+
+def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_peft(
+    tiny_model_dir, tmp_path
+):
+    fsdp_dir, one_dir = tmp_path / "fsdp", tmp_path / "one"
+    run_train(
+        train_command(tiny_model_dir, fsdp_dir, "--fsdp", "full_shard", "--batch-size", "2"), torchrun=True
+    )
+    run_train(train_command(tiny_model_dir, one_dir, "--batch-size", "4"), torchrun=False)
+
+    fsdp_summary, one_summary = (json.loads((d / "summary.json").read_text()) for d in (fsdp_dir, one_dir))
+    torch.testing.assert_close(
+        torch.tensor(fsdp_summary["val_curve"]), torch.tensor(one_summary["val_curve"]), rtol=1e-6, atol=0
+    )
+    fsdp_adapter, one_adapter = (
+        load_file(d / "adapter" / "adapter_model.safetensors") for d in (fsdp_dir, one_dir)
+    )
+    assert fsdp_adapter.keys() == one_adapter.keys()
+    for name, tensor in one_adapter.items():
+        torch.testing.assert_close(fsdp_adapter[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+    # Resume under FSDP from the step-2 checkpoint: the step-3 checkpoint comes out bit for bit the same.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(fsdp_dir, resumed_dir)
+    step_3 = resumed_dir / "checkpoints" / "step-0000003"
+    shutil.rmtree(step_3)
+    run_train(train_command(tiny_model_dir, resumed_dir, "--resume"), torchrun=True)
+    uninterrupted = load_file(fsdp_dir / "checkpoints" / "step-0000003" / "trainable.safetensors")
+    resumed = load_file(step_3 / "trainable.safetensors")
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+
+    # The adapter rank 0 wrote from the gathered shards is one PEFT loads onto transformers' model.
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(reference, fsdp_dir / "adapter").eval()
+    ours = load_adapter(from_pretrained(tiny_model_dir), fsdp_dir / "adapter").eval()
+    input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids), reference(input_ids).logits, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,6 @@
 """lora.py against the reference: PEFT on the transformers model, both directions, on tiny random models.
 
-    python -m pytest tests/test_lora.py -q
+python -m pytest tests/test_lora.py -q
 """
 
 import json
@@ -96,7 +96,9 @@ def load_transformers(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"]
+)
 @pytest.mark.parametrize("case", ADAPTER_CASES)
 def test_peft_loads_our_adapter_with_same_logits(base_dir, tmp_path, case):
     model = inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
@@ -115,14 +117,18 @@ PEFT_CASES = {
 }
 
 
-@pytest.mark.parametrize("base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"]
+)
 @pytest.mark.parametrize("case", PEFT_CASES)
 def test_we_load_peft_adapter_with_same_logits(base_dir, tmp_path, case):
     options = PEFT_CASES[case]
     tied = load_transformers(base_dir).config.tie_word_embeddings
     if "modules_to_save" in options and tied:
         options = {**options, "ensure_weight_tying": True}
-    reference = get_peft_model(load_transformers(base_dir), LoraConfig(r=4, lora_alpha=16, task_type="CAUSAL_LM", **options))
+    reference = get_peft_model(
+        load_transformers(base_dir), LoraConfig(r=4, lora_alpha=16, task_type="CAUSAL_LM", **options)
+    )
     randomize_trainable(reference)
     reference.save_pretrained(tmp_path / "adapter")
     model = load_adapter(from_pretrained(base_dir), tmp_path / "adapter")
@@ -143,12 +149,21 @@ def test_trained_tied_embeddings_travel_to_peft(base_dir, tmp_path):
 
 
 def test_adapter_config_agrees_with_what_peft_writes(base_dir, tmp_path):
-    cfg = LoRAConfig(r=8, alpha=16, dropout=0.1, use_rslora=True, use_dora=True, modules_to_save=("embed_tokens",))
-    save_adapter(inject_lora(from_pretrained(base_dir), cfg), tmp_path / "ours", base_model_name_or_path=str(base_dir))
+    cfg = LoRAConfig(
+        r=8, alpha=16, dropout=0.1, use_rslora=True, use_dora=True, modules_to_save=("embed_tokens",)
+    )
+    save_adapter(
+        inject_lora(from_pretrained(base_dir), cfg), tmp_path / "ours", base_model_name_or_path=str(base_dir)
+    )
     options = dict(r=8, lora_alpha=16, lora_dropout=0.1, use_rslora=True, use_dora=True)
     reference = get_peft_model(
         load_transformers(base_dir),
-        LoraConfig(**options, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"], task_type="CAUSAL_LM"),
+        LoraConfig(
+            **options,
+            target_modules=["q_proj", "v_proj"],
+            modules_to_save=["embed_tokens"],
+            task_type="CAUSAL_LM",
+        ),
     )
     reference.peft_config["default"].base_model_name_or_path = str(base_dir)
     reference.save_pretrained(tmp_path / "peft")
@@ -162,7 +177,9 @@ def test_adapter_config_agrees_with_what_peft_writes(base_dir, tmp_path):
             assert all(a.get_tensor(k).shape == b.get_tensor(k).shape for k in a.keys())
 
 
-@pytest.mark.parametrize("base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"]
+)
 @pytest.mark.parametrize("case", ["lora", "dora-all-linear"])
 def test_merged_export_loads_in_transformers_with_same_logits(base_dir, tmp_path, case):
     model = inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
@@ -185,11 +202,17 @@ def test_merge_then_unmerge_restores_weights_and_merging_keeps_logits(base_dir, 
     unmerged_logits = our_logits(model)
     merge_lora(merge_lora(model))  # idempotent: a second merge adds nothing
     assert (our_logits(model) - unmerged_logits).abs().max() < TOLERANCE
-    assert not torch.equal(base_state_dict(model)["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        base_state_dict(model)["model.layers.0.self_attn.q_proj.weight"],
+        before["model.layers.0.self_attn.q_proj.weight"],
+    )
     unmerge_lora(unmerge_lora(model))
     for name, tensor in base_state_dict(model).items():
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=1e-6)
-    assert torch.equal(our_logits(model), unmerged_logits) or (our_logits(model) - unmerged_logits).abs().max() < 1e-5
+    assert (
+        torch.equal(our_logits(model), unmerged_logits)
+        or (our_logits(model) - unmerged_logits).abs().max() < 1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -204,7 +227,9 @@ def test_step_zero_equals_base_model_exactly(base_dir, dtype, case):
 @pytest.mark.parametrize("base_dir", [("qwen2", True)], indirect=True)
 @pytest.mark.parametrize("case", ["lora", "dora-all-linear"])
 def test_only_adapters_train_and_base_weights_stay_bit_identical(base_dir, case):
-    model = inject_lora(from_pretrained(base_dir, dtype=torch.bfloat16), LoRAConfig(r=4, **ADAPTER_CASES[case]))
+    model = inject_lora(
+        from_pretrained(base_dir, dtype=torch.bfloat16), LoRAConfig(r=4, **ADAPTER_CASES[case])
+    )
     base_before = {name: t.clone() for name, t in base_state_dict(model).items()}
     adapters_before = {name: t.clone() for name, t in lora_state_dict(model).items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -213,7 +238,9 @@ def test_only_adapters_train_and_base_weights_stay_bit_identical(base_dir, case)
         loss_sum, n_targets = model.train()(ids, targets=ids.roll(-1, dims=1))
         (loss_sum / n_targets).backward()
         for name, param in model.named_parameters():
-            assert (param.grad is not None) == any(k in name for k in ("lora_A", "lora_B", "lora_magnitude")), name
+            assert (param.grad is not None) == any(
+                k in name for k in ("lora_A", "lora_B", "lora_magnitude")
+            ), name
         optimizer.step()
         optimizer.zero_grad()
     assert all(torch.equal(t, base_before[name]) for name, t in base_state_dict(model).items())
@@ -224,14 +251,18 @@ def test_only_adapters_train_and_base_weights_stay_bit_identical(base_dir, case)
 def test_prints_trainable_parameters_like_peft(base_dir, capsys):
     inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, use_dora=True))
     ours = capsys.readouterr().out.strip()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"
+    )
     get_peft_model(load_transformers(base_dir), config).print_trainable_parameters()
     assert ours == capsys.readouterr().out.strip()
     assert ours.startswith("trainable params: ")
 
 
 def test_unknown_target_lists_the_names_that_exist(base_dir):
-    with pytest.raises(UserError, match=r"\['qkv_proj'\].*down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"):
+    with pytest.raises(
+        UserError, match=r"\['qkv_proj'\].*down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    ):
         inject_lora(from_pretrained(base_dir), LoRAConfig(targets="q_proj,qkv_proj"))
     with pytest.raises(UserError, match="lm_head"):  # lm_head is never a LoRA target
         inject_lora(from_pretrained(base_dir), LoRAConfig(targets=("lm_head",)))
@@ -256,7 +287,9 @@ def test_load_adapter_errors_are_clear(base_dir, tmp_path):
     (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn"]}))
     with pytest.raises(UserError, match=r"\['c_attn'\] are not linear layers"):
         load_adapter(from_pretrained(base_dir), tmp_path / "r4")
-    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "v_proj", "k_proj"]}))
+    (tmp_path / "r4" / "adapter_config.json").write_text(
+        json.dumps({**config, "target_modules": ["q_proj", "v_proj", "k_proj"]})
+    )
     with pytest.raises(UserError, match="lacks 4 adapter tensors"):
         load_adapter(from_pretrained(base_dir), tmp_path / "r4")
 
@@ -293,13 +326,19 @@ def test_quantized_base_trains_and_merging_dequantizes(base_dir, tmp_path, quant
     ids = input_ids()
     loss_sum, _ = model(ids, targets=ids)
     loss_sum.backward()
-    assert model.model.layers[0].self_attn.q_proj.lora_A.weight.grad is not None  # reached through 4-bit layers
+    assert (
+        model.model.layers[0].self_attn.q_proj.lora_A.weight.grad is not None
+    )  # reached through 4-bit layers
     unmerged = our_logits(model)
     export_merged(model, model.config, base_dir, tmp_path / "merged", dtype=torch.float32)
     assert type(model.model.layers[0].self_attn.q_proj.base_layer) is torch.nn.Linear
-    assert type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear  # no adapter, dequantized for export
+    assert (
+        type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear
+    )  # no adapter, dequantized for export
     merged = our_logits(model)
-    assert (merged - unmerged).abs().max() < 1e-2 * unmerged.abs().max()  # bitsandbytes' CPU kernel runs in bf16
+    assert (
+        merged - unmerged
+    ).abs().max() < 1e-2 * unmerged.abs().max()  # bitsandbytes' CPU kernel runs in bf16
     assert (hf_logits(load_transformers(tmp_path / "merged")) - merged).abs().max() < TOLERANCE
     with pytest.raises(UserError, match="cannot unmerge"):
         unmerge_lora(model)

@@ -1,0 +1,115 @@
+"""Cross-entropy over a 49,152-word vocabulary: nanoft's chunked loss against F.cross_entropy on full fp32 logits.
+
+    python bench/loss_vocab.py                                   # 4x256 and 1x2048 tokens, bf16 and fp32
+    python bench/loss_vocab.py --shapes 4x256 --dtypes bf16 --repeats 10
+
+Both sides start from the final hidden states (tokens x 576, SmolLM2's width) and the tied embedding matrix
+(49,152 x 576) in --dtype, and run forward + backward to the hidden states; with --weight-grad also to the
+matrix (a full fine-tune or a tied, trained embedding; LoRA never needs it). The reference is what
+transformers does: logits = hidden @ W^T in --dtype, cast to fp32, F.cross_entropy. Every position has a
+target. Each measurement runs in its own subprocess: time = the median of --repeats after one warm-up run;
+memory = that process's peak RSS during the timed runs minus its RSS just before them (the inputs excluded).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nanoft.loss import chunked_cross_entropy  # noqa: E402
+
+VOCAB, HIDDEN = 49152, 576
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def reference_loss(hidden, weight, targets):
+    logits = (hidden @ weight.t()).float()  # (N, V): the full fp32 logits
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def nanoft_loss(hidden, weight, targets):
+    return chunked_cross_entropy(hidden[None], weight, targets[None])[0]
+
+
+def rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(side: str, tokens: int, dtype: torch.dtype, weight_grad: bool, repeats: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, HIDDEN, generator=generator).to(dtype).requires_grad_()
+    weight = (torch.randn(VOCAB, HIDDEN, generator=generator) * 0.02).to(dtype).requires_grad_(weight_grad)
+    targets = torch.randint(0, VOCAB, (tokens,), generator=generator)
+    loss_fn = nanoft_loss if side == "nanoft" else reference_loss
+
+    def run():
+        hidden.grad = weight.grad = None
+        loss = loss_fn(hidden, weight, targets)
+        loss.backward()
+        return loss.item()
+
+    loss = run()
+    rss_before = rss_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from the current RSS
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    return {"seconds": statistics.median(seconds), "extra_peak_bytes": rss_bytes("VmHWM") - rss_before, "loss": loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["4x256", "1x2048"], help="batch x sequence length")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--weight-grad", action="store_true", help="also the gradient of the vocabulary matrix")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--worker", nargs=3, metavar=("SIDE", "TOKENS", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        side, tokens, dtype = args.worker
+        print(json.dumps(measure(side, int(tokens), DTYPES[dtype], args.weight_grad, args.repeats)))
+        return
+
+    print(f"forward + backward to the hidden states{' and the matrix' if args.weight_grad else ''}, vocab {VOCAB}")
+    print("| tokens | dtype | F.cross_entropy ms | nanoft ms | speed | F.cross_entropy MB | nanoft MB | memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    results = []
+    for dtype in args.dtypes:
+        for shape in args.shapes:
+            batch, seq_len = map(int, shape.split("x"))
+            row = {"shape": shape, "dtype": dtype}
+            for side in ("reference", "nanoft"):  # one process each, one after the other
+                command = [sys.executable, __file__, "--worker", side, str(batch * seq_len), dtype]
+                command += ["--repeats", str(args.repeats)] + (["--weight-grad"] if args.weight_grad else [])
+                row[side] = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+            ours, theirs = row["nanoft"], row["reference"]
+            print(
+                f"| {shape} | {dtype} | {1e3 * theirs['seconds']:.0f} | {1e3 * ours['seconds']:.0f} | "
+                f"**{theirs['seconds'] / ours['seconds']:.2f}x** | {theirs['extra_peak_bytes'] / 2**20:.0f} | "
+                f"{ours['extra_peak_bytes'] / 2**20:.0f} | "
+                f"**{ours['extra_peak_bytes'] / max(theirs['extra_peak_bytes'], 1):.2f}x** |",
+                flush=True,
+            )
+            results.append(row)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"weight_grad": args.weight_grad, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
