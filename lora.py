@@ -6,16 +6,16 @@
     model = load_adapter(from_pretrained(path), "out/adapter")
     export_merged(model, model.config, path, "out/merged")             # a plain Hugging Face model directory
 
-A linear layer y = W x + b (W: out x in) gets a low-rank update: y = W x + b + scale * B A dropout(x), with A (r x in)
-and B (out x r). A starts Kaiming-uniform and B at zero, so step 0 is exactly the base model and the first
-gradient still reaches B (if both were zero, neither would ever move). scale = alpha / r keeps the update's size
-independent of r for a fixed alpha; rsLoRA's alpha / sqrt(r) keeps it from vanishing at large r.
-DoRA (arxiv.org/abs/2402.09353) also learns the length of each output row: W' = m * (W + scale B A) / ||W + scale B A||.
+A linear layer y = W x + b (W: out x in) gets a low-rank update, y = W x + b + scale * B A dropout(x), with
+A (r x in) and B (out x r). A starts Kaiming-uniform and B at zero: step 0 is exactly the base model, and the
+first gradient still reaches B (were both zero, neither would ever move). scale = alpha / r keeps the update's
+size independent of r at a fixed alpha; rsLoRA's alpha / sqrt(r) keeps it from fading at large r. DoRA
+(arxiv.org/abs/2402.09353) also learns each output row's length: W' = m * (W + scale B A) / ||W + scale B A||.
 
 Names. The wrapper keeps the original layer as `base_layer` (PEFT's in-memory name) and the adapters as
-`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`, PEFT's on-disk names. So adapter keys on disk are ours
-prefixed with `base_model.model.` (`lora_state_dict`), and Hugging Face names of the base are ours with
-`.base_layer` removed (`base_state_dict`); no renaming tables, no state-dict hooks.
+`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector` (PEFT's on-disk names). So the adapter keys on disk
+are ours prefixed with `base_model.model.` (`lora_state_dict`), and the base's Hugging Face names are ours
+without `.base_layer` (`base_state_dict`): no renaming tables, no state-dict hooks.
 """
 
 import json
@@ -42,10 +42,7 @@ class LoRAConfig:
     r: int = 16  # rank of the update B A
     alpha: float = 32  # the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.05  # dropout on the adapter's input only; the base path never sees it
-    targets: tuple[str, ...] | str = (
-        "q_proj",
-        "v_proj",
-    )  # layer names in the decoder blocks, or "all-linear"
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj")  # layer names in the blocks, or "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()  # modules trained in full, e.g. ("embed_tokens",) for new tokens
@@ -55,7 +52,7 @@ class LoRAConfig:
             self.targets = tuple(name.strip() for name in self.targets.split(",") if name.strip())
         if not self.targets:
             raise UserError("LoRA targets are empty; give layer names like q_proj,v_proj or all-linear")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or self.r <= 0:
             raise UserError(f"LoRA rank r={self.r} must be a positive integer (e.g. 16)")
         if self.alpha <= 0:
             raise UserError(f"LoRA alpha={self.alpha} must be positive (e.g. 2 * r)")
@@ -65,17 +62,16 @@ class LoRAConfig:
 
 
 def dense_weight(layer: nn.Linear) -> torch.Tensor:
-    """The (out, in) weight of a linear layer as floats; bitsandbytes 4-bit and 8-bit weights are dequantized."""
+    """The (out, in) weight of a linear layer as floats; bitsandbytes 4-bit and 8-bit ones dequantized."""
     weight = layer.weight
     if type(weight).__name__ == "Params4bit":
         import bitsandbytes.functional as bnb
 
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # After an eval forward on a CPU with AVX512-BF16, bitsandbytes repacks the weight for its inference
-            # kernel; undo that (as its own state_dict saving does) so dequantize_4bit reads the usual layout.
-            weight.data, weight.quant_state = bnb._convert_weight_packed_for_cpu_inverse(
-                weight.data, weight.quant_state
-            )
+            # After an eval forward on a CPU with AVX512-BF16, bitsandbytes repacks the weight for its
+            # inference kernel; undo that (as its state_dict saving does) so dequantize_4bit reads it right.
+            unpacked = bnb._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            weight.data, weight.quant_state = unpacked
         return bnb.dequantize_4bit(weight.data, weight.quant_state)
     if type(weight).__name__ == "Int8Params":
         import bitsandbytes.functional as bnb
@@ -90,7 +86,7 @@ def is_quantized(layer: nn.Module) -> bool:
 
 
 class LoRALinear(nn.Module):
-    """Wraps a linear layer (nn.Linear or a bitsandbytes one, whose weight is used as is) with a LoRA update."""
+    """A linear layer (nn.Linear, or a bitsandbytes one used as is, never copied) plus a LoRA update."""
 
     def __init__(
         self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora=False, use_dora=False
@@ -98,7 +94,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         device = base_layer.weight.device
-        # Adapters live in fp32 even on a bf16 base: they are what the optimizer updates, and bf16 loses small steps.
+        # fp32 adapters even on a bf16 base: the optimizer updates them, and bf16 would round small steps off.
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
@@ -112,7 +108,7 @@ class LoRALinear(nn.Module):
         self.dequantized_by_merge = False
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W + scale B A|| of each output row. Detached: the DoRA paper (sec. 4.3) treats it as a constant."""
+        """||W + scale B A|| per output row, detached: the DoRA paper (sec. 4.3) treats it as a constant."""
         with torch.no_grad():
             delta = self.lora_B.weight @ self.lora_A.weight  # (out, in)
             return torch.linalg.norm(weight + self.scale * delta.to(weight.dtype), dim=1)
@@ -121,12 +117,12 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)  # (..., out), in the base's compute dtype
         if self.merged:
             return result
-        # The fp32 adapters are cast to x's dtype (what autocast does) rather than x up to fp32 (what PEFT does):
-        # casting two r-row matrices is cheaper than casting (..., in) activations and their gradients, and
-        # bench/lora_linear.py measured it faster on CPU in bf16. The scale multiplies the small (..., r) tensor.
+        # The fp32 adapters are cast to x's dtype, as autocast would, not x up to fp32 as PEFT does: the
+        # update is rounded to x's dtype when added anyway, and casting two r-row matrices costs less than
+        # casting (..., in) activations and their gradients (bench/lora_linear.py: faster than PEFT in bf16).
         lora_A, lora_B = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
         x = self.dropout(x)
-        update = F.linear(F.linear(x, lora_A) * self.scale, lora_B)  # (..., out)
+        update = F.linear(F.linear(x, lora_A) * self.scale, lora_B)  # scale (..., r), cheaper than (..., out)
         if self.use_dora:
             # m / ||W + scale B A|| (W + scale B A) x, written as a correction on top of the base output.
             weight = dense_weight(self.base_layer).float()
@@ -141,7 +137,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold the update into the base weight (so inference costs nothing extra). A 4/8-bit base is dequantized."""
+        """Fold the update into the base weight: inference at the base's cost. Dequantizes a 4/8-bit base."""
         if self.merged:
             return
         weight = dense_weight(self.base_layer).float()
@@ -161,9 +157,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         if self.dequantized_by_merge:
-            raise UserError(
-                "cannot unmerge LoRA from a quantized base: merging dequantized it; reload the model"
-            )
+            raise UserError("cannot unmerge LoRA from a quantized base: merging dequantized it; reload it")
         weight = self.base_layer.weight.float()
         if self.use_dora:
             weight = weight / (self.lora_magnitude_vector / self.norm_at_merge)[:, None]
@@ -193,28 +187,20 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UserError("the model already has LoRA adapters; inject or load only once")
     # isinstance(nn.Linear) also finds bitsandbytes Linear4bit / Linear8bitLt: they subclass it.
-    linears = [
-        (f"model.layers.{n}", m) for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)
-    ]
+    blocks = model.model.layers.named_modules(prefix="model.layers")
+    linears = [(name, m) for name, m in blocks if isinstance(m, nn.Linear)]
     targets = () if cfg.targets == "all-linear" else cfg.targets
     if unknown := [target for target in targets if not any(matches(name, [target]) for name, _ in linears)]:
         existing = sorted({name.rpartition(".")[2] for name, _ in linears})
         raise UserError(
-            f"LoRA targets {unknown} are not linear layers of the decoder blocks; they have: {', '.join(existing)}"
+            f"LoRA targets {unknown} are not linear layers of the decoder blocks: {', '.join(existing)}"
         )
     targeted = {id(m) for name, m in linears if not targets or matches(name, targets)}
-    saved = [
-        m for name, m in model.named_modules() if cfg.modules_to_save and matches(name, cfg.modules_to_save)
-    ]
-    if missing := [
-        n for n in cfg.modules_to_save if not any(matches(name, [n]) for name, _ in model.named_modules())
-    ]:
-        names = sorted(
-            {name.rpartition(".")[2] for name, _ in model.named_modules() if name and not name[-1].isdigit()}
-        )
-        raise UserError(
-            f"modules_to_save {missing} are not in the model; its module names are: {', '.join(names)}"
-        )
+    modules = dict(model.named_modules())
+    saved = [m for name, m in modules.items() if cfg.modules_to_save and matches(name, cfg.modules_to_save)]
+    if missing := [n for n in cfg.modules_to_save if not any(matches(name, [n]) for name in modules)]:
+        names = sorted({name.rpartition(".")[2] for name in modules if name and not name[-1].isdigit()})
+        raise UserError(f"modules_to_save {missing} are not in the model; its modules: {', '.join(names)}")
     if any(id(inner) in targeted for module in saved for inner in module.modules()):
         raise UserError("modules_to_save must not hold LoRA targets; name whole layers such as embed_tokens")
     model.requires_grad_(False)
@@ -223,28 +209,22 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             parent, _, child = name.rpartition(".")
             wrapped = LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
             setattr(model.get_submodule(parent), child, wrapped)
-    for module in saved:
-        module.requires_grad_(
-            True
-        )  # trained in place: on a tied model embed_tokens and lm_head move together
+    for module in saved:  # trained in place: on a tied model, embed_tokens and lm_head move together
+        module.requires_grad_(True)
     model.lora_config = cfg  # save_adapter writes it
     trainable, total = count_parameters(model)
-    print(
-        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-    )
+    percent = 100 * trainable / total
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
     return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) as PEFT counts them: a 4-bit Params4bit stores 2 weights per byte of its storage.
-    Unlike PEFT, modules_to_save are trained in place rather than copied, so "all" has no second copy."""
+    """(trainable, all) as PEFT counts them: a Params4bit holds 2 weights per byte of storage. PEFT copies
+    modules_to_save and counts the copy too; we train them in place, so "all" is smaller by that much."""
     trainable = total = 0
     for param in model.parameters():  # shared (tied) tensors are listed once
-        n = (
-            param.numel() * 2 * param.element_size()
-            if type(param).__name__ == "Params4bit"
-            else param.numel()
-        )
+        is_4bit = type(param).__name__ == "Params4bit"
+        n = param.numel() * 2 * param.element_size() if is_4bit else param.numel()
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total
@@ -285,50 +265,46 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapter(
-    model: nn.Module, path, base_model_name_or_path: str = "", tensors: dict | None = None
-) -> None:
-    """adapter_config.json + adapter_model.safetensors, as peft 0.21 writes them.
+def save_adapter(model: nn.Module, path, base_model_name_or_path="", tensors: dict | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors, as peft 0.21 writes them (PEFT and vLLM load them).
 
-    tensors: the trainable tensors under the model's own names when the model does not hold them whole (under
+    tensors: the trainable tensors under the model's own names, when the model does not hold them whole (under
     FSDP, distributed.full_state_dict gathers them); by default the model's own (lora_state_dict)."""
-    cfg = model.lora_config
-    path = Path(path)
+    cfg, path = model.lora_config, Path(path)
     path.mkdir(parents=True, exist_ok=True)
     wrapped = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     targets = sorted({name.rpartition(".")[2] for name in wrapped})
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear)}
     if {name for name in linears if matches(name, targets)} != wrapped:
         targets = sorted(wrapped)  # adapters on only some layers of a kind: list those by full name
-    tied_trained = model.config.tie_word_embeddings and model.lm_head.weight.requires_grad
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or None,
+        "base_model_name_or_path": base_model_name_or_path,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
         "target_modules": targets,
-        "bias": "none",
-        "lora_bias": False,
         "use_rslora": cfg.use_rslora,
         "use_dora": cfg.use_dora,
         "modules_to_save": list(cfg.modules_to_save) or None,
-        "ensure_weight_tying": tied_trained,  # so PEFT keeps a trained embed_tokens tied to lm_head, like ours
+        # Keeps a trained embed_tokens tied to lm_head in PEFT, as it is here (the file then holds both).
+        "ensure_weight_tying": model.config.tie_word_embeddings and model.lm_head.weight.requires_grad,
+        "bias": "none",
+        "lora_bias": False,
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
     }
-    # clone: safetensors refuses tensors that share memory (a tied embed_tokens / lm_head pair).
     state = lora_state_dict(model) if tensors is None else {PEFT_PREFIX + n: t for n, t in tensors.items()}
+    # clone: safetensors refuses tensors that share memory (a tied embed_tokens / lm_head pair).
     tensors = {name: t.to("cpu").clone().contiguous() for name, t in state.items()}
-    write_atomically(
-        path / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(peft_config, indent=2))
-    )
+    config_json = json.dumps(peft_config, indent=2)
+    write_atomically(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(config_json))
     write_atomically(
         path / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"})
     )
@@ -336,59 +312,54 @@ def save_adapter(
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Inject LoRA as an adapter directory (ours or PEFT's) describes it, then load its tensors."""
-    path = Path(path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    config_file, weights_file = Path(path) / "adapter_config.json", Path(path) / "adapter_model.safetensors"
     for file in (config_file, weights_file):
         if not file.is_file():
-            raise UserError(
-                f"{file}: not found; an adapter directory has adapter_config.json and adapter_model.safetensors"
-            )
+            raise UserError(f"{file}: not found; give a directory saved by save_adapter or PEFT")
     try:
         peft_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"{config_file}: not valid JSON ({error})") from None
-    unsupported = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
-    unsupported |= {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
-    for key, supported in unsupported.items():
-        if peft_config.get(key, supported) not in (supported, None):
-            raise UserError(
-                f"{config_file}: {key}={peft_config[key]!r} is not supported (nanoft needs {supported!r})"
-            )
+    supported = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
+    supported |= {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
+    for key, value in supported.items():
+        if peft_config.get(key, value) not in (value, None):
+            raise UserError(f"{config_file}: {key}={peft_config[key]!r} is not supported, only {value!r}")
     targets = peft_config["target_modules"]
     if isinstance(targets, str) and targets != "all-linear":
         raise UserError(
-            f"{config_file}: target_modules as a regex ({targets!r}) is not supported; list the names"
+            f"{config_file}: target_modules as a regex ({targets!r}) is not supported; list names"
         )
+    get = peft_config.get
     cfg = LoRAConfig(
-        r=peft_config["r"],
-        alpha=peft_config["lora_alpha"],
-        dropout=peft_config.get("lora_dropout", 0.0),
+        r=get("r"),
+        alpha=get("lora_alpha"),
+        dropout=get("lora_dropout", 0.0),
         targets=targets if isinstance(targets, str) else tuple(targets),
-        use_rslora=peft_config.get("use_rslora", False),
-        use_dora=peft_config.get("use_dora", False),
-        modules_to_save=tuple(dict.fromkeys(peft_config.get("modules_to_save") or ())),
+        use_rslora=get("use_rslora", False),
+        use_dora=get("use_dora", False),
+        modules_to_save=tuple(dict.fromkeys(get("modules_to_save") or ())),
     )
     inject_lora(model, cfg)
-    ours = model.state_dict(keep_vars=True)
-    loaded = set()
+    ours, loaded = model.state_dict(keep_vars=True), set()
     with torch.no_grad(), safe_open(weights_file, framework="pt") as adapter:
         for key in adapter.keys():
-            # PEFT's in-memory names also work: `.default` (the adapter's name) and the modules_to_save copy.
+            # PEFT's in-memory names work too: `.default` (the adapter's name), the modules_to_save copy.
             name = re.sub(r"\.(modules_to_save\.)?default(?=\.|$)", "", key.removeprefix(PEFT_PREFIX))
             name = name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
             if name not in ours or not ours[name].requires_grad:
                 raise UserError(f"{weights_file}: tensor '{key}' matches nothing trainable in this model")
-            tensor = adapter.get_tensor(key)
-            if tensor.shape != ours[name].shape:
+            tensor, target = adapter.get_tensor(key), ours[name]
+            if tensor.shape != target.shape:
                 raise UserError(
                     f"{weights_file}: '{key}' has shape {tuple(tensor.shape)}, this model needs "
-                    f"{tuple(ours[name].shape)}; was the adapter trained on another base model?"
+                    f"{tuple(target.shape)}; was the adapter trained on another base model?"
                 )
-            ours[name].copy_(tensor)
-            loaded.add(id(ours[name]))
+            target.copy_(tensor)
+            loaded.add(id(target))
     if missing := [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in loaded]:
         raise UserError(
-            f"{weights_file}: lacks {len(missing)} adapter tensors, e.g. '{PEFT_PREFIX + missing[0]}'"
+            f"{weights_file}: lacks {len(missing)} adapter tensors, e.g. '{PEFT_PREFIX}{missing[0]}'"
         )
     return model
 

@@ -459,6 +459,7 @@ def main(argv=None):
             stop_reason = "signal"
 
     # ---------------------------------------------------------------- final report
+    signals.restore()
     if stop_reason == "signal":
         monitor.close()
         print0(

@@ -1,13 +1,13 @@
-"""LoRA linear layer forward + backward: nanoft's LoRALinear against PEFT's lora.Linear on the same base layer.
+"""LoRA linear layer forward + backward: nanoft's LoRALinear against PEFT's lora.Linear on one base layer.
 
     python bench/lora_linear.py                        # CPU (and CUDA when present), bf16 and fp32, ~1-2 min
     python bench/lora_linear.py --repeats 30 --json runs/lora_linear.json
 
-Shapes: SmolLM2-135M's q_proj (576 x 576) and a 7B model's (4096 x 4096), x of 4 x 256 tokens. r=16, alpha=32,
-dropout 0.05, training mode, frozen base, fp32 adapters (PEFT's get_peft_model upcasts them the same way), x
-requiring grad as it does inside a network. Each repeat runs ours and PEFT's back to back, in alternating order,
-so load from other processes hits both alike; the table shows medians and speed = PEFT time / our time
-(above 1: ours is faster).
+Shapes: SmolLM2-135M's q_proj (576 x 576) and a 7B model's (4096 x 4096), x of 4 x 256 tokens. r=16,
+alpha=32, dropout 0.05, training mode, frozen base, fp32 adapters (PEFT's get_peft_model upcasts them the same
+way), x requiring grad as it does inside a network. Each repeat runs ours and PEFT's back to back, in
+alternating order, so load from other processes hits both alike; the table shows medians and
+speed = PEFT time / our time (above 1: ours is faster).
 """
 
 import argparse
@@ -117,11 +117,8 @@ def main():
                 row = {"device": device.type, "dtype": str(dtype).removeprefix("torch."), "shape": shape}
                 row |= measure(width, dtype, device, args.repeats)
                 results.append(row)
-                print(
-                    f"{row['device']:6} {row['dtype']:8} {shape:18} {row['ours_ms']:9.2f} {row['peft_ms']:9.2f} "
-                    f"{row['speed_ours_over_peft']:16.2f}",
-                    flush=True,
-                )
+                times = f"{row['ours_ms']:9.2f} {row['peft_ms']:9.2f} {row['speed_ours_over_peft']:16.2f}"
+                print(f"{row['device']:6} {row['dtype']:8} {shape:18} {times}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         environment = {

@@ -174,8 +174,12 @@ class StopSignals:
 
     def __init__(self):
         self.number = None
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        """Give the signals back to whoever handled them before (Python's KeyboardInterrupt, pytest ...)."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
     def handle(self, number, frame):
         if self.number is not None:

@@ -28,7 +28,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from nanoft.errors import UserError
@@ -157,7 +163,8 @@ def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_pre
 
 
 def is_fsdp(model) -> bool:
-    return hasattr(model, "set_requires_gradient_sync")  # what fully_shard adds to the module's class
+    """True for a model wrap_model sharded: its forward is then a collective every rank must join."""
+    return isinstance(model, FSDPModule)
 
 
 @contextmanager

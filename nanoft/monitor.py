@@ -49,12 +49,21 @@ class Monitor:
         keep_metrics_until(self.metrics_path, start_step)  # a resumed run redoes what came after its checkpoint
         # purge_step hides events a crashed run logged after the checkpoint we resume from.
         self.writer = SummaryWriter(run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        # A live bar in a terminal; in a log file (not a TTY) a plain line every 5% of the run instead.
+        self.live = sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.live)
+        self.log_every = max(1, total_steps // 20)
+        self.started, self.start_step, self.total_steps = time.perf_counter(), start_step, total_steps
         self.last_eval, self.warned_flat = None, False  # for the overfitting and flat-loss warnings
 
     def log_step(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        if not self.live and (step % self.log_every == 0 or step == self.total_steps):
+            seconds = time.perf_counter() - self.started
+            eta = seconds / (step - self.start_step) * (self.total_steps - step)
+            self.print(f"step {step}/{self.total_steps}: loss {metrics['loss']:.4f}, lr {metrics['lr']:.2e}, "
+                       f"{metrics['tokens_per_s']:.0f} tokens/s, {seconds / 60:.1f} min, ETA {eta / 60:.1f} min")
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(
             loss=f"{metrics['loss']:.4f}",
@@ -119,7 +128,7 @@ class Monitor:
 
     def print(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text, file=sys.stderr if self.live else sys.stdout)
 
     def append_metrics(self, row: dict) -> None:
         with open(self.metrics_path, "a") as file:
@@ -200,7 +209,9 @@ def flops_per_token(model, context: int) -> float:
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large matrix multiply in `dtype` on `device`, best of a few: the denominator of MFU."""
     n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)  # not the global one: training's random stream stays put
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     best = float("inf")
     for _ in range(4):
         synchronize(device)

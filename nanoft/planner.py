@@ -47,6 +47,10 @@ DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}
 # 256 absmax values. Without double quantization the absmax is fp32: 0.5 + 4/64.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}  # m and v: fp32 or 8-bit
+# Buffers the kernels keep between steps once they have run: on CPU, SDPA's per-thread blocks and oneDNN's
+# matmul scratch (measured ~25 MiB after one forward and backward of the 34M model in bench/); on CUDA the
+# cuBLAS workspaces, which come from the same caching allocator as tensors.
+RUNTIME_WORKSPACE = 32 * 2**20
 
 
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -249,11 +253,12 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
     activations_checkpointed = activation_bytes(config, shape, checkpointing=True)
     activations = activations_checkpointed if shape.activation_checkpointing else activations_full
 
-    # One chunk of logits at a time (nanoft/loss.py): the compute-dtype matmul output with its fp32 copy, then
-    # the fp32 softmax with its compute-dtype cast. A trained lm_head adds its fp32 gradient, built in the
-    # forward, and the compute-dtype + fp32 copies of each chunk's contribution to it.
+    # One chunk of logits at a time (nanoft/loss.py), in fp32, while logsumexp holds an fp32 temporary of the
+    # same size (exp(logits - max)): 8 bytes per logit at the peak (measured; the compute-dtype matmul output
+    # and the softmax's cast back add less). A trained lm_head adds its fp32 gradient, built in the forward,
+    # and the compute-dtype + fp32 copies of each chunk's contribution to it.
     chunk_logits = min(tokens, max(1, LOGITS_PER_CHUNK // config.vocab_size)) * config.vocab_size
-    logits_loss = chunk_logits * (4 + c if c < 4 else 4)
+    logits_loss = 8 * chunk_logits
     if shape.method == "full":
         lm_head = params.lm_head or params.embedding
         logits_loss += 4 * lm_head + (c + 4 if c < 4 else 4) * lm_head

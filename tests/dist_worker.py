@@ -59,12 +59,14 @@ class Run:
     steps: int = 3
     lora_dropout: float = 0.0
     activation_checkpointing: bool = False
+    tie_word_embeddings: bool = False  # as SmolLM2 and small Qwen2: lm_head is the embedding matrix
     resume_at: int = 0  # >0: stop after this many steps, save, rebuild everything, load, finish
     crash: str = ""  # "raise": rank 1 raises; "hang": rank 1 never reaches the first collective
 
 
-def tiny_config() -> ModelConfig:
+def tiny_config(tie_word_embeddings=False) -> ModelConfig:
     return ModelConfig(
+        tie_word_embeddings=tie_word_embeddings,
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -99,7 +101,7 @@ def tiny_examples() -> TokenizedExamples:
 def build_model(run: Run, seed: int) -> Transformer:
     """The tiny model; `seed` draws what will be trained (the base of a full fine-tune, else the adapters)."""
     torch.manual_seed(seed if run.method == "full" else 0)
-    model = Transformer(tiny_config())
+    model = Transformer(tiny_config(run.tie_word_embeddings))
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.1)
     if run.method == "qlora":

@@ -9,7 +9,6 @@ worker in this process, with the per-rank batch doubled (2 ranks x batch b == 1 
 
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -24,12 +23,12 @@ import torch
 import transformers
 from dist_worker import Run
 from safetensors.torch import load_file
+from test_train import save_tiny_model, write_data
 
 from lora import load_adapter, save_adapter
 from nanoft.distributed import all_reduce_sum, gradient_sync, setup_distributed, wrap_model
 from nanoft.errors import UserError
 from nanoft.fsdp_qlora import prepare_4bit_linears_for_fsdp
-from nanoft.model import ModelConfig, Transformer
 from nanoft.weights import from_pretrained, save_pretrained
 from quant import QuantConfig, quantize_linears
 
@@ -44,6 +43,7 @@ DISTRIBUTED_RUNS = [
     Run("fsdp_lora", method="lora", fsdp="full_shard", **EPOCH),
     Run("zero2_offload_lora", method="lora", fsdp="shard_grad_op", cpu_offload=True, **EPOCH),
     Run("fsdp_full", method="full", fsdp="full_shard", **EPOCH),
+    Run("fsdp_full_tied", method="full", fsdp="full_shard", tie_word_embeddings=True, **EPOCH),
     Run("fsdp_checkpointing_lora", method="lora", fsdp="full_shard", activation_checkpointing=True, **EPOCH),
     Run("fsdp_qlora", method="qlora", fsdp="full_shard", **EPOCH),
     Run("fsdp_bf16_lora", method="lora", fsdp="full_shard", mixed_precision="bf16", **EPOCH),
@@ -51,7 +51,9 @@ DISTRIBUTED_RUNS = [
     Run("fsdp_dropout_resumed", method="lora", fsdp="full_shard", lora_dropout=0.1, resume_at=2, **EPOCH),
 ]
 ONE_PROCESS = dict(EPOCH, batch_size=RANKS * EPOCH["batch_size"])
-REFERENCE_RUNS = [Run(method, method=method, **ONE_PROCESS) for method in ("lora", "full", "qlora")]
+REFERENCE_RUNS = [Run(method, method=method, **ONE_PROCESS) for method in ("lora", "full", "qlora")] + [
+    Run("full_tied", method="full", tie_word_embeddings=True, **ONE_PROCESS)
+]
 
 
 def environment(**extra) -> dict:
@@ -118,6 +120,7 @@ def assert_same_training(result: dict, expected: dict, atol=1e-5):
         ("fsdp_lora", "lora"),
         ("zero2_offload_lora", "lora"),
         ("fsdp_full", "full"),
+        ("fsdp_full_tied", "full_tied"),
         ("fsdp_checkpointing_lora", "lora"),
         ("fsdp_qlora", "qlora"),
     ],
@@ -171,23 +174,21 @@ def test_fsdp_qlora_keeps_the_base_4bit_and_sharded(distributed, reference):
 
 
 def test_adapter_gathered_from_fsdp_loads_with_peft(distributed, tmp_path):
-    base = dist_worker.build_model(
-        Run("base", method="full"), seed=0
-    )  # the base the adapters were trained on
+    base = dist_worker.build_model(Run("base", method="full"), seed=0)  # what the adapters were trained on
     save_pretrained(base.state_dict(), base.config, tmp_path / "base")
-    ours = dist_worker.build_model(Run("ours", method="lora"), seed=1)
-    missing, unexpected = ours.load_state_dict(distributed["fsdp_lora"]["trainable"], strict=False)
-    assert not unexpected and not [name for name in missing if "lora_" in name]
-    save_adapter(ours, tmp_path / "adapter")
-    reference_model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", dtype=torch.float32
+    # As train.py does under FSDP: rank 0 writes the gathered tensors, its model gives only the LoRA config.
+    gathered = distributed["fsdp_lora"]["trainable"]
+    save_adapter(
+        dist_worker.build_model(Run("config", method="lora"), seed=1), tmp_path / "adapter", tensors=gathered
     )
-    reference_model = peft.PeftModel.from_pretrained(reference_model, tmp_path / "adapter").eval()
+    ours = load_adapter(from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    for name, tensor in gathered.items():
+        assert torch.equal(ours.get_parameter(name), tensor), name
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
     input_ids = torch.randint(0, dist_worker.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(
-            ours.eval()(input_ids), reference_model(input_ids).logits, rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(ours(input_ids), reference(input_ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_a_crashing_rank_stops_the_job(tmp_path):
@@ -268,73 +269,32 @@ def test_fsdp_refuses_4bit_bytes_that_mixed_precision_would_cast():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
-    """A random 2-layer Llama over conftest's 64-word tokenizer, with train and val data in its words."""
-    path = tmp_path_factory.mktemp("tiny_model")
-    for file in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_tokenizer_dir / file, path / file)
-    config = ModelConfig(
-        **{
-            **asdict(dist_worker.tiny_config()),
-            "vocab_size": 64,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "pad_token_id": 0,
-        }
-    )
-    torch.manual_seed(0)
-    model = Transformer(config)
-    for param in model.parameters():
-        torch.nn.init.normal_(param, std=0.1)
-    save_pretrained(model.state_dict(), config, path)
-    words = random.Random(0)
-    sentence = lambda n: " ".join(f"w{words.randrange(58)}" for _ in range(n))
-    for split, n_records in (("train", 48), ("val", 21)):  # 21: a rank's share of the last val batch is empty
-        records = [{"instruction": sentence(6), "input": "", "output": sentence(5)} for _ in range(n_records)]
-        (path / f"{split}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    """test_train.py's tiny tied Llama, with its learnable data: 48 train records, 21 val records (so one
+    rank's share of the last val batch is empty, and under FSDP it must still join the forward)."""
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny_model"), tiny_tokenizer_dir)
+    write_data(path / "train.jsonl", 48, seed=1)
+    write_data(path / "val.jsonl", 21, seed=2)
     return path
 
 
-def train_command(model_dir: Path, out_dir: Path, *flags) -> list[str]:
-    return [
-        "train.py",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(model_dir / "train.jsonl"),
-        "--val-data",
-        str(model_dir / "val.jsonl"),
-        "--out",
-        str(out_dir),
-        "--max-steps",
-        "3",
-        "--grad-accum",
-        "2",
-        "--eval-every",
-        "2",
-        "--save-every",
-        "2",
-        "--seq-len",
-        "32",
-        "--dtype",
-        "fp32",
-        "--lr",
-        "1e-2",
-        "--lora-dropout",
-        "0",
-        "--no-dedup",
-        *flags,
-    ]
+TRAIN_FLAGS = (
+    "--max-steps 3 --grad-accum 2 --eval-every 2 --save-every 2 --seq-len 32 --dtype fp32 --lr 1e-2 "
+    "--lora-targets all-linear --lora-dropout 0"  # no dropout: ranks draw other masks than one process
+).split()
 
 
-def run_train(command: list[str], torchrun: bool):
+def run_train(model_dir: Path, out_dir: Path, *flags, torchrun: bool):
+    """train.py on the tiny model (under torchrun with 2 processes, or as one process)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}"]
+    data = ["--data", model_dir / "train.jsonl", "--val-data", model_dir / "val.jsonl"]
+    command = [*(launch if torchrun else [sys.executable]), "train.py", "--model", model_dir, *data]
     finished = subprocess.run(
-        (launch if torchrun else [sys.executable]) + command,
+        [str(arg) for arg in [*command, "--out", out_dir, *TRAIN_FLAGS, *flags]],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
-        env=environment(),
+        env=environment(NANOFT_CACHE=str(out_dir.parent / "cache")),
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
@@ -343,10 +303,8 @@ def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_
     tiny_model_dir, tmp_path
 ):
     fsdp_dir, one_dir = tmp_path / "fsdp", tmp_path / "one"
-    run_train(
-        train_command(tiny_model_dir, fsdp_dir, "--fsdp", "full_shard", "--batch-size", "2"), torchrun=True
-    )
-    run_train(train_command(tiny_model_dir, one_dir, "--batch-size", "4"), torchrun=False)
+    run_train(tiny_model_dir, fsdp_dir, "--fsdp", "full_shard", "--batch-size", "2", torchrun=True)
+    run_train(tiny_model_dir, one_dir, "--batch-size", "4", torchrun=False)
 
     fsdp_summary, one_summary = (json.loads((d / "summary.json").read_text()) for d in (fsdp_dir, one_dir))
     torch.testing.assert_close(
@@ -364,7 +322,7 @@ def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_
     shutil.copytree(fsdp_dir, resumed_dir)
     step_3 = resumed_dir / "checkpoints" / "step-0000003"
     shutil.rmtree(step_3)
-    run_train(train_command(tiny_model_dir, resumed_dir, "--resume"), torchrun=True)
+    run_train(tiny_model_dir, resumed_dir, "--resume", torchrun=True)
     uninterrupted = load_file(fsdp_dir / "checkpoints" / "step-0000003" / "trainable.safetensors")
     resumed = load_file(step_3 / "trainable.safetensors")
     for name, tensor in uninterrupted.items():

@@ -4,11 +4,13 @@ python -m pytest tests/test_lora.py -q
 """
 
 import json
+import re
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from lora import (
@@ -28,6 +30,10 @@ from nanoft.model import ModelConfig, Transformer
 from nanoft.weights import from_pretrained, save_pretrained
 
 TOLERANCE = 1e-4
+# Qwen2 has q/k/v biases (DoRA subtracts them); the tied one shares embed_tokens with lm_head.
+LLAMA_AND_TIED_QWEN2 = pytest.mark.parametrize(
+    "base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"]
+)
 ADAPTER_CASES = {
     "lora": dict(),
     "rslora": dict(use_rslora=True),
@@ -96,9 +102,7 @@ def load_transformers(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-@pytest.mark.parametrize(
-    "base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"]
-)
+@LLAMA_AND_TIED_QWEN2
 @pytest.mark.parametrize("case", ADAPTER_CASES)
 def test_peft_loads_our_adapter_with_same_logits(base_dir, tmp_path, case):
     model = inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
@@ -117,22 +121,52 @@ PEFT_CASES = {
 }
 
 
-@pytest.mark.parametrize(
-    "base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"]
-)
+@LLAMA_AND_TIED_QWEN2
 @pytest.mark.parametrize("case", PEFT_CASES)
 def test_we_load_peft_adapter_with_same_logits(base_dir, tmp_path, case):
-    options = PEFT_CASES[case]
-    tied = load_transformers(base_dir).config.tie_word_embeddings
-    if "modules_to_save" in options and tied:
+    options, reference = PEFT_CASES[case], load_transformers(base_dir)
+    if "modules_to_save" in options and reference.config.tie_word_embeddings:
         options = {**options, "ensure_weight_tying": True}
-    reference = get_peft_model(
-        load_transformers(base_dir), LoraConfig(r=4, lora_alpha=16, task_type="CAUSAL_LM", **options)
-    )
+    reference = get_peft_model(reference, LoraConfig(r=4, lora_alpha=16, task_type="CAUSAL_LM", **options))
     randomize_trainable(reference)
     reference.save_pretrained(tmp_path / "adapter")
     model = load_adapter(from_pretrained(base_dir), tmp_path / "adapter")
     assert (our_logits(model) - hf_logits(reference)).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("case", ["lora", "dora"])
+def test_load_adapter_accepts_peft_in_memory_names(base_dir, tmp_path, case):
+    model = inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
+    randomize_trainable(model)
+    save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    renamed = {
+        re.sub(r"(lora_A|lora_B|lora_magnitude_vector)", r"\1.default", k): v for k, v in tensors.items()
+    }
+    renamed = {
+        k.replace("magnitude_vector.default", "magnitude_vector.default.weight"): v
+        for k, v in renamed.items()
+    }
+    save_file(renamed, tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in renamed
+    assert torch.equal(our_logits(load_adapter(from_pretrained(base_dir), tmp_path)), our_logits(model))
+
+
+@pytest.mark.parametrize("case", ["lora", "dora"])
+def test_bf16_base_with_fp32_adapters_matches_peft(base_dir, tmp_path, case):
+    model = inject_lora(
+        from_pretrained(base_dir, dtype=torch.bfloat16), LoRAConfig(r=4, **ADAPTER_CASES[case])
+    )
+    randomize_trainable(model)
+    save_adapter(model, tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    reference = PeftModel.from_pretrained(base, tmp_path)  # PEFT upcasts the adapters to fp32 too
+    assert (
+        reference.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype
+        == torch.float32
+    )
+    ours, theirs = our_logits(model).float(), hf_logits(reference).float()
+    assert (ours - theirs).abs().max() < 2e-2 * theirs.abs().max()  # bf16 rounding, computed in other orders
 
 
 @pytest.mark.parametrize("base_dir", [("llama", True)], indirect=True)
@@ -177,9 +211,7 @@ def test_adapter_config_agrees_with_what_peft_writes(base_dir, tmp_path):
             assert all(a.get_tensor(k).shape == b.get_tensor(k).shape for k in a.keys())
 
 
-@pytest.mark.parametrize(
-    "base_dir", [("llama", False), ("qwen2", True)], indirect=True, ids=["llama", "qwen2"]
-)
+@LLAMA_AND_TIED_QWEN2
 @pytest.mark.parametrize("case", ["lora", "dora-all-linear"])
 def test_merged_export_loads_in_transformers_with_same_logits(base_dir, tmp_path, case):
     model = inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
@@ -295,7 +327,7 @@ def test_load_adapter_errors_are_clear(base_dir, tmp_path):
 
 
 def quantize_linears(model, quant_type):
-    """Replace every decoder-block nn.Linear by a bitsandbytes one holding the same weights (as QLoRA does)."""
+    """Replace each decoder-block nn.Linear by a bitsandbytes one holding the same weights (as QLoRA does)."""
     import bitsandbytes as bnb
 
     for name, linear in list(model.model.layers.named_modules()):

@@ -23,7 +23,9 @@ def test_sharded_checkpoint_round_trips_and_transformers_loads_it(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     loaded = from_pretrained(tmp_path)
-    for (name, ours), (_, theirs) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+    for (name, ours), (_, theirs) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert torch.equal(ours, theirs), name
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     input_ids = torch.randint(0, 128, (1, 9))

@@ -1,0 +1,497 @@
+"""train.py end to end on a tiny random Llama: accumulation, exact resume, best-by-val, NaN stop, signals,
+bad input, and the outputs (summary.json, a PEFT-loadable adapter, merged and full exports).
+
+    python -m pytest tests/test_train.py -q -x
+
+Each run is train.py's own main() (in-process, fast) or a subprocess where exit codes and signals matter.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoft.model import ModelConfig, Transformer
+from nanoft.weights import copy_tokenizer_files, save_pretrained
+from train import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+N_WORDS = 58  # the tiny tokenizer's words w0..w57 (ids 6..63)
+
+
+def save_tiny_model(path: Path, tokenizer_dir: Path, poison_word: int | None = None) -> Path:
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY)
+    model = Transformer(config)
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            torch.nn.init.normal_(param, std=0.02)  # Hugging Face's initialisation: small, stable logits
+    if poison_word is not None:  # a token whose embedding is inf: any batch holding it has a NaN loss
+        with torch.no_grad():
+            model.model.embed_tokens.weight[6 + poison_word] = float("inf")
+    save_pretrained(model.state_dict(), config, path)
+    copy_tokenizer_files(tokenizer_dir, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), tiny_tokenizer_dir)
+
+
+def write_data(path: Path, n: int, seed: int, shift: int = 1, n_words_range=(2, 7)) -> Path:
+    """Alpaca records a tiny model can learn: the answer is each instruction word moved `shift` places up.
+    Lengths vary, so micro-batches hold different numbers of target tokens."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.integers(0, N_WORDS - 1, size=rng.integers(*n_words_range))
+        rows.append(
+            {
+                "instruction": " ".join(f"w{w}" for w in words),
+                "output": " ".join(f"w{(w + shift) % (N_WORDS - 1)}" for w in words),
+            }
+        )
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return write_data(folder / "train.jsonl", 96, seed=1), write_data(folder / "val.jsonl", 16, seed=2)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOFT_CACHE", str(tmp_path / "cache"))  # tokenized-data cache per test
+
+
+def train(tiny_model_dir, data_files, out: Path, *flags) -> dict:
+    """Run train.py's main() with small defaults; return summary.json."""
+    train_file, val_file = data_files
+    main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(train_file),
+            "--val-data",
+            str(val_file),
+            "--out",
+            str(out),
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "1e-2",
+            "--eval-every",
+            "4",
+            "--lora-targets",
+            "all-linear",
+            *flags,
+        ]
+    )
+    return json.loads((out / "summary.json").read_text())
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in metrics(out) if "loss" in row}
+
+
+def run_cli(*args, env_cache: Path, timeout=120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NANOFT_CACHE": str(env_cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------------------- the loop's arithmetic
+
+
+def test_accumulating_4_micro_batches_of_1_equals_one_batch_of_4(tiny_model_dir, data_files, tmp_path):
+    """Loss and gradients are normalised by the target tokens of the whole step, so how the step's sequences
+    fall into micro-batches changes nothing: the same loss, grad norm and adapter weights, step for step."""
+    flags = (
+        "--max-steps",
+        "3",
+        "--lora-dropout",
+        "0",
+        "--save-every",
+        "3",
+        "--eval-every",
+        "3",
+        "--dtype",
+        "fp32",
+    )
+    train(tiny_model_dir, data_files, tmp_path / "one", *flags, "--batch-size", "4", "--grad-accum", "1")
+    train(tiny_model_dir, data_files, tmp_path / "four", *flags, "--batch-size", "1", "--grad-accum", "4")
+    one, four = metrics(tmp_path / "one"), metrics(tmp_path / "four")
+    for a, b in zip(one, four, strict=True):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a, b)
+    weights_one = load_file(tmp_path / "one/checkpoints/step-0000003/trainable.safetensors")
+    weights_four = load_file(tmp_path / "four/checkpoints/step-0000003/trainable.safetensors")
+    assert weights_one.keys() == weights_four.keys()
+    for name in weights_one:
+        torch.testing.assert_close(weights_one[name], weights_four[name], rtol=1e-4, atol=1e-5)
+    assert any(
+        tensor.abs().sum() > 0 for name, tensor in weights_one.items() if "lora_B" in name
+    )  # it trained
+
+
+def test_resume_continues_exactly(tiny_model_dir, data_files, tmp_path):
+    """Stop after step 2 (keep only that checkpoint), resume: the losses of steps 3.. equal the uninterrupted
+    run's. Dropout is on, so the random state must be restored too; the epoch ends mid-run (data position)."""
+    flags = (
+        "--max-steps",
+        "16",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "20",
+        "--lora-dropout",
+        "0.1",
+        "--batch-size",
+        "8",
+        "--grad-accum",
+        "2",
+    )  # 96 train records -> 6 steps per epoch
+    full = train(tiny_model_dir, data_files, tmp_path / "full", *flags)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full", interrupted)
+    for checkpoint in (interrupted / "checkpoints").iterdir():
+        if checkpoint.name != "step-0000008":
+            shutil.rmtree(checkpoint)
+    resumed = train(tiny_model_dir, data_files, interrupted, *flags, "--resume")
+    full_losses, resumed_losses = train_losses(tmp_path / "full"), train_losses(interrupted)
+    assert sorted(resumed_losses) == list(range(1, 17))
+    for step in range(9, 17):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], abs=1e-6), step
+    assert resumed["val_curve"] == pytest.approx(full["val_curve"], abs=1e-6)
+    final_full = load_file(tmp_path / "full/checkpoints/step-0000016/trainable.safetensors")
+    final_resumed = load_file(interrupted / "checkpoints/step-0000016/trainable.safetensors")
+    for name in final_full:
+        torch.testing.assert_close(final_resumed[name], final_full[name], rtol=0, atol=1e-6)
+
+
+def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path):
+    """Validation answers follow a different rule than training's, so the more the model learns the worse val
+    gets after a first improvement (it learns the format): the best adapter is the early one, kept on disk
+    (its checkpoint survives pruning), and patience stops the run."""
+    train_file = write_data(tmp_path / "train.jsonl", 96, seed=1, shift=1)
+    val_file = write_data(tmp_path / "val.jsonl", 16, seed=2, shift=5)
+    summary = train(
+        tiny_model_dir,
+        (train_file, val_file),
+        tmp_path / "run",
+        "--max-steps",
+        "60",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "1",
+        "--patience",
+        "3",
+    )
+    curve = summary["val_curve"]
+    assert summary["stop_reason"] == "early stop"
+    assert summary["steps"] < 60
+    best_step, best_loss = min(curve, key=lambda point: point[1])
+    assert (summary["best_step"], summary["best_val_loss"]) == (best_step, best_loss)
+    assert 0 < best_step < summary["steps"]
+    assert summary["final_val_loss"] > best_loss
+    kept = sorted(path.name for path in (tmp_path / "run/checkpoints").iterdir())
+    assert kept == [f"step-{best_step:07d}", f"step-{summary['steps']:07d}"]  # last 1 + best
+    adapter = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+    at_best = load_file(tmp_path / f"run/checkpoints/step-{best_step:07d}/trainable.safetensors")
+    assert {name.removeprefix("base_model.model.") for name in adapter} == set(at_best)
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(tensor, at_best[name.removeprefix("base_model.model.")], rtol=0, atol=0)
+
+
+def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_tokenizer_dir, tmp_path):
+    """A record holding a token whose embedding is inf makes its batch's loss NaN: the run stops without
+    applying that step, keeps its earlier checkpoint and best adapter, names the record, and exits 1."""
+    model_dir = save_tiny_model(tmp_path / "model", tiny_tokenizer_dir, poison_word=57)
+    train_file = write_data(tmp_path / "train.jsonl", 96, seed=1, n_words_range=(2, 6))
+    rows = train_file.read_text().splitlines()
+    rows[40] = json.dumps({"instruction": "w3 w57 w4", "output": "w4 w5"})
+    train_file.write_text("\n".join(rows) + "\n")
+    val_file = write_data(tmp_path / "val.jsonl", 16, seed=2, n_words_range=(2, 6))
+    result = run_cli(
+        "--model",
+        model_dir,
+        "--data",
+        train_file,
+        "--val-data",
+        val_file,
+        "--out",
+        tmp_path / "run",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "2",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        env_cache=tmp_path / "cache",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: loss is NaN or inf at step")
+    assert f"{train_file}:41" in result.stdout  # the offending record, by file and line
+    assert "halve the lr" in result.stdout
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["stop_reason"] == "NaN loss"
+    assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
+    checkpoints = sorted((tmp_path / "run/checkpoints").iterdir())
+    assert checkpoints and int(checkpoints[-1].name.removeprefix("step-")) == summary["steps"]
+    for tensor in load_file(checkpoints[-1] / "trainable.safetensors").values():
+        assert torch.isfinite(tensor).all()
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_files, tmp_path):
+    train_file, val_file = data_files
+    args = (
+        "--model",
+        tiny_model_dir,
+        "--data",
+        train_file,
+        "--val-data",
+        val_file,
+        "--out",
+        tmp_path / "run",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-steps",
+        "100000",
+        "--eval-every",
+        "100000",
+        "--save-every",
+        "100000",
+        "--lora-dropout",
+        "0",
+    )
+    env = {**os.environ, "NANOFT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *map(str, args)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics_file = tmp_path / "run/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr
+    assert "--resume" in stdout
+    checkpoint = sorted((tmp_path / "run/checkpoints").iterdir())[-1]
+    stopped_at = json.loads((checkpoint / "state.json").read_text())["step"]
+    assert stopped_at >= 2
+    result = run_cli(*args[:-8], "--max-steps", stopped_at + 2, "--resume", env_cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == stopped_at + 2
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_files, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    summary = train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "12", "--merge")
+    for key in (
+        "baseline_val_loss",
+        "best_val_loss",
+        "best_step",
+        "final_val_loss",
+        "steps",
+        "tokens_seen",
+        "train_tokens_per_s",
+        "peak_memory_bytes",
+        "wall_s",
+        "data",
+        "config",
+        "gates",
+    ):
+        assert key in summary, key
+    assert summary["best_val_loss"] < summary["baseline_val_loss"]
+    assert summary["data"]["train_examples"] == 96 and "exact_duplicates_removed" in summary["data"]
+    assert summary["config"]["lr"] == 1e-2 and summary["config"]["dtype"] in ("bf16", "fp32")
+    assert json.loads((tmp_path / "run/config.json").read_text())["lr"] == 1e-2
+    assert "## Quality gates" in (tmp_path / "run/report.md").read_text()
+    assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
+
+    # The best adapter, loaded by PEFT onto the transformers model, gives our model's logits.
+    from lora import load_adapter
+    from nanoft.weights import from_pretrained
+
+    ids = torch.tensor([[1, 3, 10, 11, 12, 5, 4]])
+    ours = load_adapter(from_pretrained(tiny_model_dir), tmp_path / "run/adapter").eval()(ids)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(reference, tmp_path / "run/adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours.detach(), rtol=1e-4, atol=1e-4)
+        # The merged export is a plain model with the same logits (bf16 weights: a looser tolerance).
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run/merged", dtype=torch.float32)
+        torch.testing.assert_close(merged(ids).logits, ours.detach(), rtol=0.05, atol=0.05)
+
+
+def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir, data_files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    summary = train(
+        tiny_model_dir, data_files, tmp_path / "run", "--method", "full", "--lr", "1e-3", "--max-steps", "8"
+    )
+    assert summary["best_val_loss"] < summary["baseline_val_loss"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run/model")
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [
+        name for name, p in model.named_parameters() if not torch.equal(p, original.get_parameter(name))
+    ]
+    assert len(changed) == len(list(model.parameters()))  # every weight trained, norms included
+
+
+@pytest.mark.parametrize("flags", [("--activation-checkpointing",), ("--pack",), ("--group-by-length",)])
+def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flags):
+    """Activation checkpointing recomputes the same numbers; packing and length grouping change the batches
+    but the run still trains (lower val loss)."""
+    base = ("--max-steps", "4", "--lora-dropout", "0")
+    plain = train(tiny_model_dir, data_files, tmp_path / "plain", *base)
+    other = train(tiny_model_dir, data_files, tmp_path / "other", *base, *flags)
+    assert other["best_val_loss"] < other["baseline_val_loss"]
+    if flags == ("--activation-checkpointing",):
+        assert train_losses(tmp_path / "other") == pytest.approx(train_losses(tmp_path / "plain"), abs=1e-6)
+        assert other["val_curve"] == pytest.approx(plain["val_curve"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("existing")
+    (path / "config.json").write_text("{}")
+    return path
+
+
+BAD_INPUTS = {
+    "unknown flag": (["--lora-rank", "8"], "unrecognized arguments: --lora-rank"),
+    "full with quant": (["--method", "full", "--quant", "nf4"], "--method full"),
+    "bad value": (["--lr", "fast"], "invalid float value"),
+    "out holds a run": (["--out", "{existing}"], "already holds"),
+    "resume without checkpoint": (["--out", "{existing}", "--resume"], "no checkpoint"),
+    "seq len beyond context": (["--seq-len", "4096"], "longer than the model's context"),
+    "batch larger than data": (["--batch-size", "500"], "lower --batch-size"),
+    "missing data file": (["--data", "no/such.jsonl"], "not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, tiny_model_dir, data_files, existing_run, tmp_path):
+    flags, expected = BAD_INPUTS[case]
+    flags = [flag.format(existing=existing_run) for flag in flags]
+    train_file, val_file = data_files
+    base = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        train_file,
+        "--val-data",
+        val_file,
+        "--out",
+        tmp_path / "run",
+    ]
+    result = run_cli(*base, *flags, env_cache=tmp_path / "cache")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert not (tmp_path / "run/adapter").exists()
+
+
+# ---------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_smollm2_trains_a_few_steps(smollm2_dir, tmp_path):
+    """The built-in model and dataset through the real code path: val loss falls within 4 steps."""
+    val = tmp_path / "val.jsonl"
+    records = (REPO / "nanoft/default_data.jsonl").read_text().splitlines()
+    val.write_text("\n".join(records[:8]) + "\n")
+    main(
+        [
+            "--val-data",
+            str(val),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--seq-len",
+            "128",
+            "--eval-every",
+            "4",
+            "--lr",
+            "1e-3",
+        ]
+    )
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["best_val_loss"] < summary["baseline_val_loss"]
+    assert (tmp_path / "run/adapter/adapter_config.json").is_file()
