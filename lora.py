@@ -48,8 +48,9 @@ class LoRAConfig:
     modules_to_save: tuple[str, ...] = ()  # modules trained in full, e.g. ("embed_tokens",) for new tokens
 
     def __post_init__(self):
-        if isinstance(self.targets, str) and self.targets != "all-linear":
-            self.targets = tuple(name.strip() for name in self.targets.split(",") if name.strip())
+        if self.targets != "all-linear":  # "q_proj,v_proj" (from a command line) or a list of names
+            names = self.targets.split(",") if isinstance(self.targets, str) else self.targets
+            self.targets = tuple(name.strip() for name in names if name.strip())
         if not self.targets:
             raise UserError("LoRA targets are empty; give layer names like q_proj,v_proj or all-linear")
         if not isinstance(self.r, int) or self.r <= 0:
@@ -193,7 +194,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if unknown := [target for target in targets if not any(matches(name, [target]) for name, _ in linears)]:
         existing = sorted({name.rpartition(".")[2] for name, _ in linears})
         raise UserError(
-            f"LoRA targets {unknown} are not linear layers of the decoder blocks: {', '.join(existing)}"
+            f"LoRA targets {unknown} are not linear layers of the decoder blocks ({', '.join(existing)})"
         )
     targeted = {id(m) for name, m in linears if not targets or matches(name, targets)}
     modules = dict(model.named_modules())
@@ -321,7 +322,13 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     except json.JSONDecodeError as error:
         raise UserError(f"{config_file}: not valid JSON ({error})") from None
     supported = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "lora_bias": False}
-    supported |= {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
+    supported |= {
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "exclude_modules": None,
+    }
+    supported |= {"target_parameters": None, "trainable_token_indices": None, "layer_replication": None}
     for key, value in supported.items():
         if peft_config.get(key, value) not in (value, None):
             raise UserError(f"{config_file}: {key}={peft_config[key]!r} is not supported, only {value!r}")

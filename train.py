@@ -5,6 +5,7 @@
     python train.py --model DIR --data train.jsonl --method qlora
     python train.py --out runs/x --resume                        # continue exactly where it stopped
     torchrun --nproc_per_node=4 train.py --out runs/x ...        # DDP, one process per GPU
+    torchrun --nproc_per_node=4 train.py --out runs/x --fsdp full_shard  # FSDP2: the model sharded too
     python train.py --help                                       # every flag; --config FILE.toml sets them too
 
 config -> devices -> data -> model (4-bit for QLoRA) -> LoRA or full -> optimizer and schedule -> (resume)
@@ -60,6 +61,7 @@ from nanoft.distributed import (
 )
 from nanoft.errors import UserError, exit_on_user_error
 from nanoft.gates import UtilisationSampler, evaluate_gates, flat_val_loss_advice, gates_markdown
+from nanoft.lr_sweep import run_lr_sweep, sweep_table
 from nanoft.monitor import (
     Monitor,
     flops_per_token,
@@ -70,6 +72,8 @@ from nanoft.monitor import (
     val_prompts,
     write_summary_and_report,
 )
+from nanoft.oom import OOMRecovery
+from nanoft.planner import format_plan, plan_for_run
 from nanoft.precision import choose_precision
 from nanoft.schedule import lr_at
 from nanoft.tokenizer import Tokenizer
@@ -174,10 +178,23 @@ def main(argv=None):
     started = time.perf_counter()
     # ---------------------------------------------------------------- config and devices
     config = parse_config(argv)
-    if config.method == "auto":  # the planner (issue 8) will choose from the model's size and the hardware
-        raise UserError(
-            "--method auto needs the planner, which this checkout lacks; choose lora, qlora or full"
+    # ---------------------------------------------------------------- the plan (nanoft/planner.py)
+    if config.plan:  # print what fits this model on this hardware, and why; train nothing
+        print(format_plan(plan_for_run(config, planning_only=True), config.model or "SmolLM2-135M-Instruct"))
+        return
+    if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
+        plan = plan_for_run(config, planning_only=False)
+        fsdp = "full_shard" if plan.layout.startswith("fsdp") and config.fsdp == "none" else config.fsdp
+        config = replace(
+            config,
+            method=plan.method,
+            batch_size=plan.micro_batch,
+            grad_accum=plan.grad_accum,
+            activation_checkpointing=plan.activation_checkpointing,
+            fsdp=fsdp,
+            fsdp_cpu_offload=config.fsdp_cpu_offload or plan.layout == "fsdp_offload",
         )
+        print(f"--method auto: {plan.method}, {plan.layout}; {plan.reasons[-1]} (--plan shows why)")
     config = replace(
         config,
         lr=config.lr or DEFAULT_LR[config.method],
@@ -308,6 +325,20 @@ def main(argv=None):
     )
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.grad_scaler)  # fp16 only
 
+    # ---------------------------------------------------------------- LR range test (--lr-sweep), then exit
+    if config.lr_sweep:
+
+        def mean_loss(model, batch):
+            with autocast:
+                loss_sum, n_targets = forward(model, to_device(batch, dist.device))
+            return loss_sum / n_targets
+
+        make_sweep_optimizer = lambda params, lr: make_optimizer(params, config.optim, lr=lr)
+        result = run_lr_sweep(model, train_batches, config.lr, mean_loss, make_sweep_optimizer)
+        print0(dist, sweep_table(result))
+        teardown(dist)
+        return
+
     # ---------------------------------------------------------------- resume
     progress = {
         "step": 0,
@@ -353,6 +384,7 @@ def main(argv=None):
     prompts = val_prompts(val_examples, n=3)
     micro_batches = itertools.chain.from_iterable(itertools.repeat(train_batches))  # epoch after epoch
     signals = StopSignals()  # SIGINT / SIGTERM: finish this step, save a checkpoint, exit
+    oom = OOMRecovery(config.batch_size, config.grad_accum)  # CUDA out of memory: halve, accumulate more
     step, stop_reason, recent_train_losses = progress["step"], None, []
 
     # ---------------------------------------------------------------- the loop
@@ -407,15 +439,22 @@ def main(argv=None):
             ]
         )
         n_targets, n_tokens = all_reduce_sum(local_counts.to(dist.device), dist).tolist()  # over all ranks
-        loss_sum_total = torch.zeros((), device=dist.device)
-        for micro_step, batch in enumerate(batches):
-            # DDP: all-reduce the gradients only after the last micro-batch; the others just accumulate.
-            with gradient_sync(model, enabled=micro_step == config.grad_accum - 1), autocast:
-                loss_sum, _ = forward(model, to_device(batch, dist.device))
-            # Sum of token losses / all target tokens of the step: every token weighs the same, however they
-            # fall into micro-batches. x world_size: DDP and FSDP average gradients over ranks, we want the sum.
-            scaler.scale(loss_sum * dist.world_size / n_targets).backward()
-            loss_sum_total += loss_sum.detach()
+        while True:  # out of memory: the same step again, each micro-batch in halves (nanoft/oom.py)
+            try:
+                pieces = [piece for batch in batches for piece in oom.split(batch)]
+                loss_sum_total = torch.zeros((), device=dist.device)
+                for micro_step, batch in enumerate(pieces):
+                    # DDP: all-reduce the gradients only after the last micro-batch; the others accumulate.
+                    with gradient_sync(model, enabled=micro_step == len(pieces) - 1), autocast:
+                        loss_sum, _ = forward(model, to_device(batch, dist.device))
+                    # Sum of token losses / all target tokens of the step: every token weighs the same,
+                    # however they fall into micro-batches. x world_size: DDP and FSDP average gradients,
+                    # we want the sum.
+                    scaler.scale(loss_sum * dist.world_size / n_targets).backward()
+                    loss_sum_total += loss_sum.detach()
+                break
+            except Exception as error:
+                monitor.print(oom.handle(error, step, optimizer))
         train_loss = all_reduce_sum(loss_sum_total, dist).item() / n_targets
         if not math.isfinite(train_loss):
             stop_reason = "nan"

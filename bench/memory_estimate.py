@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from nanoft.model import ModelConfig, Transformer  # noqa: E402
-from nanoft.planner import GiB, TrainingShape, count_parameters, estimate_memory  # noqa: E402
+from nanoft.memory import GiB, TrainingShape, count_parameters, estimate_memory  # noqa: E402
 from nanoft.weights import save_pretrained  # noqa: E402
 
 MEASURED_MODEL = ModelConfig(

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# Llama-2-7B, Llama-2-13B and CodeLlama-34B from their config.json; the folklore QLoRA GPU figures users quote.
+# Llama-2-7B, Llama-2-13B and CodeLlama-34B from their config.json, and the QLoRA GPU memory users quote.
 LLAMA_CONFIGS = {
     "7B": dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, heads=32, kv_heads=32, quoted_gb=8),
     "13B": dict(hidden=5120, layers=40, intermediate=13824, vocab=32000, heads=40, kv_heads=40, quoted_gb=14),
@@ -49,7 +49,7 @@ def nf4_linear_bytes(out_features: int, in_features: int) -> int:
     """Bytes bitsandbytes stores for one NF4 double-quant linear (blocks of 64, absmax blocks of 256)."""
     n = out_features * in_features
     blocks = math.ceil(n / 64)
-    # packed 4-bit weights + 8-bit absmax per block + fp32 absmax per 256 blocks + 16 + 256 fp32 codes + offset
+    # packed 4-bit weights, 8-bit absmax per block, fp32 absmax per 256 blocks, 16 + 256 fp32 codes, offset
     return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 16 + 4 * 256 + 4
 
 
@@ -231,7 +231,7 @@ def measure(job: dict) -> dict:
 
 
 def write_synthetic_model(path: Path) -> Path:
-    """A TinyLlama-1.1B-shaped checkpoint with random bf16 weights, one 2.2 GB safetensors file like the real one."""
+    """TinyLlama-1.1B's shape with random bf16 weights, in one 2.2 GB safetensors file like the real one."""
     import torch
 
     from nanoft.model import ModelConfig, Transformer
@@ -283,35 +283,57 @@ def section_estimate(args) -> list[dict]:
     return rows
 
 
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for row in cells:  # first column left-aligned, numbers right-aligned
+        print("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
+
+
 def print_tables(results: dict) -> None:
-    gb, mb = 1e9, 2**20
+    mb = 2**20
     if "load" in results:
-        print("\nLoading (peak memory of the process; 'load' = peak RSS - RSS after imports)")
-        print(f"{'model':34} {'as':5} {'file MB':>8} {'weights MB':>10} {'peak RSS':>9} {'load':>7} "
-              f"{'peak anon':>9} {'s':>6}")  # fmt: skip
-        for r in results["load"]:
-            print(f"{r['model']:34} {r['quant']:5} {r['file_bytes'] / mb:8.0f} {r['weight_bytes'] / mb:10.0f} "
-                  f"{r['peak_rss'] / mb:9.0f} {(r['peak_rss'] - r['baseline_rss']) / mb:7.0f} "
-                  f"{r['peak_anon'] / mb:9.0f} {r['seconds']:6.1f}")  # fmt: skip
+        rows = [
+            [r["model"], r["quant"], r["file_bytes"] // mb, r["weight_bytes"] // mb, r["peak_rss"] // mb,
+             (r["peak_rss"] - r["baseline_rss"]) // mb, r["peak_anon"] // mb, r["seconds"]]
+            for r in results["load"]
+        ]  # fmt: skip
+        header = ["model", "as", "file MB", "weights MB", "peak RSS MB", "load MB", "peak anon MB", "seconds"]
+        print_table("Loading ('load' = peak RSS - RSS after imports)", header, rows)
     if "train" in results:
-        rows = {(r["kind"], r["base"]): r for r in results["train"]}
-        print(
-            f"\nTraining step, SmolLM2-135M, LoRA r={LORA_R} q/v, {BATCH} x {SEQ_LEN} tokens (MB, tokens/s)"
-        )
-        print(
-            f"{'base':6} {'ours RSS':>9} {'ref RSS':>8} {'ratio':>6} {'ours tok/s':>10} {'ref tok/s':>9} {'ratio':>6}"
-        )
+        by = {(r["kind"], r["base"]): r for r in results["train"]}
+        rows = []
         for base in ("bf16", "nf4"):
-            ours, ref = rows[("ours", base)], rows[("reference", base)]
-            print(f"{base:6} {ours['peak_rss'] / mb:9.0f} {ref['peak_rss'] / mb:8.0f} "
-                  f"{ours['peak_rss'] / ref['peak_rss']:6.2f} {ours['tokens_per_second']:10.0f} "
-                  f"{ref['tokens_per_second']:9.0f} {ours['tokens_per_second'] / ref['tokens_per_second']:6.2f}")  # fmt: skip
+            ours, ref = by[("ours", base)], by[("reference", base)]
+            rss, speed = (
+                ours["peak_rss"] / ref["peak_rss"],
+                ours["tokens_per_second"] / ref["tokens_per_second"],
+            )
+            rows.append([base, ours["peak_rss"] // mb, ref["peak_rss"] // mb, rss,
+                         ours["tokens_per_second"], ref["tokens_per_second"], speed])  # fmt: skip
+        header = ["base", "ours RSS MB", "ref RSS MB", "RSS ratio", "ours tok/s", "ref tok/s", "speed ratio"]
+        print_table(
+            f"SmolLM2-135M LoRA r={LORA_R} q/v, {BATCH} x {SEQ_LEN} tokens; ref = transformers+PEFT",
+            header,
+            rows,
+        )
     if "estimate" in results:
-        print("\nQLoRA weight bytes from real configs (NF4 + double quant linears, bf16 embeddings/lm_head)")
-        print(f"{'model':6} {'params':>7} {'bf16 GB':>8} {'QLoRA weights GB':>17} {'quoted GPU GB':>14}")
-        for r in results["estimate"]:
-            print(f"{r['model']:6} {r['params'] / 1e9:6.2f}B {r['bf16_bytes'] / gb:8.2f} "
-                  f"{r['nf4_bytes'] / gb:17.2f} {r['quoted_gb']:14}")  # fmt: skip
+        gb = 1e9
+        rows = [
+            [
+                r["model"],
+                f"{r['params'] / 1e9:.2f}B",
+                r["bf16_bytes"] / gb,
+                r["nf4_bytes"] / gb,
+                r["quoted_gb"],
+            ]
+            for r in results["estimate"]
+        ]
+        header = ["model", "params", "bf16 GB", "QLoRA weights GB", "quoted QLoRA GPU GB"]
+        print_table(
+            "Weights under QLoRA (NF4 + double quant linears, bf16 embeddings and lm_head)", header, rows
+        )
 
 
 def main():
@@ -320,8 +342,10 @@ def main():
         "--sections", nargs="+", default=["load", "train", "estimate"], help="what to measure"
     )
     parser.add_argument("--steps", type=int, default=5, help="timed training steps after 2 warm-up steps")
-    parser.add_argument("--synthetic-dir", default=os.path.join(tempfile.gettempdir(), "nanoft_tinyllama_shape"),
-                        help="where the random 1.1B checkpoint is written once (2.2 GB)")  # fmt: skip
+    synthetic_dir = os.path.join(tempfile.gettempdir(), "nanoft_tinyllama_shape")
+    parser.add_argument(
+        "--synthetic-dir", default=synthetic_dir, help="where the random 1.1B model is written"
+    )
     parser.add_argument("--json", default=str(REPO / "bench" / "quant_memory.json"), help="results file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -131,6 +131,14 @@ class TrainConfig:
         600, "seconds a process waits for the others before the whole job stops with an error"
     )
 
+    # the engineer in the box: plan, LR range test (nanoft/planner.py, nanoft/lr_sweep.py)
+    plan: bool = flag(False, "print the plan (method, memory, batch, lr, what to watch) and exit")
+    plan_memory_gb: float = flag(0.0, "plan for GPUs of this many GiB each instead of this machine")
+    plan_devices: int = flag(0, "plan for this many GPUs (0: this machine's)")
+    max_quality: bool = flag(False, "maximum quality wanted: --method auto may choose a full fine-tune")
+    domain_shift: bool = flag(False, "the data is a new domain: the plan adds continued pretraining first")
+    lr_sweep: bool = flag(False, "LR range test on ~1% of the data: print a table and an lr, then exit")
+
     def __post_init__(self):
         for f in fields(self):
             value, choices = getattr(self, f.name), f.metadata["choices"]
@@ -148,7 +156,15 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{kebab(name)} {getattr(self, name)}: must be at least 1")
-        for name in ("max_steps", "patience", "grad_clip", "weight_decay", "lora_alpha"):
+        for name in (
+            "max_steps",
+            "patience",
+            "grad_clip",
+            "weight_decay",
+            "lora_alpha",
+            "plan_memory_gb",
+            "plan_devices",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"--{kebab(name)} {getattr(self, name)}: must not be negative")
         for name in ("warmup_frac", "lora_dropout", "val_frac"):

@@ -1,8 +1,8 @@
 """LR range test (`python train.py --lr-sweep ...`): which learning rate makes this model learn this data?
 
-    train_steps = restartable_train_steps(model, sweep_batches, loss_of_batch)   # or any (lr, n) -> losses
-    result = lr_range_test(train_steps, default_lr=2e-4, n_steps=len(sweep_batches))
+    result = run_lr_sweep(model, train_batches, 2e-4, mean_loss, make_optimizer)  # what train.py calls
     print(sweep_table(result))                       # one row per lr, then the recommendation and its rule
+    result = lr_range_test(train_steps, default_lr=2e-4, n_steps=10)   # any train_steps(lr, n) -> losses
 
 Every lr of a 10x-spaced grid (default/100 .. default*10) trains from the same starting weights on the same
 batches for the same number of steps; the one whose loss fell most, without diverging, wins. Among the lrs
@@ -11,6 +11,7 @@ learns as fast in the short test covers more ground in the long run, while one t
 start is out however far it fell on the way.
 """
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ SAME_DROP = 0.9  # a drop at least 90% of the best counts as "as fast": the shor
 SPIKE_FACTOR = 2.0  # a loss above twice the first one at any step is divergence
 SWEEP_DATA_FRACTION = 0.01
 MIN_SWEEP_BATCHES = 4
+MIN_SWEEP_STEPS = 10  # fewer steps cannot tell a slow lr from a fast one
 
 
 @dataclass
@@ -139,3 +141,12 @@ def restartable_train_steps(
         return losses
 
     return train_steps
+
+
+def run_lr_sweep(model, train_batches, default_lr, loss_of_batch, make_optimizer) -> SweepResult:
+    """The range test on the first ~1% of `train_batches` (an iterable with len()), each step one micro-batch:
+    it compares lrs, for which the full effective batch is not needed."""
+    n_batches = sweep_batch_count(len(train_batches))
+    batches = list(itertools.islice(iter(train_batches), n_batches))
+    train_steps = restartable_train_steps(model, batches, loss_of_batch, make_optimizer)
+    return lr_range_test(train_steps, default_lr, n_steps=max(MIN_SWEEP_STEPS, len(batches)))

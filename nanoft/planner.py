@@ -1,11 +1,10 @@
 """The engineer in the box: which fine-tuning method fits this model on this hardware, and what it costs.
 
-    python train.py --plan [--model DIR] [--max-quality] [--domain-shift] [--plan-memory-gb 24 --plan-devices 1]
+    python train.py --plan [--model DIR] [--max-quality] [--domain-shift] [--plan-memory-gb 24]
 
-    hardware = detect_hardware()                                  # GPUs' memory, or host RAM on CPU
-    plan = make_plan(load_config(path), hardware, PlanRequest())  # method, batch, lr, memory breakdown
+    hardware = detect_hardware()                               # GPUs' memory, or host RAM on CPU
+    plan = make_plan(load_config(path), hardware, PlanRequest())  # method, batch, lr, memory
     print(format_plan(plan))
-    estimate = estimate_memory(config, TrainingShape("lora", micro_batch=4, seq_len=1024))
 
 The decision framework (a senior engineer's, applied in `make_plan`):
 - Full fine-tune only when the user asks for maximum quality (or declares a domain shift, where new knowledge
@@ -19,10 +18,7 @@ The decision framework (a senior engineer's, applied in `make_plan`):
 Every choice is also checked against `estimate_memory`, so the bands are calibrated on a 7B but the plan is
 right for a 135M model too (which fits LoRA on anything and never needs 4-bit).
 
-Memory means the high-water mark of tensor memory during a training step under gradient accumulation (the
-gradients of the previous micro-batches are held while the next one runs forward): on CUDA what
-torch.cuda.max_memory_allocated reports, on CPU the process's peak RSS above the RSS after importing torch
-(bench/memory_estimate.py measures both ways and prints them next to this estimate).
+The memory estimate itself is nanoft/memory.py.
 """
 
 import math
@@ -32,260 +28,427 @@ from pathlib import Path
 
 import torch
 
+from nanoft.config import DEFAULT_LR
 from nanoft.errors import UserError
-from nanoft.loss import LOGITS_PER_CHUNK
+from nanoft.memory import (
+    GiB,
+    MemoryEstimate,
+    ParameterCount,
+    TrainingShape,
+    count_parameters,
+    estimate_memory,
+)
 from nanoft.model import ModelConfig
 
-GiB = 2**30
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-USABLE_FRACTION = 0.9  # the rest: CUDA context, allocator fragmentation, other processes on a CPU host
+USABLE_FRACTION = 0.9  # the rest: CUDA context, allocator fragmentation
 LORA_BAND = 24 / 13.5  # the framework's 24 GiB for a 7B, whose 16-bit weights take 12.6 GiB (13.5 GB)
 FULL_RULE_BYTES_PER_PARAM = 16  # 4 x the fp32 model: weights, gradients, Adam m and v
 MIN_EFFECTIVE_BATCH = 32
-DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}
-# NF4 with double quantization: 4 bits per weight, an 8-bit absmax per 64-weight block, and an fp32 scale per
-# 256 absmax values. Without double quantization the absmax is fp32: 0.5 + 4/64.
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}  # m and v: fp32 or 8-bit
-# Buffers the kernels keep between steps once they have run: on CPU, SDPA's per-thread blocks and oneDNN's
-# matmul scratch (measured ~25 MiB after one forward and backward of the 34M model in bench/); on CUDA the
-# cuBLAS workspaces, which come from the same caching allocator as tensors.
-RUNTIME_WORKSPACE = 32 * 2**20
 
 
-def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear layer of a decoder block."""
-    C, I = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    return {
-        "q_proj": (C, q),
-        "k_proj": (C, kv),
-        "v_proj": (C, kv),
-        "o_proj": (q, C),
-        "gate_proj": (C, I),
-        "up_proj": (C, I),
-        "down_proj": (I, C),
+@dataclass
+class Hardware:
+    device_type: str  # "cuda" or "cpu"
+    description: str  # e.g. "1 x NVIDIA H100 80GB HBM3 (79.2 GiB)"
+    memory_bytes: int  # per device (per process on CPU: the ranks share the host's RAM)
+    device_count: int  # ranks that will train: WORLD_SIZE, else the CUDA devices, else 1
+    host_memory_bytes: int  # available host RAM, where FSDP CPU offload puts the shards
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.memory_bytes * usable_fraction(self.device_type))
+
+
+def usable_fraction(device_type: str) -> float:
+    # CUDA: the context and the caching allocator's fragmentation. CPU: glibc keeps freed blocks cached; the
+    # 34M model in bench/memory_estimate.py peaked ~30% above its live tensors with the default malloc.
+    return USABLE_FRACTION if device_type == "cuda" else 0.75
+
+
+def host_memory() -> tuple[int, int]:
+    """(MemAvailable, MemTotal) from /proc/meminfo, in bytes."""
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        raise UserError("cannot read /proc/meminfo to size host memory; pass --plan-memory-gb")
+    values = {
+        line.split(":")[0]: int(line.split()[1]) * 1024
+        for line in meminfo.read_text().splitlines()
+        if line.split()[-1] == "kB"
     }
+    return values["MemAvailable"], values["MemTotal"]
+
+
+def detect_hardware(device: str = "auto", memory_gb: float = 0, device_count: int = 0) -> Hardware:
+    """The hardware this run will train on; memory_gb / device_count plan for another machine instead
+    (GiB per device as GPUs are sold: a "24 GB" card has 24 GiB; planned devices are taken to be GPUs)."""
+    available, total = host_memory()
+    world_size = int(os.environ.get("WORLD_SIZE", "0"))
+    if memory_gb:
+        count = device_count or world_size or 1
+        memory = int(memory_gb * GiB)
+        description = f"planned: {count} x {memory_gb:g} GiB GPU"
+        return Hardware("cuda", description, memory, count, available)
+    if device != "cpu" and torch.cuda.is_available():
+        count = device_count or world_size or torch.cuda.device_count()
+        properties = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        memory = min(p.total_memory for p in properties)  # the smallest device limits every rank
+        description = f"{count} x {properties[0].name} ({memory / GiB:.1f} GiB)"
+        return Hardware("cuda", description, memory, count, available)
+    count = device_count or world_size or 1
+    description = f"CPU, {available / GiB:.1f} of {total / GiB:.1f} GiB RAM available"
+    if count > 1:
+        description += f", shared by {count} processes"
+    return Hardware("cpu", description, available // count, count, available)
 
 
 @dataclass
-class ParameterCount:
-    embedding: int
-    block_linear: int  # the weights of q/k/v/o and the MLP in every layer: what QLoRA quantizes
-    block_other: int  # norms and q/k/v biases
-    final_norm: int
-    lm_head: int  # 0 when tied to the embedding
+class PlanRequest:
+    """What the user asked for (from TrainConfig: see `plan_request`); method "auto" lets the plan choose."""
 
-    @property
-    def total(self) -> int:
-        return self.embedding + self.block_linear + self.block_other + self.final_norm + self.lm_head
-
-
-def count_parameters(config: ModelConfig) -> ParameterCount:
-    """From the shapes alone (equals sum(p.numel()) of nanoft's Transformer, a tied lm_head counted once)."""
-    shapes = linear_shapes(config)
-    biases = sum(shapes[name][1] for name in ("q_proj", "k_proj", "v_proj")) if config.attention_bias else 0
-    per_layer_linear = sum(n_in * n_out for n_in, n_out in shapes.values())
-    embedding = config.vocab_size * config.hidden_size
-    return ParameterCount(
-        embedding=embedding,
-        block_linear=config.num_hidden_layers * per_layer_linear,
-        block_other=config.num_hidden_layers * (2 * config.hidden_size + biases),
-        final_norm=config.hidden_size,
-        lm_head=0 if config.tie_word_embeddings else embedding,
-    )
-
-
-def lora_targets(targets) -> tuple[str, ...]:
-    if targets == "all-linear" or list(targets) == ["all-linear"]:
-        return LINEAR_NAMES
-    return tuple(targets)
-
-
-def lora_parameter_count(config: ModelConfig, targets, r: int) -> int:
-    shapes = linear_shapes(config)
-    return config.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in lora_targets(targets))
-
-
-@dataclass
-class TrainingShape:
-    """What the memory estimate needs to know about a run."""
-
-    method: str  # "full", "lora" or "qlora"
-    micro_batch: int
-    seq_len: int
+    method: str = "auto"
+    max_quality: bool = False
+    domain_shift: bool = False
+    micro_batch: int = 4
+    grad_accum: int = 8
+    seq_len: int = 1024
     activation_checkpointing: bool = False
-    compute_bytes: int = 2  # bf16/fp16; 4 on a CPU without native bf16 (nanoft/precision.py decides)
+    compute_bytes: int = 2
     lora_r: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_alpha: float = 32.0
     lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     optim: str = "adamw"
-    shards: int = 1  # FSDP: weights, gradients and optimizer states divided over this many devices
-    cpu_offload: bool = False  # FSDP: the shards live in host memory; the device holds gathered layers
-    ddp: bool = False  # DDP keeps a second copy of the gradients in its all-reduce buckets
-    device_type: str = "cuda"
-
-    def __post_init__(self):
-        self.lora_targets = lora_targets(self.lora_targets)
+    lr: float | None = None
+    warmup_frac: float = 0.03
+    epochs: float = 3.0
+    eval_every: int = 50
+    grad_clip: float = 1.0
+    weight_decay: float = 0.01
 
 
 @dataclass
-class MemoryEstimate:
-    """Bytes per device at the peak of a training step; `activations` is at the shape's checkpointing."""
-
-    weights: int
-    adapters: int
-    gradients: int
-    optimizer: int
-    activations: int
-    activations_checkpointed: int  # the same micro-batch with activation checkpointing
-    activations_full: int  # ... and without
-    logits_loss: int
-    host_offload: int = 0  # bytes in host memory under FSDP CPU offload (not in the total)
+class Plan:
+    method: str  # "full", "lora" or "qlora"
+    layout: str  # "single", "ddp", "fsdp" or "fsdp_offload"
+    micro_batch: int
+    activation_checkpointing: bool
+    estimate: MemoryEstimate
+    fits: bool  # False only for a method the user fixed that does not fit even at micro-batch 1
+    hardware: Hardware
+    request: PlanRequest
+    parameters: ParameterCount
+    reasons: list[str] = field(default_factory=list)
 
     @property
-    def total(self) -> int:
-        return (
-            self.weights
-            + self.adapters
-            + self.gradients
-            + self.optimizer
-            + self.activations
-            + self.logits_loss
-        )
+    def grad_accum(self) -> int:
+        """Enough micro-batches for an effective batch of MIN_EFFECTIVE_BATCH, or the user's larger one."""
+        ranks = self.hardware.device_count
+        wanted = max(MIN_EFFECTIVE_BATCH, self.request.micro_batch * self.request.grad_accum * ranks)
+        return math.ceil(wanted / (self.micro_batch * ranks))
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.hardware.device_count
+
+    @property
+    def lr(self) -> float:
+        return self.request.lr or DEFAULT_LR[self.method]
 
 
-def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
-    """Bytes one decoder layer keeps for backward per token: what autograd saves in nanoft's model.
-
-    Derived by listing the tensors torch.autograd.graph.saved_tensors_hooks sees on a tiny model, and checked
-    against that listing for all three methods in tests/test_planner.py. C hidden size, I MLP width, H and KV
-    query and key-value heads of size D, c bytes per compute-dtype element:
-    - each of the two RMSNorms keeps its input in fp32 (x.float() is saved by pow and mul): 4C each;
-    - SDPA keeps q, k, v after RoPE, its output (o_proj's input is a view of it) and an fp32 logsumexp per
-      head: c (2 H D + 2 KV D) + 4 H;
-    - SwiGLU keeps gate's output (for silu), silu(gate) and up (for their product): 3 c I;
-    - LoRA / QLoRA: a frozen linear keeps nothing (bitsandbytes' 4-bit matmul neither). lora.py casts the
-      fp32 adapters to the compute dtype; with dropout each adapted layer keeps dropout's mask (the input's
-      dtype on CPU, bool on CUDA) and its output (c in) for A's gradient; without dropout A keeps the layer's
-      input itself, shared by q/k/v and by gate/up (o_proj's is SDPA's output, kept anyway); B keeps A's
-      output (c r);
-    - full fine-tune, fp32 weights under autocast: the residual stream is fp32, each norm also keeps its
-      normalised output (4C) for its weight's gradient, and autocast casts a norm's output once per linear
-      that reads it (q, k, v: 3 cC; gate, up: 2 cC); down_proj keeps its input (c I). Without autocast (fp32
-      compute) each norm output is one shared fp32 copy (4C) and down_proj's input is 4I.
-    """
-    C, I = config.hidden_size, config.intermediate_size
-    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    c = shape.compute_bytes
-    norm_inputs = 2 * 4 * C
-    attention = c * (2 * H * D + 2 * KV * D) + 4 * H
-    mlp = 3 * c * I
-    if shape.method == "full":
-        if c < 4:
-            return norm_inputs + 2 * 4 * C + 5 * c * C + attention + mlp + c * I
-        return norm_inputs + 2 * 4 * C + 2 * 4 * C + attention + mlp + 4 * I
-    return norm_inputs + attention + mlp + lora_activation_bytes_per_token(config, shape)
-
-
-def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
-    shapes, c, r = linear_shapes(config), shape.compute_bytes, shape.lora_r
-    if shape.lora_dropout > 0:
-        return sum((dropout_mask_bytes(shape) + c) * shapes[t][0] + c * r for t in shape.lora_targets)
-    input_groups = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "sdpa"}
-    input_groups |= {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "product"}
-    group_width = {"attention": config.hidden_size, "sdpa": 0, "mlp": config.hidden_size}
-    group_width["product"] = config.intermediate_size
-    kept_inputs = {input_groups[t] for t in shape.lora_targets}
-    return sum(c * group_width[group] for group in kept_inputs) + len(shape.lora_targets) * c * r
-
-
-def dropout_mask_bytes(shape: TrainingShape) -> int:
-    """CUDA's fused dropout keeps a bool mask; the CPU kernel keeps a mask in the input's dtype."""
-    if shape.lora_dropout == 0:
-        return 0
-    return shape.compute_bytes if shape.device_type == "cpu" else 1
-
-
-def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: bool) -> int:
-    """Everything autograd keeps for backward at the end of a micro-batch's forward."""
-    tokens, layers, C = shape.micro_batch * shape.seq_len, config.num_hidden_layers, config.hidden_size
-    c = shape.compute_bytes
-    per_layer = layer_activation_bytes_per_token(config, shape)
-    if shape.method == "full":
-        residual, final_norm, rope = 4, 2 * 4 * C, 2 * 4 * config.head_dim
-        first_layer_saving, embedding_indices = 0, 8
-    else:
-        residual, final_norm, rope = c, 4 * C, 2 * c * config.head_dim
-        embedding_indices = 0
-        # The frozen embedding's output needs no gradient, so the first layer's input norm and the dropout
-        # masks of adapters reading it (q, k, v) keep nothing.
-        attention_inputs = [t for t in shape.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
-        first_layer_saving = 4 * C + dropout_mask_bytes(shape) * C * len(attention_inputs)
-    # The loss keeps dL/dhidden (computed in its forward, in the hidden states' dtype) and the target mask.
-    loss = residual * C + 1
-    if checkpointing:  # only each layer's input is kept; backward recomputes one layer at a time
-        layer_bytes = layers * residual * C + per_layer
-    else:
-        layer_bytes = layers * per_layer - first_layer_saving
-    return math.ceil((layer_bytes + final_norm + rope + loss + embedding_indices) * tokens)
-
-
-def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate:
-    params = count_parameters(config)
-    c, tokens, layers = shape.compute_bytes, shape.micro_batch * shape.seq_len, config.num_hidden_layers
-    matmul_params = params.block_linear + (params.lm_head or params.embedding)
-    if shape.method == "full":
-        # fp32 master weights, plus the compute-dtype copies autocast caches for every matmul weight until
-        # backward has used them.
-        weights = 4 * params.total + (c * matmul_params if c < 4 else 0)
-        trainable, adapters = params.total, 0
-    else:
-        linear_bytes = NF4_BYTES_PER_PARAM if shape.method == "qlora" else c
-        weights = math.ceil(linear_bytes * params.block_linear) + c * (params.total - params.block_linear)
-        trainable = lora_parameter_count(config, shape.lora_targets, shape.lora_r)
-        # fp32 adapters, and the compute-dtype copies lora.py casts them to for each forward.
-        adapters = (4 + (c if c < 4 else 0)) * trainable
-    gradients = 4 * trainable * (2 if shape.ddp else 1)
-    optimizer = OPTIMIZER_BYTES_PER_PARAM[shape.optim] * trainable
-
-    activations_full = activation_bytes(config, shape, checkpointing=False)
-    activations_checkpointed = activation_bytes(config, shape, checkpointing=True)
-    activations = activations_checkpointed if shape.activation_checkpointing else activations_full
-
-    # One chunk of logits at a time (nanoft/loss.py), in fp32, while logsumexp holds an fp32 temporary of the
-    # same size (exp(logits - max)): 8 bytes per logit at the peak (measured; the compute-dtype matmul output
-    # and the softmax's cast back add less). A trained lm_head adds its fp32 gradient, built in the forward,
-    # and the compute-dtype + fp32 copies of each chunk's contribution to it.
-    chunk_logits = min(tokens, max(1, LOGITS_PER_CHUNK // config.vocab_size)) * config.vocab_size
-    logits_loss = 8 * chunk_logits
-    if shape.method == "full":
-        lm_head = params.lm_head or params.embedding
-        logits_loss += 4 * lm_head + (c + 4 if c < 4 else 4) * lm_head
-
-    host_offload = 0
-    if shape.shards > 1 or shape.cpu_offload:
-        sharded = weights + adapters + gradients + optimizer
-        per_shard = sharded // shape.shards
-        # FSDP all-gathers a layer before using it (and prefetches the next): two layers' weights in full.
-        layer_weights = 2 * (weights - c * (params.total - params.block_linear)) // max(1, layers)
-        if shape.cpu_offload:
-            host_offload = per_shard
-            weights, adapters, gradients, optimizer = layer_weights, 0, 0, 0
-        else:
-            fraction = 1 / shape.shards
-            weights = math.ceil(weights * fraction) + layer_weights
-            adapters, gradients, optimizer = (
-                math.ceil(x * fraction) for x in (adapters, gradients, optimizer)
-            )
-    return MemoryEstimate(
-        weights=weights,
-        adapters=adapters,
-        gradients=gradients,
-        optimizer=optimizer,
-        activations=activations,
-        activations_checkpointed=activations_checkpointed,
-        activations_full=activations_full,
-        logits_loss=logits_loss,
-        host_offload=host_offload,
+def plan_request(config, compute_bytes: int = 2) -> PlanRequest:
+    """The PlanRequest of a TrainConfig (nanoft/config.py)."""
+    return PlanRequest(
+        method=config.method,
+        max_quality=config.max_quality,
+        domain_shift=config.domain_shift,
+        micro_batch=config.batch_size,
+        grad_accum=config.grad_accum,
+        seq_len=config.seq_len,
+        activation_checkpointing=config.activation_checkpointing,
+        compute_bytes=compute_bytes,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        lora_targets=tuple(config.lora_targets),
+        optim=config.optim,
+        lr=config.lr,
+        warmup_frac=config.warmup_frac,
+        epochs=config.epochs,
+        eval_every=config.eval_every,
+        grad_clip=config.grad_clip,
+        weight_decay=config.weight_decay,
     )
+
+
+def framework_allows(method: str, params: ParameterCount, hardware: Hardware, request: PlanRequest):
+    """(allowed, why): the framework's rule for `method`, before the estimate decides whether it fits."""
+    memory = hardware.memory_bytes * hardware.device_count  # FSDP can pool the devices
+    where = f"{hardware.device_count} x {hardware.memory_bytes / GiB:.1f} GiB"
+    if method == "full":
+        needed = FULL_RULE_BYTES_PER_PARAM * params.total
+        rule = f"4 x the fp32 model = {needed / GiB:.1f} GiB (16 bytes/parameter: weights, grads, Adam m, v)"
+        if not (request.max_quality or request.domain_shift):
+            return False, "full fine-tune: not asked for (--max-quality); adapters reach most of its quality"
+        if memory < needed:
+            return False, f"full fine-tune: {where} is below {rule}"
+        return True, f"full fine-tune: maximum quality asked for, and {where} >= {rule}"
+    if method == "lora":
+        needed = LORA_BAND * request.compute_bytes * params.total
+        band = f"{LORA_BAND:.2f} x the {request.compute_bytes * params.total / GiB:.1f} GiB 16-bit model"
+        if memory < needed:
+            return (
+                False,
+                f"LoRA (16-bit base): {where} is below {band} (the 24 GB band for a 7B) -> 4-bit base",
+            )
+        return True, f"LoRA (16-bit base): {where} >= {band} (the framework's 24 GB for a 7B)"
+    return True, "QLoRA (4-bit NF4 base): the smallest footprint, at some quality and speed cost"
+
+
+def layouts(hardware: Hardware) -> list[str]:
+    if hardware.device_type == "cpu":
+        return ["ddp" if hardware.device_count > 1 else "single"]
+    if hardware.device_count > 1:
+        return ["ddp", "fsdp", "fsdp_offload"]
+    return ["single", "fsdp_offload"]
+
+
+def halvings(micro_batch: int) -> list[int]:
+    sizes = [micro_batch]
+    while sizes[-1] > 1:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def fit_batch(config: ModelConfig, method: str, layout: str, hardware: Hardware, request: PlanRequest):
+    """(micro_batch, checkpointing, estimate) that fits, or None. Halving the micro-batch (accumulating more)
+    costs nothing in quality; checkpointing costs ~30% more compute, so it comes only when micro-batch 1
+    does not fit."""
+    checkpointing_options = [True] if request.activation_checkpointing else [False, True]
+    for checkpointing in checkpointing_options:
+        for micro_batch in halvings(request.micro_batch):
+            estimate = estimate_memory(
+                config, training_shape(method, layout, micro_batch, checkpointing, hardware, request)
+            )
+            host_needed = estimate.host_offload * hardware.device_count
+            if estimate.total <= hardware.usable_bytes and host_needed <= 0.75 * hardware.host_memory_bytes:
+                return micro_batch, checkpointing, estimate
+    return None
+
+
+def training_shape(method, layout, micro_batch, checkpointing, hardware, request) -> TrainingShape:
+    return TrainingShape(
+        method=method,
+        micro_batch=micro_batch,
+        seq_len=request.seq_len,
+        activation_checkpointing=checkpointing,
+        compute_bytes=request.compute_bytes,
+        lora_r=request.lora_r,
+        lora_targets=request.lora_targets,
+        lora_dropout=request.lora_dropout,
+        optim=request.optim,
+        shards=hardware.device_count if layout.startswith("fsdp") else 1,
+        cpu_offload=layout == "fsdp_offload",
+        ddp=layout == "ddp",
+        device_type=hardware.device_type,
+    )
+
+
+METHODS = ("full", "lora", "qlora")  # most to least faithful to the data
+DOMAIN_SHIFT_ADVICE = (
+    "domain shift declared: first continue pretraining on raw in-domain text (--data-format text), with a "
+    "full fine-tune if memory allows or LoRA on all-linear with r >= 64 (new knowledge needs more capacity "
+    "than a new style), then instruction-tune the result"
+)
+LAYOUT_WHY = {
+    "single": "fits one device",
+    "ddp": "fits one device, so each of the devices holds the whole model (DDP)",
+    "fsdp": "too big for one device: FSDP shards weights, gradients and optimizer states across the devices",
+    "fsdp_offload": "too big even sharded: FSDP with CPU offload keeps the shards in host RAM (slow)",
+}
+
+
+def make_plan(config: ModelConfig, hardware: Hardware, request: PlanRequest) -> Plan:
+    """The least lossy method the framework allows that fits, on the simplest layout, at the largest
+    micro-batch up to the user's; raises UserError when nothing fits (a method fixed by the user is planned
+    anyway, marked as not fitting)."""
+    params = count_parameters(config)
+    reasons = [DOMAIN_SHIFT_ADVICE] if request.domain_shift else []
+    candidates = METHODS if request.method == "auto" else (request.method,)
+    for method in candidates:
+        if request.method == "auto":
+            allowed, why = framework_allows(method, params, hardware, request)
+            reasons.append(why)
+            if not allowed:
+                continue
+        else:
+            reasons.append(f"{method}: chosen with --method (--method auto lets the plan choose)")
+        for layout in layouts(hardware):
+            fit = fit_batch(config, method, layout, hardware, request)
+            if fit is not None:  # (micro_batch, checkpointing, estimate)
+                reasons.append(f"{method} {LAYOUT_WHY[layout]}: {fit[2].total / GiB:.1f} GiB per device")
+                return Plan(method, layout, *fit, True, hardware, request, params, reasons)
+        most_sharded = layouts(hardware)[-1]
+        smallest = estimate_memory(config, training_shape(method, most_sharded, 1, True, hardware, request))
+        reasons.append(
+            f"{method}: needs {smallest.total / GiB:.1f} GiB per device even at micro-batch 1 with "
+            f"checkpointing, more than the {hardware.usable_bytes / GiB:.1f} GiB usable"
+        )
+    if request.method == "auto":
+        raise UserError(
+            f"no method fits {hardware.description}: QLoRA needs {smallest.total / GiB:.1f} GiB per device "
+            "at micro-batch 1 with checkpointing; use a smaller model, a shorter --seq-len, or more devices"
+        )
+    return Plan(request.method, most_sharded, 1, True, smallest, False, hardware, request, params, reasons)
+
+
+METHOD_NAMES = {
+    "full": "full fine-tune",
+    "lora": "LoRA on a 16-bit base",
+    "qlora": "QLoRA on a 4-bit NF4 base",
+}
+LAYOUT_NAMES = {
+    "single": "one device",
+    "ddp": "DDP",
+    "fsdp": "FSDP (ZeRO-3-like sharding)",
+    "fsdp_offload": "FSDP + CPU offload",
+}
+
+
+def watch_list(plan: Plan) -> list[tuple[str, str]]:
+    """(hyperparameter and value, what to watch to know it is working) for every knob of the plan."""
+    request = plan.request
+    watch = [
+        (
+            f"lr {format_lr(plan.lr)}",
+            "loss falls within the first 100 steps; NaN or spikes: halve it; val flat for 100 steps: "
+            "--lr-sweep",
+        ),
+        (
+            f"warmup {request.warmup_frac:.0%} of steps, cosine to 10%",
+            "no loss spike in the first steps (else lengthen warmup); most of the gain comes before mid-run",
+        ),
+        (
+            f"effective batch {plan.effective_batch}",
+            "train loss smooth from step to step; if it jumps by >20%, raise --grad-accum",
+        ),
+        (
+            f"micro-batch {plan.micro_batch}",
+            "memory below the limit (out of memory: it is halved and accumulation doubled automatically)",
+        ),
+        (
+            f"seq len {request.seq_len}",
+            "the data report's truncated count: more than a few % truncated -> raise --seq-len",
+        ),
+        (
+            f"epochs {request.epochs:g}, eval every {request.eval_every}",
+            "val loss falls, then flattens; val rising while train falls is overfitting: the best "
+            "checkpoint is kept and early stopping ends the run",
+        ),
+        (
+            f"grad clip {request.grad_clip:g}",
+            "grad norm (TensorBoard) mostly below the clip; clipped on every step -> lower the lr",
+        ),
+        (
+            f"weight decay {request.weight_decay:g}",
+            "matrices only; raise towards 0.1 if val loss rises while train falls",
+        ),
+        (
+            "activation checkpointing " + ("on" if plan.activation_checkpointing else "off"),
+            "on: ~30% slower steps for much less activation memory; turn off if memory allows",
+        ),
+    ]
+    if plan.method != "full":
+        watch.insert(
+            1,
+            (
+                f"LoRA r {request.lora_r}, alpha {request.lora_alpha:g}, dropout {request.lora_dropout:g}, "
+                f"on {','.join(request.lora_targets)}",
+                "val plateaus early well above train: more capacity (r 32-64, all-linear); val rises "
+                "while train falls: fewer epochs or more dropout",
+            ),
+        )
+    if plan.method == "qlora":
+        watch.append(
+            (
+                "4-bit base",
+                "compare val loss of the 4-bit base + adapter with the merged bf16 export before serving",
+            )
+        )
+    return watch
+
+
+def format_plan(plan: Plan, model_name: str = "") -> str:
+    p, e, hw = plan.parameters, plan.estimate, plan.hardware
+    c = plan.request.compute_bytes
+    dtype = "bf16" if c == 2 else "fp32"
+    tokens = f"{plan.micro_batch} x {plan.request.seq_len} tokens"
+    lines = [
+        f"nanoft plan{' for ' + model_name if model_name else ''}: {p.total / 1e9:.2f}B parameters "
+        f"({p.block_linear / 1e9:.2f}B in the decoder blocks' linears, {p.embedding / 1e9:.2f}B embedding"
+        + (f", {p.lm_head / 1e9:.2f}B lm_head)" if p.lm_head else ", lm_head tied)"),
+        f"hardware: {hw.description}; usable {hw.usable_bytes / GiB:.1f} GiB per device "
+        f"({usable_fraction(hw.device_type):.0%})",
+        "",
+        f"method: {METHOD_NAMES[plan.method]}, {LAYOUT_NAMES[plan.layout]}"
+        + ("" if plan.fits else "  ** estimated NOT to fit: expect out-of-memory **"),
+        "why:",
+        *(f"  - {reason}" for reason in plan.reasons),
+        "",
+        f"memory per device (GiB) at micro-batch {tokens}:",
+    ]
+    weights = {"full": f"fp32 master + {dtype} autocast copies", "lora": f"{dtype} base", "qlora": "NF4 base"}
+    rows = [
+        (f"weights ({weights[plan.method]})", e.weights),
+        ("adapters (fp32 + compute-dtype copies)", e.adapters),
+        ("gradients (fp32, trainable only)", e.gradients),
+        (f"optimizer states ({plan.request.optim})", e.optimizer),
+        (
+            "activations without checkpointing" + ("" if plan.activation_checkpointing else "  <- used"),
+            e.activations_full,
+        ),
+        (
+            "activations with checkpointing" + ("  <- used" if plan.activation_checkpointing else ""),
+            e.activations_checkpointed,
+        ),
+        ("logits / loss (chunks of 2^25 logits, never all)", e.logits_loss),
+        ("kernel workspace", e.workspace),
+    ]
+    lines += [f"  {name:<52}{value / GiB:>8.2f}" for name, value in rows]
+    lines.append(f"  {'total (peak)':<52}{e.total / GiB:>8.2f}  of {hw.usable_bytes / GiB:.1f} usable")
+    if e.host_offload:
+        lines.append(f"  {'host RAM for the offloaded shards (per rank)':<52}{e.host_offload / GiB:>8.2f}")
+    lines += [
+        "",
+        f"batch: micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} x {hw.device_count} "
+        f"device(s) = effective batch {plan.effective_batch} (>= {MIN_EFFECTIVE_BATCH})",
+        f"lr {format_lr(plan.lr)} with {plan.request.optim}: linear warmup over "
+        f"{plan.request.warmup_frac:.0%} of the steps, then cosine decay to 10% of the peak",
+        "",
+        "what to watch:",
+    ]
+    lines += [f"  - {name}: {what}" for name, what in watch_list(plan)]
+    return "\n".join(lines)
+
+
+def format_lr(lr: float) -> str:
+    """2e-4, 5e-5, 1.5e-4: how people write learning rates."""
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def plan_for_run(config, planning_only: bool) -> Plan:
+    """The plan for a TrainConfig: `--plan` (planning_only: every visible GPU counts) or `--method auto`
+    (the processes that will train count: WORLD_SIZE, else 1)."""
+    from nanoft.default_model import resolve_model  # lazily: it is only needed here
+    from nanoft.precision import choose_compute_dtype
+    from nanoft.weights import load_config
+
+    model_config = load_config(resolve_model(config.model))
+    if config.plan_memory_gb:
+        compute_bytes = 2  # planned GPUs are taken to have bf16 (Ampere and newer)
+    else:
+        device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+        compute_bytes = choose_compute_dtype(config.dtype, device)[0].itemsize
+    device_count = config.plan_devices or (0 if planning_only else int(os.environ.get("WORLD_SIZE", "1")))
+    hardware = detect_hardware(config.device, config.plan_memory_gb, device_count)
+    return make_plan(model_config, hardware, plan_request(config, compute_bytes))

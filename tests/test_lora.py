@@ -17,6 +17,7 @@ from lora import (
     LoRAConfig,
     LoRALinear,
     base_state_dict,
+    count_parameters,
     export_merged,
     inject_lora,
     load_adapter,
@@ -347,6 +348,7 @@ def quantize_linears(model, quant_type):
 @pytest.mark.parametrize("case", ["lora", "dora"])
 def test_quantized_base_trains_and_merging_dequantizes(base_dir, tmp_path, quant_type, case):
     model = quantize_linears(from_pretrained(base_dir), quant_type)
+    assert count_parameters(model)[1] == count_parameters(from_pretrained(base_dir))[1]  # 4-bit: 2 per byte
     # Train mode throughout the first part: an eval forward makes bitsandbytes (CPU, AVX512-BF16) switch to an
     # inference kernel that drops input gradients from then on.
     with torch.no_grad():

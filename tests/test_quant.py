@@ -2,7 +2,7 @@
 
     python -m pytest tests/test_quant.py -q
 
-A tiny Llama (hidden 128, 2 layers, byte vocabulary) with Gaussian weights (std 0.02, Hugging Face's
+A tiny Llama (hidden 128, 3 layers, byte vocabulary) with Gaussian weights (std 0.02, Hugging Face's
 initializer_range) is written to disk once and loaded through quant.load_quantized, so every test goes through
 the same streaming loader users do. References: a plain-torch NF4 quantizer, the fp32/bf16 model, torch AdamW.
 """
@@ -20,8 +20,8 @@ from quant import QuantConfig, bitsandbytes_error, load_quantized, make_optimize
 bnb = pytest.importorskip("bitsandbytes")
 
 TINY = dict(
-    vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512,
+    vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=512,
 )  # fmt: skip
 # Real text to memorise, one byte per token (the opening of the Python tutorial).
 TEXT = (
@@ -37,14 +37,28 @@ NF4_CODE = [
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from a second thread, and on a busy machine OpenMP workers wait for each
+    other: 0.12 s per QLoRA step on one thread, 4 s on two, measured at load average 10 on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     torch.manual_seed(0)
     config = ModelConfig(**TINY)
     model = Transformer(config)
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
+        # Embeddings and lm_head at 0.1 give logits of std ~1, so adapters on a frozen random base can make
+        # confident predictions; at 0.02 the logits' std is 0.2 and LoRA alone cannot memorise anything.
         if parameter.dim() == 2:
-            nn.init.normal_(parameter, std=0.02)
+            nn.init.normal_(
+                parameter, std=0.1 if name in ("model.embed_tokens.weight", "lm_head.weight") else 0.02
+            )
     path = tmp_path_factory.mktemp("tiny_llama")
     save_pretrained(model.state_dict(), config, path)  # fp32, as released checkpoints often are
     return path
@@ -121,9 +135,8 @@ def test_per_layer_output_error_is_the_expected_nf4_error(tiny_dir):
             q: relative_error(m.get_submodule(name)(x.bfloat16()), reference) for q, m in quantized.items()
         }
         predicted = relative_error(nf4_reference(linear.weight.detach()), linear.weight)
-        print(
-            f"{name}: nf4 {errors['nf4']:.4f} (predicted {predicted:.4f}) fp4 {errors['fp4']:.4f} int8 {errors['int8']:.4f}"
-        )
+        print(f"{name}: nf4 {errors['nf4']:.4f} (predicted {predicted:.4f}), fp4 {errors['fp4']:.4f}, "
+              f"int8 {errors['int8']:.4f}")  # fmt: skip
         assert 0.08 < errors["nf4"] < 0.11
         assert abs(errors["nf4"] - predicted) < 0.15 * predicted
         assert errors["fp4"] > errors["nf4"]
@@ -194,9 +207,10 @@ def qlora_run(tiny_dir, tmp_path_factory):
 
 
 def test_qlora_loss_falls_and_gradients_reach_every_adapter(qlora_run):
+    """Memorised, not counted: below 1.68 nats, the text's own entropy of a byte given the byte before it."""
     model, losses, first_layer_grads, _, _ = qlora_run
     print(f"QLoRA loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 1.68 < 0.5 * losses[0]
     # Gradients reach the first layer's adapters at every step, also after the eval pass at step 10
     # (bitsandbytes' CPU inference repacking would cut them off; quant.py turns it off).
     assert all(g > 0 for g in first_layer_grads)
@@ -207,7 +221,7 @@ def test_qlora_loss_falls_and_gradients_reach_every_adapter(qlora_run):
 def test_qlora_steps_leave_the_4bit_weights_bit_identical(qlora_run):
     model, _, _, before, _ = qlora_run
     after = snapshot_quantized_bytes(model)
-    assert before.keys() == after.keys() and len(after) == 14
+    assert before.keys() == after.keys() and len(after) == 3 * 7
     for name in before:
         assert all(torch.equal(a, b) for a, b in zip(before[name], after[name], strict=True)), name
 
@@ -220,17 +234,17 @@ def test_adapter_loads_onto_fresh_4bit_and_bf16_bases(tiny_dir, qlora_run):
         # Quantization is deterministic: a freshly quantized base + the adapter is the trained model.
         fresh = load_adapter(load_quantized(tiny_dir), adapter_dir).eval()
         assert torch.equal(fresh(inputs), trained_logits)
-        # On the bf16 base the adapter meets the weights before quantization: close, not equal (the
-        # measured gap is ~0.1 relative, the NF4 error carried through the model).
+        # On the bf16 base the adapter meets the weights before quantization: close, not equal; the
+        # logits differ by about the NF4 error carried through the model (0.15 for this one, measured).
         bf16_base = from_pretrained(tiny_dir, dtype=torch.bfloat16)
         base_loss = mean_loss(bf16_base, inputs, targets).item()
         on_bf16 = load_adapter(bf16_base, adapter_dir).eval()
-        assert relative_error(on_bf16(inputs), trained_logits) < 0.2
+        logits_gap = relative_error(on_bf16(inputs), trained_logits)
         adapted_loss = mean_loss(on_bf16, inputs, targets).item()
-    print(
-        f"loss on the text: bf16 base {base_loss:.3f}, + QLoRA adapter {adapted_loss:.3f}, 4-bit {losses[-1]:.3f}"
-    )
-    assert adapted_loss < 0.5 * base_loss
+    print(f"bf16 base + adapter: logits {logits_gap:.3f} off the 4-bit model's; loss {base_loss:.3f} without "
+          f"the adapter, {adapted_loss:.3f} with it ({losses[-1]:.3f} on the 4-bit base)")  # fmt: skip
+    assert logits_gap < 0.2
+    assert adapted_loss < 1.68  # the memorisation carries over
 
 
 def test_merged_export_is_the_4bit_model_dequantized(tiny_dir, qlora_run, tmp_path):

@@ -44,9 +44,10 @@ N_WORDS = 58  # the tiny tokenizer's words w0..w57 (ids 6..63)
 
 def save_tiny_model(path: Path, tokenizer_dir: Path, poison_word: int | None = None) -> Path:
     torch.manual_seed(0)
-    config = ModelConfig(**TINY)
+    # Untied when poisoned: an inf row in a tied lm_head would make every logit, not one batch, NaN.
+    config = ModelConfig(**{**TINY, "tie_word_embeddings": poison_word is None})
     model = Transformer(config)
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.dim() >= 2:
             torch.nn.init.normal_(param, std=0.02)  # Hugging Face's initialisation: small, stable logits
     if poison_word is not None:  # a token whose embedding is inf: any batch holding it has a NaN loss
@@ -90,34 +91,12 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOFT_CACHE", str(tmp_path / "cache"))  # tokenized-data cache per test
 
 
-def train(tiny_model_dir, data_files, out: Path, *flags) -> dict:
-    """Run train.py's main() with small defaults; return summary.json."""
+def train(tiny_model_dir, data_files, out: Path, *flags: str) -> dict:
+    """Run train.py's main() with small defaults (later flags override them); return summary.json."""
     train_file, val_file = data_files
-    main(
-        [
-            "--model",
-            str(tiny_model_dir),
-            "--data",
-            str(train_file),
-            "--val-data",
-            str(val_file),
-            "--out",
-            str(out),
-            "--seq-len",
-            "64",
-            "--batch-size",
-            "4",
-            "--grad-accum",
-            "2",
-            "--lr",
-            "1e-2",
-            "--eval-every",
-            "4",
-            "--lora-targets",
-            "all-linear",
-            *flags,
-        ]
-    )
+    defaults = "--seq-len 64 --batch-size 4 --grad-accum 2 --lr 1e-2 --eval-every 4 --lora-targets all-linear"
+    paths = ["--model", str(tiny_model_dir), "--data", str(train_file), "--val-data", str(val_file)]
+    main([*paths, "--out", str(out), *defaults.split(), *flags])
     return json.loads((out / "summary.json").read_text())
 
 
@@ -129,16 +108,14 @@ def train_losses(out: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metrics(out) if "loss" in row}
 
 
-def run_cli(*args, env_cache: Path, timeout=120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NANOFT_CACHE": str(env_cache), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=timeout,
-    )
+def cli_args(model_dir, train_file, val_file, out, flags: str) -> list[str]:
+    paths = ["--model", model_dir, "--data", train_file, "--val-data", val_file, "--out", out]
+    return [sys.executable, str(REPO / "train.py"), *map(str, paths), "--seq-len", "64", *flags.split()]
+
+
+def run_cli(args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NANOFT_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
 # ---------------------------------------------------------------------------- the loop's arithmetic
@@ -146,19 +123,9 @@ def run_cli(*args, env_cache: Path, timeout=120) -> subprocess.CompletedProcess:
 
 def test_accumulating_4_micro_batches_of_1_equals_one_batch_of_4(tiny_model_dir, data_files, tmp_path):
     """Loss and gradients are normalised by the target tokens of the whole step, so how the step's sequences
-    fall into micro-batches changes nothing: the same loss, grad norm and adapter weights, step for step."""
-    flags = (
-        "--max-steps",
-        "3",
-        "--lora-dropout",
-        "0",
-        "--save-every",
-        "3",
-        "--eval-every",
-        "3",
-        "--dtype",
-        "fp32",
-    )
+    fall into micro-batches changes nothing: the same loss, grad norm and adapter weights, step for step.
+    (fp32: in bf16 the different padding of the two layouts alone moves the grad norm by ~1e-3.)"""
+    flags = "--max-steps 3 --lora-dropout 0 --save-every 3 --eval-every 3 --dtype fp32".split()
     train(tiny_model_dir, data_files, tmp_path / "one", *flags, "--batch-size", "4", "--grad-accum", "1")
     train(tiny_model_dir, data_files, tmp_path / "four", *flags, "--batch-size", "1", "--grad-accum", "4")
     one, four = metrics(tmp_path / "one"), metrics(tmp_path / "four")
@@ -169,7 +136,7 @@ def test_accumulating_4_micro_batches_of_1_equals_one_batch_of_4(tiny_model_dir,
     weights_one = load_file(tmp_path / "one/checkpoints/step-0000003/trainable.safetensors")
     weights_four = load_file(tmp_path / "four/checkpoints/step-0000003/trainable.safetensors")
     assert weights_one.keys() == weights_four.keys()
-    for name in weights_one:
+    for name in weights_one:  # Adam divides by sqrt(v): where a gradient is ~0, 1e-6 noise becomes 1e-5
         torch.testing.assert_close(weights_one[name], weights_four[name], rtol=1e-4, atol=1e-5)
     assert any(
         tensor.abs().sum() > 0 for name, tensor in weights_one.items() if "lora_B" in name
@@ -177,34 +144,23 @@ def test_accumulating_4_micro_batches_of_1_equals_one_batch_of_4(tiny_model_dir,
 
 
 def test_resume_continues_exactly(tiny_model_dir, data_files, tmp_path):
-    """Stop after step 2 (keep only that checkpoint), resume: the losses of steps 3.. equal the uninterrupted
-    run's. Dropout is on, so the random state must be restored too; the epoch ends mid-run (data position)."""
-    flags = (
-        "--max-steps",
-        "16",
-        "--save-every",
-        "2",
-        "--keep-last",
-        "20",
-        "--lora-dropout",
-        "0.1",
-        "--batch-size",
-        "8",
-        "--grad-accum",
-        "2",
-    )  # 96 train records -> 6 steps per epoch
-    full = train(tiny_model_dir, data_files, tmp_path / "full", *flags)
+    """Keep only the step-8 checkpoint of a 16-step run and resume from it: steps 9-16 give the uninterrupted
+    run's losses, val losses and weights. Dropout is on, so the random state must come back too, and an epoch
+    (6 steps) ends before the checkpoint and another after it, so the data position must too."""
+    flags = "--max-steps 16 --save-every 2 --keep-last 20 --lora-dropout 0.1 --batch-size 8 --grad-accum 2"
+    full = train(tiny_model_dir, data_files, tmp_path / "full", *flags.split())
     interrupted = tmp_path / "interrupted"
     shutil.copytree(tmp_path / "full", interrupted)
     for checkpoint in (interrupted / "checkpoints").iterdir():
         if checkpoint.name != "step-0000008":
             shutil.rmtree(checkpoint)
-    resumed = train(tiny_model_dir, data_files, interrupted, *flags, "--resume")
+    resumed = train(tiny_model_dir, data_files, interrupted, *flags.split(), "--resume")
     full_losses, resumed_losses = train_losses(tmp_path / "full"), train_losses(interrupted)
     assert sorted(resumed_losses) == list(range(1, 17))
     for step in range(9, 17):
         assert resumed_losses[step] == pytest.approx(full_losses[step], abs=1e-6), step
-    assert resumed["val_curve"] == pytest.approx(full["val_curve"], abs=1e-6)
+    assert [step for step, _ in resumed["val_curve"]] == [0, 4, 8, 12, 16]
+    assert resumed["val_curve"] == [pytest.approx(point, abs=1e-6) for point in full["val_curve"]]
     final_full = load_file(tmp_path / "full/checkpoints/step-0000016/trainable.safetensors")
     final_resumed = load_file(interrupted / "checkpoints/step-0000016/trainable.safetensors")
     for name in final_full:
@@ -212,26 +168,13 @@ def test_resume_continues_exactly(tiny_model_dir, data_files, tmp_path):
 
 
 def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path):
-    """Validation answers follow a different rule than training's, so the more the model learns the worse val
-    gets after a first improvement (it learns the format): the best adapter is the early one, kept on disk
-    (its checkpoint survives pruning), and patience stops the run."""
+    """Validation answers follow another rule than training's, so after a first improvement (the format) the
+    more the model learns the worse val gets: the best adapter is an early one, kept on disk (its checkpoint
+    survives pruning to the last 1), and patience stops the run."""
     train_file = write_data(tmp_path / "train.jsonl", 96, seed=1, shift=1)
     val_file = write_data(tmp_path / "val.jsonl", 16, seed=2, shift=5)
-    summary = train(
-        tiny_model_dir,
-        (train_file, val_file),
-        tmp_path / "run",
-        "--max-steps",
-        "60",
-        "--eval-every",
-        "2",
-        "--save-every",
-        "2",
-        "--keep-last",
-        "1",
-        "--patience",
-        "3",
-    )
+    flags = "--max-steps 60 --eval-every 2 --save-every 2 --keep-last 1 --patience 3".split()
+    summary = train(tiny_model_dir, (train_file, val_file), tmp_path / "run", *flags)
     curve = summary["val_curve"]
     assert summary["stop_reason"] == "early stop"
     assert summary["steps"] < 60
@@ -257,30 +200,9 @@ def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_tokenizer_dir, tmp_pat
     rows[40] = json.dumps({"instruction": "w3 w57 w4", "output": "w4 w5"})
     train_file.write_text("\n".join(rows) + "\n")
     val_file = write_data(tmp_path / "val.jsonl", 16, seed=2, n_words_range=(2, 6))
-    result = run_cli(
-        "--model",
-        model_dir,
-        "--data",
-        train_file,
-        "--val-data",
-        val_file,
-        "--out",
-        tmp_path / "run",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "2",
-        "--save-every",
-        "1",
-        "--eval-every",
-        "2",
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-3",
-        env_cache=tmp_path / "cache",
-    )
-    assert result.returncode == 1, result.stderr
+    flags = "--batch-size 4 --grad-accum 2 --save-every 1 --eval-every 2 --epochs 1 --lr 1e-3"
+    result = run_cli(cli_args(model_dir, train_file, val_file, tmp_path / "run", flags), tmp_path / "cache")
+    assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: loss is NaN or inf at step")
     assert f"{train_file}:41" in result.stdout  # the offending record, by file and line
@@ -295,32 +217,11 @@ def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_tokenizer_dir, tmp_pat
 
 
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_files, tmp_path):
-    train_file, val_file = data_files
-    args = (
-        "--model",
-        tiny_model_dir,
-        "--data",
-        train_file,
-        "--val-data",
-        val_file,
-        "--out",
-        tmp_path / "run",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "1",
-        "--max-steps",
-        "100000",
-        "--eval-every",
-        "100000",
-        "--save-every",
-        "100000",
-        "--lora-dropout",
-        "0",
-    )
+    flags = "--batch-size 2 --grad-accum 1 --eval-every 100000 --save-every 100000"
+    args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", flags)
     env = {**os.environ, "NANOFT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *map(str, args)],
+        [*args, "--max-steps", "100000"],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -328,20 +229,20 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_file
         text=True,
     )
     metrics_file = tmp_path / "run/metrics.jsonl"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGINT, stderr
     assert "Traceback" not in stderr
     assert "--resume" in stdout
     checkpoint = sorted((tmp_path / "run/checkpoints").iterdir())[-1]
     stopped_at = json.loads((checkpoint / "state.json").read_text())["step"]
     assert stopped_at >= 2
-    result = run_cli(*args[:-8], "--max-steps", stopped_at + 2, "--resume", env_cache=tmp_path / "cache")
+    result = run_cli([*args, "--max-steps", str(stopped_at + 2), "--resume"], tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == stopped_at + 2
 
@@ -352,6 +253,9 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_file
 def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_files, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from lora import load_adapter
+    from nanoft.weights import from_pretrained
 
     summary = train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "12", "--merge")
     for key in (
@@ -377,26 +281,22 @@ def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_f
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
 
     # The best adapter, loaded by PEFT onto the transformers model, gives our model's logits.
-    from lora import load_adapter
-    from nanoft.weights import from_pretrained
-
     ids = torch.tensor([[1, 3, 10, 11, 12, 5, 4]])
-    ours = load_adapter(from_pretrained(tiny_model_dir), tmp_path / "run/adapter").eval()(ids)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(reference, tmp_path / "run/adapter").eval()
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(ids).logits, ours.detach(), rtol=1e-4, atol=1e-4)
+        ours = load_adapter(from_pretrained(tiny_model_dir), tmp_path / "run/adapter").eval()(ids)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(reference, tmp_path / "run/adapter").eval()
+        torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)
         # The merged export is a plain model with the same logits (bf16 weights: a looser tolerance).
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run/merged", dtype=torch.float32)
-        torch.testing.assert_close(merged(ids).logits, ours.detach(), rtol=0.05, atol=0.05)
+        torch.testing.assert_close(merged(ids).logits, ours, rtol=0.05, atol=0.05)
 
 
 def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir, data_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    summary = train(
-        tiny_model_dir, data_files, tmp_path / "run", "--method", "full", "--lr", "1e-3", "--max-steps", "8"
-    )
+    flags = "--method full --lr 1e-3 --max-steps 8".split()
+    summary = train(tiny_model_dir, data_files, tmp_path / "run", *flags)
     assert summary["best_val_loss"] < summary["baseline_val_loss"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run/model")
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -406,60 +306,43 @@ def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir
     assert len(changed) == len(list(model.parameters()))  # every weight trained, norms included
 
 
-@pytest.mark.parametrize("flags", [("--activation-checkpointing",), ("--pack",), ("--group-by-length",)])
-def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flags):
+@pytest.mark.parametrize("flag", ["--activation-checkpointing", "--pack", "--group-by-length"])
+def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag):
     """Activation checkpointing recomputes the same numbers; packing and length grouping change the batches
     but the run still trains (lower val loss)."""
-    base = ("--max-steps", "4", "--lora-dropout", "0")
-    plain = train(tiny_model_dir, data_files, tmp_path / "plain", *base)
-    other = train(tiny_model_dir, data_files, tmp_path / "other", *base, *flags)
+    flags = "--max-steps 4 --lora-dropout 0".split()
+    plain = train(tiny_model_dir, data_files, tmp_path / "plain", *flags)
+    other = train(tiny_model_dir, data_files, tmp_path / "other", *flags, flag)
     assert other["best_val_loss"] < other["baseline_val_loss"]
-    if flags == ("--activation-checkpointing",):
+    if flag == "--activation-checkpointing":
         assert train_losses(tmp_path / "other") == pytest.approx(train_losses(tmp_path / "plain"), abs=1e-6)
-        assert other["val_curve"] == pytest.approx(plain["val_curve"], abs=1e-6)
+        assert other["val_curve"] == [pytest.approx(point, abs=1e-6) for point in plain["val_curve"]]
 
 
 # ---------------------------------------------------------------------------- bad input
 
-
-@pytest.fixture(scope="module")
-def existing_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("existing")
-    (path / "config.json").write_text("{}")
-    return path
-
-
-BAD_INPUTS = {
-    "unknown flag": (["--lora-rank", "8"], "unrecognized arguments: --lora-rank"),
-    "full with quant": (["--method", "full", "--quant", "nf4"], "--method full"),
-    "bad value": (["--lr", "fast"], "invalid float value"),
-    "out holds a run": (["--out", "{existing}"], "already holds"),
-    "resume without checkpoint": (["--out", "{existing}", "--resume"], "no checkpoint"),
-    "seq len beyond context": (["--seq-len", "4096"], "longer than the model's context"),
-    "batch larger than data": (["--batch-size", "500"], "lower --batch-size"),
-    "missing data file": (["--data", "no/such.jsonl"], "not found"),
+BAD_INPUTS = {  # flags -> what the one-line error says
+    "--lora-rank 8": "unrecognized arguments: --lora-rank",
+    "--method full --quant nf4": "--method full",
+    "--lr fast": "invalid float value",
+    "--out {existing}": "already holds",
+    "--out {existing} --resume": "no checkpoint",
+    "--seq-len 4096": "longer than the model's context",
+    "--batch-size 500": "lower --batch-size",
+    "--data no/such.jsonl": "not found",
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_exit_2(case, tiny_model_dir, data_files, existing_run, tmp_path):
-    flags, expected = BAD_INPUTS[case]
-    flags = [flag.format(existing=existing_run) for flag in flags]
-    train_file, val_file = data_files
-    base = [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        train_file,
-        "--val-data",
-        val_file,
-        "--out",
-        tmp_path / "run",
-    ]
-    result = run_cli(*base, *flags, env_cache=tmp_path / "cache")
+@pytest.mark.parametrize("flags", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "config.json").write_text("{}")
+    args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", flags.format(existing=existing))
+    result = run_cli(args, tmp_path / "cache")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_INPUTS[flags] in lines[0], result.stderr
     assert not (tmp_path / "run/adapter").exists()
 
 
@@ -472,26 +355,8 @@ def test_smollm2_trains_a_few_steps(smollm2_dir, tmp_path):
     val = tmp_path / "val.jsonl"
     records = (REPO / "nanoft/default_data.jsonl").read_text().splitlines()
     val.write_text("\n".join(records[:8]) + "\n")
-    main(
-        [
-            "--val-data",
-            str(val),
-            "--out",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "4",
-            "--batch-size",
-            "2",
-            "--grad-accum",
-            "2",
-            "--seq-len",
-            "128",
-            "--eval-every",
-            "4",
-            "--lr",
-            "1e-3",
-        ]
-    )
+    flags = "--max-steps 4 --batch-size 2 --grad-accum 2 --seq-len 128 --eval-every 4 --lr 1e-3".split()
+    main(["--val-data", str(val), "--out", str(tmp_path / "run"), *flags])
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["best_val_loss"] < summary["baseline_val_loss"]
     assert (tmp_path / "run/adapter/adapter_config.json").is_file()

@@ -1,0 +1,272 @@
+"""Peak training memory per device, from the model's shapes: what nanoft/planner.py decides with.
+
+    estimate = estimate_memory(config, TrainingShape("lora", micro_batch=4, seq_len=1024))
+    estimate.total, estimate.activations, estimate.optimizer, ...      # bytes
+    python bench/memory_estimate.py     # this estimate next to measured peaks, and for 7B / 13B / 34B
+
+"Peak memory" is the high-water mark of live tensor memory during a training step under gradient
+accumulation: the gradients of the previous micro-batches are held while the next one runs forward, and the
+forward's end holds every saved activation plus one chunk of the loss. On CUDA that is what
+torch.cuda.max_memory_allocated reports; on CPU it is the process's peak RSS above its RSS after importing
+torch, with glibc returning freed blocks at once (bench/memory_estimate.py, tests/test_memory.py).
+
+Precision follows nanoft/precision.py: LoRA and QLoRA keep the frozen base in the compute dtype (NF4 for
+QLoRA's block linears) and fp32 adapters; a full fine-tune keeps fp32 master weights and runs under autocast.
+"""
+
+import math
+from dataclasses import dataclass
+
+from nanoft.loss import LOGITS_PER_CHUNK
+from nanoft.model import ModelConfig
+
+GiB = 2**30
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# NF4 with double quantization: 4 bits per weight, an 8-bit absmax per 64-weight block, and an fp32 scale per
+# 256 absmax values. Without double quantization the absmax is fp32: 0.5 + 4/64.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}  # m and v: fp32 or 8-bit
+# Buffers the kernels keep between steps once they have run: on CPU, SDPA's per-thread blocks and oneDNN's
+# matmul scratch (measured ~25 MiB after one forward and backward of the 34M model in bench/); on CUDA the
+# cuBLAS workspaces, which come from the same caching allocator as tensors.
+RUNTIME_WORKSPACE = 32 * 2**20
+
+
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer of a decoder block."""
+    C, M = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {
+        "q_proj": (C, q),
+        "k_proj": (C, kv),
+        "v_proj": (C, kv),
+        "o_proj": (q, C),
+        "gate_proj": (C, M),
+        "up_proj": (C, M),
+        "down_proj": (M, C),
+    }
+
+
+@dataclass
+class ParameterCount:
+    embedding: int
+    block_linear: int  # the weights of q/k/v/o and the MLP in every layer: what QLoRA quantizes
+    block_other: int  # norms and q/k/v biases
+    final_norm: int
+    lm_head: int  # 0 when tied to the embedding
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.block_linear + self.block_other + self.final_norm + self.lm_head
+
+
+def count_parameters(config: ModelConfig) -> ParameterCount:
+    """From the shapes alone (equals sum(p.numel()) of nanoft's Transformer, a tied lm_head counted once)."""
+    shapes = linear_shapes(config)
+    biases = sum(shapes[name][1] for name in ("q_proj", "k_proj", "v_proj")) if config.attention_bias else 0
+    per_layer_linear = sum(n_in * n_out for n_in, n_out in shapes.values())
+    embedding = config.vocab_size * config.hidden_size
+    return ParameterCount(
+        embedding=embedding,
+        block_linear=config.num_hidden_layers * per_layer_linear,
+        block_other=config.num_hidden_layers * (2 * config.hidden_size + biases),
+        final_norm=config.hidden_size,
+        lm_head=0 if config.tie_word_embeddings else embedding,
+    )
+
+
+def lora_targets(targets) -> tuple[str, ...]:
+    if targets == "all-linear" or list(targets) == ["all-linear"]:
+        return LINEAR_NAMES
+    return tuple(targets)
+
+
+def lora_parameter_count(config: ModelConfig, targets, r: int) -> int:
+    shapes = linear_shapes(config)
+    return config.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in lora_targets(targets))
+
+
+@dataclass
+class TrainingShape:
+    """What the memory estimate needs to know about a run."""
+
+    method: str  # "full", "lora" or "qlora"
+    micro_batch: int
+    seq_len: int
+    activation_checkpointing: bool = False
+    compute_bytes: int = 2  # bf16/fp16; 4 on a CPU without native bf16 (nanoft/precision.py decides)
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_dropout: float = 0.05
+    optim: str = "adamw"
+    shards: int = 1  # FSDP: weights, gradients and optimizer states divided over this many devices
+    cpu_offload: bool = False  # FSDP: the shards live in host memory; the device holds gathered layers
+    ddp: bool = False  # DDP keeps a second copy of the gradients in its all-reduce buckets
+    device_type: str = "cuda"
+
+    def __post_init__(self):
+        self.lora_targets = lora_targets(self.lora_targets)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device at the peak of a training step; `activations` is at the shape's checkpointing."""
+
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_checkpointed: int  # the same micro-batch with activation checkpointing
+    activations_full: int  # ... and without
+    logits_loss: int
+    workspace: int = RUNTIME_WORKSPACE
+    host_offload: int = 0  # bytes in host memory under FSDP CPU offload (not in the total)
+
+    @property
+    def total(self) -> int:
+        parts = (
+            self.weights,
+            self.adapters,
+            self.gradients,
+            self.optimizer,
+            self.activations,
+            self.logits_loss,
+        )
+        return sum(parts) + self.workspace
+
+
+def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
+    """Bytes one decoder layer keeps for backward per token: what autograd saves in nanoft's model.
+
+    Derived by listing the tensors torch.autograd.graph.saved_tensors_hooks sees on a tiny model, and checked
+    against that listing for all three methods in tests/test_memory.py. C hidden size, M MLP width, H and KV
+    query and key-value heads of size D, c bytes per compute-dtype element:
+    - each of the two RMSNorms keeps its input in fp32 (x.float() is saved by pow and mul): 4C each;
+    - SDPA keeps q, k, v after RoPE, its output (o_proj's input is a view of it) and an fp32 logsumexp per
+      head: c (2 H D + 2 KV D) + 4 H;
+    - SwiGLU keeps gate's output (for silu), silu(gate) and up (for their product): 3 c M;
+    - LoRA / QLoRA: a frozen linear keeps nothing (bitsandbytes' 4-bit matmul neither). lora.py casts the
+      fp32 adapters to the compute dtype; with dropout each adapted layer keeps dropout's mask (the input's
+      dtype on CPU, bool on CUDA) and its output (c in) for A's gradient; without dropout A keeps the layer's
+      input itself, shared by q/k/v and by gate/up (o_proj's is SDPA's output, kept anyway); B keeps A's
+      output (c r);
+    - full fine-tune, fp32 weights under autocast: the residual stream is fp32, each norm also keeps its
+      normalised output (4C) for its weight's gradient, and autocast casts a norm's output once per linear
+      that reads it (q, k, v: 3 cC; gate, up: 2 cC); down_proj keeps its input (c M). Without autocast (fp32
+      compute) each norm output is one shared fp32 copy (4C) and down_proj's input is 4M.
+    """
+    C, M = config.hidden_size, config.intermediate_size
+    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    c = shape.compute_bytes
+    norm_inputs = 2 * 4 * C
+    attention = c * (2 * H * D + 2 * KV * D) + 4 * H
+    mlp = 3 * c * M
+    if shape.method == "full":
+        if c < 4:
+            return norm_inputs + 2 * 4 * C + 5 * c * C + attention + mlp + c * M
+        return norm_inputs + 2 * 4 * C + 2 * 4 * C + attention + mlp + 4 * M
+    return norm_inputs + attention + mlp + lora_activation_bytes_per_token(config, shape)
+
+
+def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
+    shapes, c, r = linear_shapes(config), shape.compute_bytes, shape.lora_r
+    if shape.lora_dropout > 0:
+        return sum((dropout_mask_bytes(shape) + c) * shapes[t][0] + c * r for t in shape.lora_targets)
+    input_groups = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "sdpa"}
+    input_groups |= {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "product"}
+    group_width = {"attention": config.hidden_size, "sdpa": 0, "mlp": config.hidden_size}
+    group_width["product"] = config.intermediate_size
+    kept_inputs = {input_groups[t] for t in shape.lora_targets}
+    return sum(c * group_width[group] for group in kept_inputs) + len(shape.lora_targets) * c * r
+
+
+def dropout_mask_bytes(shape: TrainingShape) -> int:
+    """CUDA's fused dropout keeps a bool mask; the CPU kernel keeps a mask in the input's dtype."""
+    if shape.lora_dropout == 0:
+        return 0
+    return shape.compute_bytes if shape.device_type == "cpu" else 1
+
+
+def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: bool) -> int:
+    """Everything autograd keeps for backward at the end of a micro-batch's forward."""
+    tokens, layers, C = shape.micro_batch * shape.seq_len, config.num_hidden_layers, config.hidden_size
+    c = shape.compute_bytes
+    per_layer = layer_activation_bytes_per_token(config, shape)
+    if shape.method == "full":
+        residual, final_norm, rope = 4, 2 * 4 * C, 2 * 4 * config.head_dim
+        first_layer_saving, embedding_indices = 0, 8
+    else:
+        residual, final_norm, rope = c, 4 * C, 2 * c * config.head_dim
+        embedding_indices = 0
+        # The frozen embedding's output needs no gradient, so the first layer's input norm and the dropout
+        # masks of adapters reading it (q, k, v) keep nothing.
+        attention_inputs = [t for t in shape.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
+        first_layer_saving = 4 * C + dropout_mask_bytes(shape) * C * len(attention_inputs)
+    # The loss keeps dL/dhidden (computed in its forward, in the hidden states' dtype) and the target mask.
+    loss = residual * C + 1
+    if checkpointing:  # only each layer's input is kept; backward recomputes one layer at a time
+        layer_bytes = layers * residual * C + per_layer
+    else:
+        layer_bytes = layers * per_layer - first_layer_saving
+    return math.ceil((layer_bytes + final_norm + rope + loss + embedding_indices) * tokens)
+
+
+def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate:
+    params = count_parameters(config)
+    c, tokens, layers = shape.compute_bytes, shape.micro_batch * shape.seq_len, config.num_hidden_layers
+    matmul_params = params.block_linear + (params.lm_head or params.embedding)
+    if shape.method == "full":
+        # fp32 master weights, plus the compute-dtype copies autocast caches for every matmul weight until
+        # backward has used them.
+        weights = 4 * params.total + (c * matmul_params if c < 4 else 0)
+        trainable, adapters = params.total, 0
+    else:
+        linear_bytes = NF4_BYTES_PER_PARAM if shape.method == "qlora" else c
+        weights = math.ceil(linear_bytes * params.block_linear) + c * (params.total - params.block_linear)
+        trainable = lora_parameter_count(config, shape.lora_targets, shape.lora_r)
+        # fp32 adapters, and the compute-dtype copies lora.py casts them to for each forward.
+        adapters = (4 + (c if c < 4 else 0)) * trainable
+    gradients = 4 * trainable * (2 if shape.ddp else 1)
+    optimizer = OPTIMIZER_BYTES_PER_PARAM[shape.optim] * trainable
+
+    activations_full = activation_bytes(config, shape, checkpointing=False)
+    activations_checkpointed = activation_bytes(config, shape, checkpointing=True)
+    activations = activations_checkpointed if shape.activation_checkpointing else activations_full
+
+    # One chunk of logits at a time (nanoft/loss.py), in fp32, while logsumexp holds an fp32 temporary of the
+    # same size (exp(logits - max)): 8 bytes per logit at the peak (measured; the compute-dtype matmul output
+    # and the softmax's cast back add less). A trained lm_head adds its fp32 gradient, built in the forward,
+    # and the compute-dtype + fp32 copies of each chunk's contribution to it.
+    chunk_logits = min(tokens, max(1, LOGITS_PER_CHUNK // config.vocab_size)) * config.vocab_size
+    logits_loss = 8 * chunk_logits
+    if shape.method == "full":
+        lm_head = params.lm_head or params.embedding
+        logits_loss += 4 * lm_head + (c + 4 if c < 4 else 4) * lm_head
+
+    host_offload = 0
+    if shape.shards > 1 or shape.cpu_offload:
+        # FSDP keeps 1/shards of the weights, gradients and optimizer states on each device. It all-gathers a
+        # decoder layer just before using it, prefetching the next (two layers in full), and keeps the root's
+        # embedding and lm_head gathered; its mixed precision casts what it gathers, so no autocast copies.
+        stored = 4 * params.total if shape.method == "full" else weights
+        gathered_linear = NF4_BYTES_PER_PARAM if shape.method == "qlora" else c
+        gathered = math.ceil(2 * gathered_linear * params.block_linear / layers)
+        gathered += c * (params.embedding + params.lm_head)
+        sharded = [math.ceil(x / shape.shards) for x in (stored, adapters, gradients, optimizer)]
+        if shape.cpu_offload:
+            host_offload = sum(sharded)
+            weights, adapters, gradients, optimizer = gathered, 0, 0, 0
+        else:
+            weights, adapters, gradients, optimizer = sharded[0] + gathered, *sharded[1:]
+    return MemoryEstimate(
+        weights=weights,
+        adapters=adapters,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=activations,
+        activations_checkpointed=activations_checkpointed,
+        activations_full=activations_full,
+        logits_loss=logits_loss,
+        host_offload=host_offload,
+    )

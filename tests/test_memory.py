@@ -1,0 +1,136 @@
+"""The memory estimate against what really happens: parameter counts against the model, activations against
+the tensors autograd saves, and the peak against a measured training step (LoRA, QLoRA, full)."""
+
+import pytest
+import torch
+
+import lora
+import quant
+from bench.memory_estimate import measure, write_measured_model
+from nanoft.memory import (
+    LOGITS_PER_CHUNK,
+    TrainingShape,
+    count_parameters,
+    estimate_memory,
+    lora_parameter_count,
+)
+from nanoft.model import ModelConfig, Transformer
+
+SMALL = ModelConfig(
+    vocab_size=3000,
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+)
+LLAMA_2_7B = ModelConfig(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SMALL,
+        ModelConfig(**{**SMALL.__dict__, "tie_word_embeddings": True}),
+        ModelConfig(**{**SMALL.__dict__, "model_type": "qwen2", "head_dim": None}),  # q/k/v biases
+    ],
+)
+def test_parameter_count_equals_the_model(config):
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert count_parameters(config).total == sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_count_of_llama_2_7b():
+    assert count_parameters(LLAMA_2_7B).total == 6_738_415_616  # as Hugging Face reports it
+    assert lora_parameter_count(LLAMA_2_7B, ("q_proj", "v_proj"), 16) == 4_194_304  # as PEFT reports it
+
+
+def saved_activation_bytes(model, autocast, micro_batch, seq_len):
+    """Bytes of the distinct tensors autograd saves for backward in one forward (parameters excluded)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, SMALL.vocab_size, (micro_batch, seq_len))
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(ids, ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(
+    "method, targets, dropout",
+    [
+        ("full", ("q_proj",), 0.05),
+        ("lora", ("q_proj", "v_proj"), 0.05),
+        ("lora", "all-linear", 0.05),
+        ("lora", "all-linear", 0.0),
+        ("qlora", ("q_proj", "v_proj"), 0.05),
+    ],
+)
+def test_activation_estimate_matches_what_autograd_saves(method, targets, dropout):
+    torch.manual_seed(0)
+    if method == "full":
+        model = Transformer(SMALL)  # fp32 master weights under bf16 autocast, as nanoft/precision.py does it
+    else:
+        model = Transformer(SMALL).to(torch.bfloat16)
+        if method == "qlora":
+            quant.quantize_linears(model, quant.QuantConfig())
+        model = lora.inject_lora(model, lora.LoRAConfig(targets=targets, dropout=dropout))
+    measured = saved_activation_bytes(model, autocast=method == "full", micro_batch=2, seq_len=96)
+    shape = TrainingShape(method, 2, 96, lora_targets=targets, lora_dropout=dropout, device_type="cpu")
+    estimate = estimate_memory(SMALL, shape)
+    parameters = count_parameters(SMALL)
+    expected = estimate.activations_full
+    if method == "full":  # autograd also keeps the bf16 weight copies and the loss's fp32 lm_head gradient
+        expected += 2 * parameters.block_linear + 4 * parameters.lm_head
+    else:  # ... and the bf16 copies of the adapters
+        expected += 2 * lora_parameter_count(SMALL, shape.lora_targets, shape.lora_r)
+    assert abs(expected / measured - 1) < 0.01, (expected, measured)
+
+
+def test_loss_holds_one_chunk_of_logits_never_all():
+    big_vocab = ModelConfig(**{**SMALL.__dict__, "vocab_size": 128_000})
+    small = estimate_memory(big_vocab, TrainingShape("lora", 1, 128))
+    large = estimate_memory(big_vocab, TrainingShape("lora", 16, 4096))
+    assert small.logits_loss == 8 * 128 * 128_000
+    assert large.logits_loss == 8 * (LOGITS_PER_CHUNK // 128_000) * 128_000  # capped at one chunk
+
+
+def test_checkpointing_and_sharding_shrink_what_they_should():
+    shape = dict(micro_batch=4, seq_len=1024)
+    plain = estimate_memory(LLAMA_2_7B, TrainingShape("full", **shape))
+    checkpointed = estimate_memory(LLAMA_2_7B, TrainingShape("full", activation_checkpointing=True, **shape))
+    sharded = estimate_memory(LLAMA_2_7B, TrainingShape("full", shards=8, **shape))
+    offloaded = estimate_memory(LLAMA_2_7B, TrainingShape("full", shards=8, cpu_offload=True, **shape))
+    assert checkpointed.activations < plain.activations / 10 and checkpointed.weights == plain.weights
+    assert sharded.optimizer == pytest.approx(plain.optimizer / 8, rel=1e-6)
+    assert sharded.activations == plain.activations
+    assert offloaded.optimizer == 0 and offloaded.host_offload > 0 and offloaded.total < sharded.total
+
+
+@pytest.fixture(scope="module")
+def measured_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("measured_model")
+    write_measured_model(path)
+    return path
+
+
+@pytest.mark.parametrize("method, checkpointing", [("lora", False), ("qlora", False), ("full", False)])
+def test_estimate_within_25_percent_of_a_measured_training_step(measured_model_dir, method, checkpointing):
+    """Two optimizer steps of 2 micro-batches x 2 x 256 tokens of a 34M Llama, each method in a fresh process:
+    its peak RSS above its RSS after imports (glibc returning freed blocks at once, so RSS follows live
+    tensors) against the estimate for the same run."""
+    report = measure(measured_model_dir, method, checkpointing)
+    print(method, report)
+    assert 0.75 <= report["ratio"] <= 1.25, report
