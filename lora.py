@@ -281,7 +281,7 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path="", tensors: di
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": base_model_name_or_path or None,
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,

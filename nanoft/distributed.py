@@ -81,7 +81,9 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     else:
         pinned, backend = torch.device(device), "gloo"
     torch_dist.init_process_group(
-        backend,
+        # gloo beside NCCL for collectives on CPU tensors: with --fsdp-cpu-offload the gradient shards live
+        # in CPU memory and clipping all-reduces their norm there.
+        "cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo",
         timeout=timedelta(seconds=timeout_s),
         device_id=pinned if backend == "nccl" else None,
     )
@@ -117,12 +119,9 @@ def wrap_model(model, dist: Dist, fsdp: str | None = None, cpu_offload: bool = F
         if dist.world_size == 1:
             return model
         # find_unused_parameters=False: every trainable parameter gets a gradient in every step, so DDP need
-        # not walk the graph after each forward looking for ones that did not. broadcast_buffers=False: the
-        # only buffers (RoPE frequencies) are constants, equal on every rank: no need to resend them.
+        # not walk the graph after each forward looking for ones that did not.
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        return DistributedDataParallel(
-            model, device_ids=device_ids, find_unused_parameters=False, broadcast_buffers=False
-        )
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
     if fsdp not in FSDP_MODES:
         raise UserError(f"--fsdp {fsdp} is not a mode; choose one of none, {', '.join(FSDP_MODES)}")
     if dist.backend is None:

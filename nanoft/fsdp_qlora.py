@@ -5,15 +5,16 @@
 
 The problem: fully_shard rebuilds every parameter as a DTensor from its plain data, so a bitsandbytes
 `Params4bit` loses its `quant_state` (block scales, code book, original shape and dtype) and the forward
-raises `quant_state is required`. Other trainers have "fixed" that by dequantizing, which silently gives
-back the memory QLoRA saved.
+raises `quant_state is required`; a "fix" that dequantizes instead would silently give back the memory
+QLoRA saves.
 
 What we do: each `Linear4bit` weight becomes a plain frozen Parameter of packed bytes, shape (n_packed, 1),
 which FSDP2 shards along dim 0 like any other parameter: each of N ranks holds 1/N of the 4-bit bytes. The
 QuantState moves to `module.quant_state`, an attribute FSDP does not touch, so every rank keeps all of it
 (about 0.13 bits per weight with double quantization). Before each forward FSDP has all-gathered the layer's
 bytes into the module's `weight`; a forward pre-hook puts the QuantState back on that gathered tensor and
-bitsandbytes dequantizes it exactly as on one GPU. This is the design Answer.AI's fsdp_qlora used with FSDP1.
+bitsandbytes dequantizes it exactly as on one GPU (Answer.AI's fsdp_qlora kept the state on the module the
+same way under FSDP1).
 
 The storage dtype must survive FSDP's mixed precision: FSDP2 never casts integer parameters, so the default
 uint8 storage is always safe; a float storage (bf16, which FSDP1 needed to put the bytes in one flat

@@ -23,7 +23,7 @@ The memory estimate itself is nanoft/memory.py.
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -437,9 +437,10 @@ def format_lr(lr: float) -> str:
 
 
 def plan_for_run(config, planning_only: bool) -> Plan:
-    """The plan for a TrainConfig: `--plan` (planning_only: every visible GPU counts) or `--method auto`
-    (the processes that will train count: WORLD_SIZE, else 1)."""
-    from nanoft.default_model import resolve_model  # lazily: it is only needed here
+    """The plan for a TrainConfig. `--plan` (planning_only) counts every visible GPU and shows the
+    framework's choice next to the configured --method; `--method auto` counts the processes that will
+    train (WORLD_SIZE, else 1)."""
+    from nanoft.default_model import resolve_model  # lazily: only planning needs them
     from nanoft.precision import choose_compute_dtype
     from nanoft.weights import load_config
 
@@ -451,4 +452,16 @@ def plan_for_run(config, planning_only: bool) -> Plan:
         compute_bytes = choose_compute_dtype(config.dtype, device)[0].itemsize
     device_count = config.plan_devices or (0 if planning_only else int(os.environ.get("WORLD_SIZE", "1")))
     hardware = detect_hardware(config.device, config.plan_memory_gb, device_count)
-    return make_plan(model_config, hardware, plan_request(config, compute_bytes))
+    request = plan_request(config, compute_bytes)
+    if not planning_only:
+        return make_plan(model_config, hardware, request)
+    plan = make_plan(model_config, hardware, replace(request, method="auto"))
+    if config.method not in ("auto", plan.method):
+        configured = make_plan(model_config, hardware, request)
+        verdict = f"fits at micro-batch {configured.micro_batch}" if configured.fits else "does NOT fit"
+        gib = configured.estimate.total / GiB
+        plan.reasons.append(
+            f"--method {config.method} as configured {verdict} ({gib:.1f} GiB per device); "
+            "--method auto trains with this plan's choice"
+        )
+    return plan

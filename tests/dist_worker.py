@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # the repository root: data.py, quant.py, lora.py
+# The repository root, for data.py, quant.py and lora.py (torchrun puts only tests/ on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import Batches  # noqa: E402
+from lora import LoRAConfig, inject_lora  # noqa: E402
 from nanoft.dataset_cache import TokenizedExamples  # noqa: E402
 from nanoft.distributed import (  # noqa: E402
     all_reduce_sum,
@@ -42,6 +42,7 @@ from nanoft.distributed import (  # noqa: E402
 )
 from nanoft.fsdp_qlora import parameter_bytes, quant_state_bytes  # noqa: E402
 from nanoft.model import ModelConfig, Transformer  # noqa: E402
+from quant import QuantConfig, quantize_linears  # noqa: E402
 
 VOCAB = 128
 N_EXAMPLES = 64
@@ -84,15 +85,12 @@ def tiny_examples() -> TokenizedExamples:
     rng = np.random.default_rng(0)
     input_ids, targets = [], []
     for _ in range(N_EXAMPLES):
-        start, stride, length = (
-            int(x) for x in (rng.integers(VOCAB), rng.integers(1, 4), rng.integers(6, 21))
-        )
+        start, stride, length = (int(rng.integers(low, high)) for low, high in ((0, VOCAB), (1, 4), (6, 21)))
         ids = [(start + stride * t) % VOCAB for t in range(length)]
         prompt = int(rng.integers(1, 4))
         input_ids.append(ids)
-        targets.append(
-            [-100] * prompt + ids[prompt + 1 :] + [-100]
-        )  # shifted; the last token predicts nothing
+        # Shifted: position t is scored on token t + 1; the prompt and the last token are not scored.
+        targets.append([-100] * prompt + ids[prompt + 1 :] + [-100])
     return TokenizedExamples.from_lists(
         input_ids, targets, [f"tiny:{i}" for i in range(N_EXAMPLES)], seq_len=32
     )
@@ -105,12 +103,8 @@ def build_model(run: Run, seed: int) -> Transformer:
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.1)
     if run.method == "qlora":
-        from quant import QuantConfig, quantize_linears
-
         quantize_linears(model, QuantConfig(compute_dtype=torch.float32))
     if run.method in ("lora", "qlora"):
-        from lora import LoRAConfig, inject_lora
-
         torch.manual_seed(seed)
         targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         model = inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=run.lora_dropout, targets=targets))
@@ -125,7 +119,7 @@ def set_up_training(run: Run, dist, seed: int):
         model, dist, fsdp=run.fsdp, cpu_offload=run.cpu_offload, mixed_precision=mixed_precision
     )
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1
     )
     batches = Batches(
         tiny_examples(), run.batch_size, pad_id=0, seed=0, rank=dist.rank, world_size=dist.world_size

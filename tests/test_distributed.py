@@ -70,16 +70,14 @@ def torchrun(runs: list[Run], out_dir: Path, *launch_args, timeout_s=300, **env)
     """Launch the worker under torchrun (one node, 2 processes unless launch_args say otherwise)."""
     runs_json = write_runs(out_dir, runs)
     launch = list(launch_args) or ["--standalone", f"--nproc-per-node={RANKS}"]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *launch,
-        str(WORKER),
-        str(runs_json),
-        str(out_dir),
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment(**env))
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, WORKER, runs_json, out_dir]
+    return subprocess.run(
+        [str(arg) for arg in command],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=environment(**env),
+    )
 
 
 def load(out_dir: Path, name: str) -> dict:
@@ -113,7 +111,7 @@ def assert_same_training(result: dict, expected: dict, atol=1e-5):
 
 
 @pytest.mark.parametrize(
-    "name, method",
+    "name, reference_name",
     [
         ("ddp_lora", "lora"),
         ("ddp_full", "full"),
@@ -125,10 +123,11 @@ def assert_same_training(result: dict, expected: dict, atol=1e-5):
         ("fsdp_qlora", "qlora"),
     ],
 )
-def test_two_ranks_train_like_one_process_with_twice_the_batch(distributed, reference, name, method):
-    assert_same_training(distributed[name], reference[method])
+def test_two_ranks_train_like_one_process_with_twice_the_batch(distributed, reference, name, reference_name):
+    assert_same_training(distributed[name], reference[reference_name])
     # ... and both trained: every trainable tensor moved away from where it started.
-    initial = dist_worker.build_model(Run("initial", method=method), seed=0).state_dict()
+    reference_run = next(run for run in REFERENCE_RUNS if run.name == reference_name)
+    initial = dist_worker.build_model(reference_run, seed=0).state_dict()
     for tensor_name, tensor in distributed[name]["trainable"].items():
         assert (tensor - initial[tensor_name]).abs().max() > 1e-3, tensor_name
 

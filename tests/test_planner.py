@@ -1,11 +1,15 @@
 """The planner applies the decision framework: method by memory and model size, layout by devices, a
 micro-batch and accumulation that fit and reach an effective batch of 32, and a printed plan that says why."""
 
+import json
+import random
+
 import pytest
+import torch
 
 from nanoft.errors import UserError
 from nanoft.memory import GiB
-from nanoft.model import ModelConfig
+from nanoft.model import ModelConfig, Transformer
 from nanoft.planner import (
     PlanRequest,
     detect_hardware,
@@ -15,6 +19,8 @@ from nanoft.planner import (
     make_plan,
     watch_list,
 )
+from nanoft.weights import copy_tokenizer_files, save_pretrained
+from train import main as train_main
 
 LLAMA_2_7B = ModelConfig(
     hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
@@ -155,3 +161,68 @@ def test_detects_this_machine(monkeypatch):
     assert (planned.device_type, planned.memory_bytes, planned.device_count) == ("cuda", 24 * GiB, 4)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert detect_hardware(memory_gb=24).device_count == 2
+
+
+# ---------------------------------------------------------------------------- train.py --plan and --method auto
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tiny_tokenizer_dir, tmp_path_factory):
+    """A tiny random Llama with the tiny tokenizer, and Alpaca records it can learn (each word shifted by 1)."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    save_pretrained(Transformer(config).state_dict(), config, folder / "model")
+    copy_tokenizer_files(tiny_tokenizer_dir, folder / "model")
+    rng = random.Random(0)
+    for name, n in (("train", 96), ("val", 16)):
+        rows = []
+        for _ in range(n):
+            words = [rng.randrange(57) for _ in range(rng.randrange(2, 7))]
+            answer = " ".join(f"w{w + 1}" for w in words)
+            rows.append(json.dumps({"instruction": " ".join(f"w{w}" for w in words), "output": answer}))
+        (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    flags = ["--model", str(folder / "model"), "--data", str(folder / "train.jsonl")]
+    return flags + ["--val-data", str(folder / "val.jsonl"), "--seq-len", "64"]
+
+
+def test_train_plan_prints_the_plan_and_trains_nothing(tiny_run_inputs, tmp_path, capsys):
+    train_main([*tiny_run_inputs, "--plan", "--plan-memory-gb", "8", "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert "method: LoRA on a 16-bit base, one device" in printed
+    assert "planned: 1 x 8 GiB GPU" in printed and "what to watch:" in printed
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_method_auto_trains_with_the_plans_choice(tiny_run_inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "--method",
+        "auto",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "2",
+    ]
+    train_main([*tiny_run_inputs, *args, "--out", str(out)])
+    assert "--method auto: lora, single" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert (config["method"], config["batch_size"], config["grad_accum"]) == ("lora", 4, 8)  # effective 32
+    summary = json.loads((out / "summary.json").read_text())
+    assert {gate["name"]: gate["status"] for gate in summary["gates"]}["effective batch >= 32"] == "PASS"

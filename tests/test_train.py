@@ -191,22 +191,26 @@ def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path):
         torch.testing.assert_close(tensor, at_best[name.removeprefix("base_model.model.")], rtol=0, atol=0)
 
 
-def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_tokenizer_dir, tmp_path):
+def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_tokenizer_dir, tmp_path, capsys):
     """A record holding a token whose embedding is inf makes its batch's loss NaN: the run stops without
-    applying that step, keeps its earlier checkpoint and best adapter, names the record, and exits 1."""
+    applying that step, keeps its earlier checkpoint and best adapter, names the record, and exits 1 with a
+    one-line error (sys.exit with a message: Python prints it to stderr and exits with status 1)."""
     model_dir = save_tiny_model(tmp_path / "model", tiny_tokenizer_dir, poison_word=57)
     train_file = write_data(tmp_path / "train.jsonl", 96, seed=1, n_words_range=(2, 6))
     rows = train_file.read_text().splitlines()
     rows[40] = json.dumps({"instruction": "w3 w57 w4", "output": "w4 w5"})
     train_file.write_text("\n".join(rows) + "\n")
     val_file = write_data(tmp_path / "val.jsonl", 16, seed=2, n_words_range=(2, 6))
-    flags = "--batch-size 4 --grad-accum 2 --save-every 1 --eval-every 2 --epochs 1 --lr 1e-3"
-    result = run_cli(cli_args(model_dir, train_file, val_file, tmp_path / "run", flags), tmp_path / "cache")
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: loss is NaN or inf at step")
-    assert f"{train_file}:41" in result.stdout  # the offending record, by file and line
-    assert "halve the lr" in result.stdout
+    flags = "--save-every 1 --eval-every 2 --epochs 1 --lr 1e-3".split()
+    with pytest.raises(SystemExit) as stopped:
+        train(model_dir, (train_file, val_file), tmp_path / "run", *flags)
+    assert isinstance(stopped.value.code, str) and stopped.value.code.startswith(
+        "error: loss is NaN or inf at"
+    )
+    assert "\n" not in stopped.value.code
+    printed = capsys.readouterr().out
+    assert f"{train_file}:41" in printed  # the offending record, by file and line
+    assert "halve the lr" in printed
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["stop_reason"] == "NaN loss"
     assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
@@ -242,8 +246,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_file
     checkpoint = sorted((tmp_path / "run/checkpoints").iterdir())[-1]
     stopped_at = json.loads((checkpoint / "state.json").read_text())["step"]
     assert stopped_at >= 2
-    result = run_cli([*args, "--max-steps", str(stopped_at + 2), "--resume"], tmp_path / "cache")
-    assert result.returncode == 0, result.stderr
+    main([*args[2:], "--max-steps", str(stopped_at + 2), "--resume"])
     assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == stopped_at + 2
 
 
@@ -334,16 +337,26 @@ BAD_INPUTS = {  # flags -> what the one-line error says
 
 
 @pytest.mark.parametrize("flags", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp_path, capsys):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "config.json").write_text("{}")
     args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", flags.format(existing=existing))
-    result = run_cli(args, tmp_path / "cache")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_INPUTS[flags] in lines[0], result.stderr
+    with pytest.raises(SystemExit) as stopped:
+        main(args[2:])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_INPUTS[flags] in lines[0], lines
     assert not (tmp_path / "run/adapter").exists()
+
+
+def test_bad_input_from_the_command_line(tiny_model_dir, data_files, tmp_path):
+    """The same through a real process: status 2, one line on stderr, no traceback, nothing on stdout."""
+    args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", "--method full --quant nf4")
+    result = run_cli(args, tmp_path / "cache")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --method full trains every weight") and result.stdout == ""
 
 
 # ---------------------------------------------------------------------------- the real model

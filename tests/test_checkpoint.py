@@ -1,0 +1,115 @@
+"""nanoft/checkpoint.py: atomic writes, keep last K + best, random states, the run directory check.
+
+python -m pytest tests/test_checkpoint.py -q
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from nanoft.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prepare_run_dir,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from nanoft.distributed import setup_distributed
+from nanoft.errors import UserError
+
+
+def save(run_dir, step, trainable=None):
+    trainable = trainable if trainable is not None else {"lora_A.weight": torch.full((2, 3), float(step))}
+    optimizer = {"state": {"lora_A.weight": {"step": torch.tensor(step), "exp_avg": torch.ones(2, 3)}}}
+    return save_checkpoint(run_dir, step, trainable, optimizer, [rng_state()], {"best_step": 1}, {"lr": 1e-3})
+
+
+def test_round_trip(tmp_path):
+    path = save(tmp_path, 7)
+    assert path == checkpoint_path(tmp_path, 7) and latest_checkpoint(tmp_path) == path
+    loaded = load_checkpoint(path)
+    torch.testing.assert_close(loaded["trainable"]["lora_A.weight"], torch.full((2, 3), 7.0))
+    assert loaded["optimizer"]["state"]["lora_A.weight"]["step"] == 7
+    assert loaded["state"] == {"best_step": 1, "step": 7} and loaded["config"] == {"lr": 1e-3}
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    save(tmp_path, 10)
+    with pytest.raises(Exception):  # noqa: B017 - safetensors refuses a non-tensor mid-write
+        save(tmp_path, 20, trainable={"lora_A.weight": "not a tensor"})
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step-0000010"]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step-0000010"]  # no debris
+    torch.testing.assert_close(
+        load_checkpoint(latest_checkpoint(tmp_path))["trainable"]["lora_A.weight"], torch.full((2, 3), 10.0)
+    )
+    # Overwriting a checkpoint of the same step with a failing write keeps the old one too.
+    with pytest.raises(Exception):  # noqa: B017
+        save(tmp_path, 10, trainable={"lora_A.weight": "not a tensor"})
+    assert load_checkpoint(checkpoint_path(tmp_path, 10))["state"]["step"] == 10
+
+
+def test_a_crash_mid_write_is_invisible_and_cleaned_up(tmp_path):
+    save(tmp_path, 10)
+    debris = tmp_path / "checkpoints" / ".step-0000020.tmp"  # what a killed process leaves behind
+    debris.mkdir()
+    (debris / "trainable.safetensors").write_bytes(b"half a file")
+    incomplete = tmp_path / "checkpoints" / "step-0000030"  # no state.json: never completed
+    incomplete.mkdir()
+    assert latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 10)
+    save(tmp_path, 20)
+    assert not debris.exists() and latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 20)
+
+
+def test_replacing_a_checkpoint_of_the_same_step(tmp_path):
+    save(tmp_path, 5)
+    save(tmp_path, 5, trainable={"lora_A.weight": torch.zeros(2, 3)})
+    torch.testing.assert_close(
+        load_checkpoint(checkpoint_path(tmp_path, 5))["trainable"]["lora_A.weight"], torch.zeros(2, 3)
+    )
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step-0000005"]
+
+
+def test_prune_keeps_the_last_k_and_the_best(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        save(tmp_path, step)
+    prune_checkpoints(tmp_path, keep_last=2, keep_step=20)
+    assert [path.name for path in list_checkpoints(tmp_path)] == [
+        "step-0000020",
+        "step-0000040",
+        "step-0000050",
+    ]
+    prune_checkpoints(tmp_path, keep_last=1, keep_step=None)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step-0000050"]
+
+
+def test_random_states_continue_exactly():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert again[:2] == expected[:2]
+    torch.testing.assert_close(again[2], expected[2], rtol=0, atol=0)
+
+
+def test_run_directory_rules(tmp_path):
+    dist = setup_distributed("cpu")
+    run_dir = prepare_run_dir(tmp_path / "new", resume=False, overwrite=False, dist=dist)
+    assert run_dir.is_dir()
+    (run_dir / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a run"):
+        prepare_run_dir(run_dir, resume=False, overwrite=False, dist=dist)
+    with pytest.raises(UserError, match="no checkpoint"):
+        prepare_run_dir(run_dir, resume=True, overwrite=False, dist=dist)
+    save(run_dir, 3)
+    assert prepare_run_dir(run_dir, resume=True, overwrite=False, dist=dist) == run_dir
+    assert (run_dir / "config.json").is_file()  # resuming keeps everything
+    prepare_run_dir(run_dir, resume=False, overwrite=True, dist=dist)
+    assert list(run_dir.iterdir()) == []  # overwriting starts afresh
