@@ -92,7 +92,7 @@ class TrainConfig:
     batch_size: int = flag(4, "sequences per micro-batch per device")
     grad_accum: int = flag(8, "micro-batches accumulated per optimizer step")
     epochs: float = flag(3.0, "passes over the training data at most")
-    max_steps: int = flag(0, "stop after this many optimizer steps (0: as many as --epochs gives)")
+    max_steps: int = flag(0, "optimizer steps to train; overrides --epochs (0: as many as --epochs gives)")
     warmup_frac: float = flag(0.03, "fraction of the steps spent warming the lr up from 0")
     optim: str = flag("adamw", "optimizer (8-bit variants need bitsandbytes)", OPTIMIZERS)
     weight_decay: float = flag(0.01, "AdamW weight decay, applied to matrices only")
@@ -185,6 +185,11 @@ class TrainConfig:
             raise UserError(
                 f"--quant {self.quant} quantizes the base under LoRA, which is --method qlora; "
                 "pass --method qlora"
+            )
+        if self.merge and self.method == "full":
+            raise UserError(
+                "--merge folds LoRA adapters into the base; a full fine-tune has none (its weights "
+                "are saved whole): drop --merge"
             )
         if self.resume and self.overwrite:
             raise UserError(
@@ -311,7 +316,7 @@ def parse_config(argv=None) -> TrainConfig:
     if flags.get("config"):
         values.update(check_types(read_config_file(flags["config"]), f"--config {flags['config']}"))
         out = flags.get("out", values.get("out"))
-    if flags.get("resume") and out:
+    if flags.get("resume") and out and not flags.get("overwrite"):
         saved = Path(out) / "config.json"
         if not saved.is_file():
             raise UserError(

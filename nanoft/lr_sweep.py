@@ -2,10 +2,11 @@
 
     result = run_lr_sweep(model, train_batches, 2e-4, mean_loss, make_optimizer)  # what train.py calls
     print(sweep_table(result))                       # one row per lr, then the recommendation and its rule
-    result = lr_range_test(train_steps, default_lr=2e-4, n_steps=10)   # any train_steps(lr, n) -> losses
+    result = lr_range_test(train_steps, 2e-4, n_steps=12, window=4)   # any train_steps(lr, n) -> losses
 
 Every lr of a 10x-spaced grid (default/100 .. default*10) trains from the same starting weights on the same
-batches for the same number of steps; the one whose loss fell most, without diverging, wins. Among the lrs
+batches for the same number of steps; the one whose loss fell most (first pass over the batches against the
+last), without diverging, wins. Among the lrs
 that did not diverge, take the largest whose loss drop is within SAME_DROP of the best drop: a larger lr that
 learns as fast in the short test covers more ground in the long run, while one that spikes or ends above its
 start is out however far it fell on the way.
@@ -19,25 +20,40 @@ from dataclasses import dataclass
 import torch
 
 SAME_DROP = 0.9  # a drop at least 90% of the best counts as "as fast": the short test is that noisy
-SPIKE_FACTOR = 2.0  # a loss above twice the first one at any step is divergence
+SPIKE_FACTOR = 2.0  # a loss above twice the first one (same start for every lr) is divergence
 SWEEP_DATA_FRACTION = 0.01
 MIN_SWEEP_BATCHES = 4
-MIN_SWEEP_STEPS = 10  # fewer steps cannot tell a slow lr from a fast one
+PASSES = 3  # each lr goes over the sweep batches this many times
 
 
 @dataclass
 class SweepRow:
     lr: float
     losses: list[float]
-    diverged: bool
+    window: int  # steps per pass over the sweep batches: the first and last pass see the same batches
+
+    @property
+    def first_pass(self) -> list[float]:
+        return self.losses[: self.window]
+
+    @property
+    def last_pass(self) -> list[float]:
+        return self.losses[-self.window :]
+
+    @property
+    def diverged(self) -> bool:
+        """A non-finite loss, a last pass above the first, or a loss above twice the very first one."""
+        if len(self.losses) < 2 * self.window or not all(math.isfinite(loss) for loss in self.losses):
+            return True
+        return (
+            mean(self.last_pass) > mean(self.first_pass) or max(self.losses) > SPIKE_FACTOR * self.losses[0]
+        )
 
     @property
     def drop(self) -> float:
-        """First loss minus the mean of the last few: how far this lr got in the fixed number of steps."""
-        if self.diverged:
-            return -math.inf
-        tail = self.losses[-max(1, len(self.losses) // 4) :]  # averaging the tail damps batch-to-batch noise
-        return self.losses[0] - sum(tail) / len(tail)
+        """Mean loss of the first pass minus that of the last, over the same batches: batch-to-batch noise
+        cancels out, what is left is how far this lr got in the fixed number of steps."""
+        return -math.inf if self.diverged else mean(self.first_pass) - mean(self.last_pass)
 
 
 @dataclass
@@ -45,6 +61,10 @@ class SweepResult:
     rows: list[SweepRow]
     recommended_lr: float | None  # None: no lr lowered the loss
     reason: str
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def lr_grid(default_lr: float) -> list[float]:
@@ -57,23 +77,16 @@ def sweep_batch_count(train_batches: int) -> int:
     return max(MIN_SWEEP_BATCHES, math.ceil(SWEEP_DATA_FRACTION * train_batches))
 
 
-def is_diverged(losses: list[float]) -> bool:
-    if not losses or not all(math.isfinite(loss) for loss in losses):
-        return True
-    return losses[-1] > losses[0] or max(losses) > SPIKE_FACTOR * losses[0]
-
-
 def lr_range_test(
     train_steps: Callable[[float, int], list[float]],
     default_lr: float,
     n_steps: int,
+    window: int,
     grid: list[float] | None = None,
 ) -> SweepResult:
-    """train_steps(lr, n) trains n steps at a constant lr from the same starting state; returns the losses."""
-    rows = []
-    for lr in grid or lr_grid(default_lr):
-        losses = train_steps(lr, n_steps)
-        rows.append(SweepRow(lr, losses, is_diverged(losses)))
+    """train_steps(lr, n) trains n steps at a constant lr from the same starting state and returns the
+    losses; the drop is the first `window` losses' mean minus the last `window`'s."""
+    rows = [SweepRow(lr, train_steps(lr, n_steps), window) for lr in grid or lr_grid(default_lr)]
     falling = [row for row in rows if row.drop > 0]
     if not falling:
         return SweepResult(rows, None, "no lr lowered the loss: check the data (are all targets masked?)")
@@ -86,21 +99,26 @@ def lr_range_test(
             f"the largest lr whose loss drop ({chosen.drop:.3f}) is within {1 - SAME_DROP:.0%} of the best "
             f"({best.drop:.3f} at lr {best.lr:g}) without diverging"
         )
+    if chosen.lr == max(row.lr for row in rows):
+        reason += "; it is the largest lr tried, so a higher one may be faster still: watch for spikes"
     return SweepResult(rows, chosen.lr, reason)
 
 
 def sweep_table(result: SweepResult) -> str:
-    lines = [f"{'lr':>10}  {'first loss':>10}  {'last loss':>10}  {'drop':>8}  verdict"]
+    lines = [f"{'lr':>10}  {'first pass':>10}  {'last pass':>10}  {'drop':>8}  verdict"]
     for row in result.rows:
-        first = f"{row.losses[0]:.4f}" if row.losses else "-"
-        last = f"{row.losses[-1]:.4f}" if row.losses else "-"
+        finite = len(row.losses) >= 2 * row.window
+        first = f"{mean(row.first_pass):.4f}" if row.losses else "-"
+        last = f"{mean(row.last_pass):.4f}" if finite else "-"
         drop = "-" if row.diverged else f"{row.drop:.4f}"
         verdict = "diverged" if row.diverged else ("recommended" if row.lr == result.recommended_lr else "")
         lines.append(f"{row.lr:>10.2g}  {first:>10}  {last:>10}  {drop:>8}  {verdict}")
     if result.recommended_lr is None:
         lines.append(f"no recommendation: {result.reason}")
     else:
-        lines.append(f"recommended lr {result.recommended_lr:g}: {result.reason}")
+        lines.append(
+            f"recommended lr {result.recommended_lr:g} (--lr {result.recommended_lr:g}): {result.reason}"
+        )
     return "\n".join(lines)
 
 
@@ -144,9 +162,8 @@ def restartable_train_steps(
 
 
 def run_lr_sweep(model, train_batches, default_lr, loss_of_batch, make_optimizer) -> SweepResult:
-    """The range test on the first ~1% of `train_batches` (an iterable with len()), each step one micro-batch:
-    it compares lrs, for which the full effective batch is not needed."""
-    n_batches = sweep_batch_count(len(train_batches))
-    batches = list(itertools.islice(iter(train_batches), n_batches))
+    """The range test on the first ~1% of `train_batches` (an iterable with len()), PASSES passes over them,
+    each step one micro-batch: comparing lrs does not need the full effective batch."""
+    batches = list(itertools.islice(iter(train_batches), sweep_batch_count(len(train_batches))))
     train_steps = restartable_train_steps(model, batches, loss_of_batch, make_optimizer)
-    return lr_range_test(train_steps, default_lr, n_steps=max(MIN_SWEEP_STEPS, len(batches)))
+    return lr_range_test(train_steps, default_lr, n_steps=PASSES * len(batches), window=len(batches))

@@ -41,7 +41,7 @@ def test_round_trip(tmp_path):
 
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
     save(tmp_path, 10)
-    with pytest.raises(Exception):  # noqa: B017 - safetensors refuses a non-tensor mid-write
+    with pytest.raises(Exception):  # noqa: B017 - a non-tensor makes the write fail halfway
         save(tmp_path, 20, trainable={"lora_A.weight": "not a tensor"})
     assert [path.name for path in list_checkpoints(tmp_path)] == ["step-0000010"]
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step-0000010"]  # no debris

@@ -5,7 +5,7 @@ import math
 import torch
 
 from nanoft.lr_sweep import (
-    is_diverged,
+    SweepRow,
     lr_grid,
     lr_range_test,
     restartable_train_steps,
@@ -13,6 +13,8 @@ from nanoft.lr_sweep import (
     sweep_table,
 )
 from nanoft.model import ModelConfig, Transformer
+from tests.test_planner import write_tiny_run
+from train import main as train_main
 
 TINY = ModelConfig(
     vocab_size=64,
@@ -35,25 +37,30 @@ def test_sweep_uses_one_percent_of_the_data_but_at_least_a_few_batches():
 
 
 def test_divergence_rule():
-    assert is_diverged([2.0, 1.5, math.nan])
-    assert is_diverged([2.0, 2.5])  # ended above its start
-    assert is_diverged([2.0, 5.0, 1.0])  # spiked past twice the start on the way
-    assert not is_diverged([2.0, 1.9, 1.5])
+    def diverged(losses):
+        return SweepRow(1e-3, losses, window=2).diverged
+
+    assert diverged([2.0, 1.5, 1.4, math.nan])
+    assert diverged([2.0, 2.2, 2.5, 2.6])  # the last pass ended above the first
+    assert diverged([2.0, 2.2, 5.0, 1.0, 1.0, 1.1])  # spiked past twice the first loss on the way
+    assert diverged([2.0, 1.8, 1.5])  # stopped (a NaN) before a second pass
+    assert not diverged([2.0, 2.4, 1.5, 1.9])  # batch noise: the same batches each pass, both fell
 
 
 def test_recommends_the_largest_lr_that_falls_about_as_fast_as_the_best():
-    curves = {
-        1e-6: [3.0, 2.99, 2.98],
-        1e-5: [3.0, 2.6, 2.0],  # drop 1.0 (best)
-        1e-4: [3.0, 2.5, 2.08],  # drop 0.92: within 10% of the best and larger -> chosen
-        1e-3: [3.0, 9.0, 1.0],  # spiked: diverged however low it ended
+    curves = {  # two batches per pass: the drop is the first pass's mean minus the last pass's
+        1e-6: [3.0, 3.0, 2.99, 2.98],
+        1e-5: [3.0, 2.6, 2.0, 1.6],  # drop 1.0 (best)
+        1e-4: [3.0, 2.5, 2.08, 1.58],  # drop 0.92: within 10% of the best and larger -> chosen
+        1e-3: [3.0, 6.2, 1.0, 0.9],  # spiked: diverged however low it ended
     }
-    result = lr_range_test(lambda lr, n: curves[lr], default_lr=1e-4, n_steps=3, grid=list(curves))
+    result = lr_range_test(lambda lr, n: curves[lr], default_lr=1e-4, n_steps=4, window=2, grid=list(curves))
     assert result.recommended_lr == 1e-4
     assert [row.diverged for row in result.rows] == [False, False, False, True]
+    assert [round(row.drop, 3) for row in result.rows[:3]] == [0.015, 1.0, 0.92]
     table = sweep_table(result)
-    assert "recommended lr 0.0001" in table and "diverged" in table
-    nothing = lr_range_test(lambda lr, n: [3.0, 3.1], default_lr=1e-4, n_steps=2)
+    assert "recommended lr 0.0001 (--lr 0.0001)" in table and "diverged" in table
+    nothing = lr_range_test(lambda lr, n: [3.0, 3.1], default_lr=1e-4, n_steps=2, window=1)
     assert nothing.recommended_lr is None and "no recommendation" in sweep_table(nothing)
 
 
@@ -69,7 +76,7 @@ def test_real_sweep_on_a_tiny_model_never_recommends_a_divergent_lr():
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     train_steps = restartable_train_steps(model, batches, loss_of_batch)
     grid = lr_grid(1e-3) + [10.0]
-    result = lr_range_test(train_steps, default_lr=1e-3, n_steps=12, grid=grid)
+    result = lr_range_test(train_steps, default_lr=1e-3, n_steps=12, window=4, grid=grid)
     print(sweep_table(result))
     assert [row.lr for row in result.rows] == grid
     assert all(len(row.losses) >= 1 for row in result.rows)
@@ -80,3 +87,13 @@ def test_real_sweep_on_a_tiny_model_never_recommends_a_divergent_lr():
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     for lr in grid:
         assert f"{lr:>10.2g}" in sweep_table(result)
+
+
+def test_train_lr_sweep_prints_the_table_and_an_lr(tiny_tokenizer_dir, tmp_path, capsys):
+    inputs = write_tiny_run(tmp_path, tiny_tokenizer_dir)
+    train_main([*inputs, "--lr-sweep", "--batch-size", "4", "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    for lr in lr_grid(2e-4):  # LoRA's default, 10x apart
+        assert f"{lr:>10.2g}" in printed
+    assert "recommended lr" in printed or "no recommendation" in printed
+    assert not (tmp_path / "run" / "summary.json").exists()  # nothing was trained

@@ -163,13 +163,12 @@ def test_detects_this_machine(monkeypatch):
     assert detect_hardware(memory_gb=24).device_count == 2
 
 
-# ---------------------------------------------------------------------------- train.py --plan and --method auto
+# ------------------------------------------------------------------------ train.py --plan and --method auto
 
 
-@pytest.fixture(scope="module")
-def tiny_run_inputs(tiny_tokenizer_dir, tmp_path_factory):
-    """A tiny random Llama with the tiny tokenizer, and Alpaca records it can learn (each word shifted by 1)."""
-    folder = tmp_path_factory.mktemp("tiny_run")
+def write_tiny_run(folder, tokenizer_dir) -> list[str]:
+    """A tiny random Llama with the tiny tokenizer, and Alpaca records it can learn (each word moved up):
+    the train.py flags that use them."""
     config = ModelConfig(
         vocab_size=64,
         hidden_size=64,
@@ -184,8 +183,12 @@ def tiny_run_inputs(tiny_tokenizer_dir, tmp_path_factory):
         pad_token_id=0,
     )
     torch.manual_seed(0)
-    save_pretrained(Transformer(config).state_dict(), config, folder / "model")
-    copy_tokenizer_files(tiny_tokenizer_dir, folder / "model")
+    model = Transformer(config)
+    for param in model.parameters():
+        if param.dim() >= 2:
+            torch.nn.init.normal_(param, std=0.02)  # Hugging Face's initialisation: small, stable logits
+    save_pretrained(model.state_dict(), config, folder / "model")
+    copy_tokenizer_files(tokenizer_dir, folder / "model")
     rng = random.Random(0)
     for name, n in (("train", 96), ("val", 16)):
         rows = []
@@ -196,6 +199,11 @@ def tiny_run_inputs(tiny_tokenizer_dir, tmp_path_factory):
         (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
     flags = ["--model", str(folder / "model"), "--data", str(folder / "train.jsonl")]
     return flags + ["--val-data", str(folder / "val.jsonl"), "--seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tiny_tokenizer_dir, tmp_path_factory):
+    return write_tiny_run(tmp_path_factory.mktemp("tiny_run"), tiny_tokenizer_dir)
 
 
 def test_train_plan_prints_the_plan_and_trains_nothing(tiny_run_inputs, tmp_path, capsys):

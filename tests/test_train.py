@@ -312,14 +312,20 @@ def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir
 @pytest.mark.parametrize("flag", ["--activation-checkpointing", "--pack", "--group-by-length"])
 def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag):
     """Activation checkpointing recomputes the same numbers; packing and length grouping change the batches
-    but the run still trains (lower val loss)."""
+    but the run still trains (lower val loss). (--compile is exercised by bench/train_step.py: compiling
+    takes minutes on CPU.)"""
     flags = "--max-steps 4 --lora-dropout 0".split()
     plain = train(tiny_model_dir, data_files, tmp_path / "plain", *flags)
     other = train(tiny_model_dir, data_files, tmp_path / "other", *flags, flag)
     assert other["best_val_loss"] < other["baseline_val_loss"]
-    if flag == "--activation-checkpointing":
-        assert train_losses(tmp_path / "other") == pytest.approx(train_losses(tmp_path / "plain"), abs=1e-6)
-        assert other["val_curve"] == [pytest.approx(point, abs=1e-6) for point in plain["val_curve"]]
+    if flag in ("--activation-checkpointing", "--compile"):
+        tolerance = (
+            1e-6 if flag == "--activation-checkpointing" else 1e-2
+        )  # compiled kernels round differently
+        assert train_losses(tmp_path / "other") == pytest.approx(
+            train_losses(tmp_path / "plain"), abs=tolerance
+        )
+        assert other["val_curve"] == [pytest.approx(point, abs=tolerance) for point in plain["val_curve"]]
 
 
 # ---------------------------------------------------------------------------- bad input
