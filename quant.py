@@ -56,7 +56,7 @@ class QuantConfig:
     double_quant: bool = True  # 4-bit only: quantize the per-block absmax too (0.5 -> 0.127 bits per weight)
     compute_dtype: torch.dtype | str = torch.bfloat16  # activations, embeddings, norms, lm_head
     quant_storage: torch.dtype | str = torch.uint8  # 4-bit only: dtype the packed bytes are viewed as (FSDP)
-    skip: tuple[str, ...] = ("lm_head",)  # linear modules (name or name suffix) kept in the compute dtype
+    skip: tuple[str, ...] | str = ("lm_head",)  # linears (name, name suffix; or "a,b") kept in compute dtype
 
     def __post_init__(self):
         if self.quant not in QUANT_TYPES:
@@ -67,9 +67,11 @@ class QuantConfig:
             raise UserError(f"compute dtype {self.compute_dtype}: choose bf16, fp16 or fp32")
         if not isinstance(self.quant_storage, torch.dtype):
             raise UserError(f"quant storage {self.quant_storage}: must be a torch dtype such as torch.uint8")
+        if isinstance(self.skip, str):
+            self.skip = tuple(name.strip() for name in self.skip.split(",") if name.strip())
+        self.skip = tuple(self.skip)
         if not any(_matches("lm_head", pattern) for pattern in self.skip):
             raise UserError("skip must keep 'lm_head': the chunked loss multiplies by its unquantized weight")
-        self.skip = tuple(self.skip)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -121,10 +123,11 @@ def quantize_weight(layer: nn.Module, weight: torch.Tensor, config: QuantConfig,
         raise bitsandbytes_error(error, f"--quant {config.quant}") from None
 
 
-def quantize_linears(model: nn.Module, config: QuantConfig, device="cpu") -> list[str]:
-    """Replace the model's `nn.Linear` modules (except `config.skip`) in place; return their names.
+def quantize_linears(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Replace the model's `nn.Linear` modules (all but `config.skip`) by bitsandbytes ones, in place.
 
-    Linears still on the meta device stay empty (the loader fills them); loaded ones are quantized now.
+    A loaded linear is quantized now, where its weight is; one on the meta device stays empty for the loader
+    to fill as the weight is read. Returns the replaced modules' names.
     """
     names = [
         name
@@ -133,14 +136,13 @@ def quantize_linears(model: nn.Module, config: QuantConfig, device="cpu") -> lis
     ]
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
-        parent, linear = model.get_submodule(parent_name), model.get_submodule(name)
+        linear = model.get_submodule(name)
         layer = make_quantized_linear(linear, config)
         if linear.weight.device.type != "meta":
-            quantize_weight(layer, linear.weight.detach(), config, device)
+            quantize_weight(layer, linear.weight.detach(), config, linear.weight.device)
             if linear.bias is not None:
-                bias = linear.bias.detach().to(device, config.compute_dtype)
-                layer.bias = nn.Parameter(bias, requires_grad=False)
-        setattr(parent, child_name, layer)
+                layer.bias = nn.Parameter(linear.bias.detach().to(config.compute_dtype), requires_grad=False)
+        setattr(model.get_submodule(parent_name), child_name, layer)
     return names
 
 
@@ -154,7 +156,7 @@ def load_quantized(
     skip=("lm_head",),
 ) -> Transformer:
     """Load a Hugging Face checkpoint directory with its decoder linears quantized, one tensor at a time."""
-    config = QuantConfig(quant, double_quant, compute_dtype, quant_storage, tuple(skip))
+    config = QuantConfig(quant, double_quant, compute_dtype, quant_storage, skip)
     model_config = load_config(path)
     with torch.device("meta"):
         model = Transformer(model_config)

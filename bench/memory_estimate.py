@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from nanoft.model import ModelConfig, Transformer  # noqa: E402
 from nanoft.memory import GiB, TrainingShape, count_parameters, estimate_memory  # noqa: E402
+from nanoft.model import ModelConfig, Transformer  # noqa: E402
 from nanoft.weights import save_pretrained  # noqa: E402
 
 MEASURED_MODEL = ModelConfig(
@@ -42,10 +42,18 @@ MICRO_BATCH, SEQ_LEN, GRAD_ACCUM, STEPS = 2, 256, 2, 2
 
 REFERENCE_MODELS = {
     "Llama-2-7B": ModelConfig(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
     ),
     "Llama-2-13B": ModelConfig(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        vocab_size=32000,
     ),
     "CodeLlama-34B": ModelConfig(
         hidden_size=8192,
@@ -65,10 +73,12 @@ FOLKLORE_GB = {
     ("CodeLlama-34B", "qlora"): 22.0,
 }
 TABLE_SHAPES = {  # micro-batch x seq len and checkpointing for the table's columns
-    "micro 1 x 512, checkpointing": (1, 512, True),
-    "micro 4 x 1024, checkpointing": (4, 1024, True),
-    "micro 4 x 1024, no checkpointing": (4, 1024, False),
+    "1 x 512, ckpt": (1, 512, True),
+    "1 x 512": (1, 512, False),
+    "4 x 1024, ckpt": (4, 1024, True),
+    "4 x 1024": (4, 1024, False),
 }
+TABLE_ROWS = (("lora", "adamw"), ("qlora", "adamw"), ("full", "adamw"), ("full", "adamw8bit"))
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -126,8 +136,9 @@ def write_measured_model(path: Path) -> None:
 
 
 def measure(model_dir: Path, method: str, checkpointing: bool = False, default_malloc: bool = False) -> dict:
-    """Run `child` in a fresh process and return its report plus the planner's estimate for the same run."""
-    command = [sys.executable, __file__, "--child", str(model_dir), method] + (["--ckpt"] if checkpointing else [])
+    """Run `child` in a fresh process; return its report plus the planner's estimate for the same run."""
+    command = [sys.executable, __file__, "--child", str(model_dir), method]
+    command += ["--ckpt"] if checkpointing else []
     # glibc hands freed blocks of 64 KiB and more straight back to the system, so RSS follows live tensors
     # (what the estimate counts, and what torch.cuda.max_memory_allocated counts on a GPU) rather than what
     # malloc keeps cached; `--default-malloc` in the table shows the cached figure too.
@@ -171,19 +182,19 @@ def measured_table(model_dir: Path) -> str:
 
 
 def reference_table() -> str:
-    """The planner's estimates for real 7B / 13B / 34B configs (bf16 compute, AdamW, LoRA r=16 on q,v)."""
+    """The planner's estimates for real 7B / 13B / 34B configs (bf16 compute, LoRA r=16 on q,v, CUDA)."""
     header = "| model | method | " + " | ".join(TABLE_SHAPES) + " | folklore |"
     lines = [header, "| --- | --- | " + " | ".join("---:" for _ in TABLE_SHAPES) + " | ---: |"]
     for name, config in REFERENCE_MODELS.items():
-        for method in ("lora", "qlora", "full"):
+        for method, optim in TABLE_ROWS:
             cells = []
             for micro_batch, seq_len, checkpointing in TABLE_SHAPES.values():
-                shape = TrainingShape(method, micro_batch, seq_len, activation_checkpointing=checkpointing)
+                shape = TrainingShape(method, micro_batch, seq_len, checkpointing, optim=optim)
                 cells.append(f"{estimate_memory(config, shape).total / GiB:.1f}")
-            folklore = FOLKLORE_GB.get((name, method))
-            lines.append(
-                f"| {name} | {method} | " + " | ".join(cells) + f" | {'~' + str(folklore) if folklore else ''} |"
-            )
+            folklore = FOLKLORE_GB.get((name, method)) if optim == "adamw" else None
+            label = method + ("" if optim == "adamw" else f" ({optim})")
+            cells.append(f"~{folklore}" if folklore else "")
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -196,7 +207,8 @@ def main():
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.ckpt)))
         return
-    print("Estimated peak GiB per device (bf16, AdamW, LoRA r=16 on q_proj,v_proj):\n")
+    print("Estimated peak GiB per GPU: bf16, LoRA r=16 on q_proj,v_proj; micro-batch x seq len, ckpt =")
+    print("activation checkpointing; folklore: the figures users quote (GB as tools print GiB)\n")
     print(reference_table())
     if args.table:
         return

@@ -5,9 +5,12 @@
 
 Every measurement runs in a fresh subprocess and reports that process's peak resident memory (VmHWM; not
 ru_maxrss, which Linux carries over from the parent through fork and exec) and the peak of its anonymous
-memory (RssAnon, sampled every 2 ms). They differ by the safetensors shard that is
-memory-mapped while it is read: its pages count in RSS, but they are the file's, and the kernel drops them
-first under memory pressure. "load" = peak minus the same process's RSS after its imports.
+memory (RssAnon, sampled every 2 ms). The two differ by the safetensors shard that is memory-mapped while it
+is read: its pages count in RSS, but they are the file's, and the kernel drops them first under memory
+pressure. "load" = peak minus the same process's RSS after its imports. The subprocesses run with
+MALLOC_MMAP_THRESHOLD_=65536, so glibc returns freed blocks of 64 KiB and more to the system and RSS follows
+live tensors (by default it keeps freed blocks cached, e.g. the short-lived dequantized weights of the 4-bit
+layers, which hid most of QLoRA's saving in this table).
 
 - load: SmolLM2-135M and a random-weight model of TinyLlama-1.1B's shape (2.2 GB of bf16 safetensors, written
   once to --synthetic-dir) loaded in bf16 (nanoft.weights.from_pretrained) and in NF4 (quant.load_quantized).
@@ -220,7 +223,8 @@ def child_main(job: dict) -> None:
 
 def measure(job: dict) -> dict:
     command = [sys.executable, __file__, "--child", json.dumps(job)]
-    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     if run.returncode != 0 or not lines:
         raise RuntimeError(f"{job} failed:\n{run.stderr[-3000:]}")
@@ -345,7 +349,7 @@ def main():
     parser.add_argument(
         "--sections", nargs="+", default=["load", "train", "estimate"], help="what to measure"
     )
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps after 2 warm-up steps")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps after 2 warm-up steps")
     synthetic_dir = os.path.join(tempfile.gettempdir(), "nanoft_tinyllama_shape")
     parser.add_argument(
         "--synthetic-dir", default=synthetic_dir, help="where the random 1.1B model is written"
@@ -357,6 +361,7 @@ def main():
         return child_main(json.loads(args.child))
     sections = {"load": section_load, "train": section_train, "estimate": section_estimate}
     results = {name: sections[name](args) for name in args.sections}
+    results["load_average"] = os.getloadavg()[0]  # the machine is shared: timings mean little when it is busy
     print_tables(results)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.json}")

@@ -40,7 +40,10 @@ from nanoft.memory import (
 )
 from nanoft.model import ModelConfig
 
-USABLE_FRACTION = 0.9  # the rest: CUDA context, allocator fragmentation
+# Of a device's memory, what tensors may use. CUDA: the rest is the context and the caching allocator's
+# fragmentation. CPU: glibc keeps freed blocks cached; bench/memory_estimate.py's 34M model peaked ~1.3x its
+# live tensors with the default malloc.
+USABLE_FRACTION = {"cuda": 0.9, "cpu": 0.75}
 LORA_BAND = 24 / 13.5  # the framework's 24 GiB for a 7B, whose 16-bit weights take 12.6 GiB (13.5 GB)
 FULL_RULE_BYTES_PER_PARAM = 16  # 4 x the fp32 model: weights, gradients, Adam m and v
 MIN_EFFECTIVE_BATCH = 32
@@ -56,13 +59,7 @@ class Hardware:
 
     @property
     def usable_bytes(self) -> int:
-        return int(self.memory_bytes * usable_fraction(self.device_type))
-
-
-def usable_fraction(device_type: str) -> float:
-    # CUDA: the context and the caching allocator's fragmentation. CPU: glibc keeps freed blocks cached; the
-    # 34M model in bench/memory_estimate.py peaked ~30% above its live tensors with the default malloc.
-    return USABLE_FRACTION if device_type == "cuda" else 0.75
+        return int(self.memory_bytes * USABLE_FRACTION[self.device_type])
 
 
 def host_memory() -> tuple[int, int]:
@@ -180,10 +177,12 @@ def plan_request(config, compute_bytes: int = 2) -> PlanRequest:
     )
 
 
-def framework_allows(method: str, params: ParameterCount, hardware: Hardware, request: PlanRequest):
-    """(allowed, why): the framework's rule for `method`, before the estimate decides whether it fits."""
-    memory = hardware.memory_bytes * hardware.device_count  # FSDP can pool the devices
-    where = f"{hardware.device_count} x {hardware.memory_bytes / GiB:.1f} GiB"
+def framework_allows(method: str, params: ParameterCount, hardware: Hardware, layout: str, request):
+    """(allowed, why): the framework's rule for `method` on `layout`, before the estimate decides whether it
+    fits. DDP and one device need it all on each device; FSDP pools the devices' memory."""
+    devices = hardware.device_count if layout.startswith("fsdp") else 1
+    memory = hardware.memory_bytes * devices
+    where = f"{devices} x {hardware.memory_bytes / GiB:.1f} GiB"
     if method == "full":
         needed = FULL_RULE_BYTES_PER_PARAM * params.total
         rule = f"4 x the fp32 model = {needed / GiB:.1f} GiB (16 bytes/parameter: weights, grads, Adam m, v)"
@@ -191,16 +190,14 @@ def framework_allows(method: str, params: ParameterCount, hardware: Hardware, re
             return False, "full fine-tune: not asked for (--max-quality); adapters reach most of its quality"
         if memory < needed:
             return False, f"full fine-tune: {where} is below {rule}"
-        return True, f"full fine-tune: maximum quality asked for, and {where} >= {rule}"
+        wanted = "maximum quality asked for" if request.max_quality else "a domain shift needs capacity"
+        return True, f"full fine-tune: {wanted}, and {where} >= {rule}"
     if method == "lora":
         needed = LORA_BAND * request.compute_bytes * params.total
         band = f"{LORA_BAND:.2f} x the {request.compute_bytes * params.total / GiB:.1f} GiB 16-bit model"
         if memory < needed:
-            return (
-                False,
-                f"LoRA (16-bit base): {where} is below {band} (the 24 GB band for a 7B) -> 4-bit base",
-            )
-        return True, f"LoRA (16-bit base): {where} >= {band} (the framework's 24 GB for a 7B)"
+            return False, f"LoRA (16-bit base): {where} is below {band} (the 8-24 GB band for a 7B: 4-bit)"
+        return True, f"LoRA (16-bit base): {where} >= {band} (the framework's 24 GB and up for a 7B)"
     return True, "QLoRA (4-bit NF4 base): the smallest footprint, at some quality and speed cost"
 
 
@@ -230,7 +227,8 @@ def fit_batch(config: ModelConfig, method: str, layout: str, hardware: Hardware,
                 config, training_shape(method, layout, micro_batch, checkpointing, hardware, request)
             )
             host_needed = estimate.host_offload * hardware.device_count
-            if estimate.total <= hardware.usable_bytes and host_needed <= 0.75 * hardware.host_memory_bytes:
+            host_usable = USABLE_FRACTION["cpu"] * hardware.host_memory_bytes
+            if estimate.total <= hardware.usable_bytes and host_needed <= host_usable:
                 return micro_batch, checkpointing, estimate
     return None
 
@@ -275,18 +273,18 @@ def make_plan(config: ModelConfig, hardware: Hardware, request: PlanRequest) -> 
     reasons = [DOMAIN_SHIFT_ADVICE] if request.domain_shift else []
     candidates = METHODS if request.method == "auto" else (request.method,)
     for method in candidates:
-        if request.method == "auto":
-            allowed, why = framework_allows(method, params, hardware, request)
-            reasons.append(why)
-            if not allowed:
-                continue
-        else:
-            reasons.append(f"{method}: chosen with --method (--method auto lets the plan choose)")
         for layout in layouts(hardware):
-            fit = fit_batch(config, method, layout, hardware, request)
+            if request.method == "auto":
+                allowed, why = framework_allows(method, params, hardware, layout, request)
+            else:
+                allowed, why = True, f"{method}: chosen with --method (--method auto lets the plan choose)"
+            fit = fit_batch(config, method, layout, hardware, request) if allowed else None
             if fit is not None:  # (micro_batch, checkpointing, estimate)
-                reasons.append(f"{method} {LAYOUT_WHY[layout]}: {fit[2].total / GiB:.1f} GiB per device")
+                reasons += [why, f"{method} {LAYOUT_WHY[layout]}: {fit[2].total / GiB:.1f} GiB per device"]
                 return Plan(method, layout, *fit, True, hardware, request, params, reasons)
+        if not allowed:  # the last layout pools the most memory: if the rule refused it, it refused them all
+            reasons.append(why)
+            continue
         most_sharded = layouts(hardware)[-1]
         smallest = estimate_memory(config, training_shape(method, most_sharded, 1, True, hardware, request))
         reasons.append(
@@ -387,7 +385,7 @@ def format_plan(plan: Plan, model_name: str = "") -> str:
         f"({p.block_linear / 1e9:.2f}B in the decoder blocks' linears, {p.embedding / 1e9:.2f}B embedding"
         + (f", {p.lm_head / 1e9:.2f}B lm_head)" if p.lm_head else ", lm_head tied)"),
         f"hardware: {hw.description}; usable {hw.usable_bytes / GiB:.1f} GiB per device "
-        f"({usable_fraction(hw.device_type):.0%})",
+        f"({USABLE_FRACTION[hw.device_type]:.0%})",
         "",
         f"method: {METHOD_NAMES[plan.method]}, {LAYOUT_NAMES[plan.layout]}"
         + ("" if plan.fits else "  ** estimated NOT to fit: expect out-of-memory **"),

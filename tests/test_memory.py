@@ -113,7 +113,7 @@ def test_checkpointing_and_sharding_shrink_what_they_should():
     checkpointed = estimate_memory(LLAMA_2_7B, TrainingShape("full", activation_checkpointing=True, **shape))
     sharded = estimate_memory(LLAMA_2_7B, TrainingShape("full", shards=8, **shape))
     offloaded = estimate_memory(LLAMA_2_7B, TrainingShape("full", shards=8, cpu_offload=True, **shape))
-    assert checkpointed.activations < plain.activations / 10 and checkpointed.weights == plain.weights
+    assert checkpointed.activations < plain.activations / 5 and checkpointed.weights == plain.weights
     assert sharded.optimizer == pytest.approx(plain.optimizer / 8, rel=1e-6)
     assert sharded.activations == plain.activations
     assert offloaded.optimizer == 0 and offloaded.host_offload > 0 and offloaded.total < sharded.total

@@ -69,6 +69,7 @@ def plan(config, gib, devices=1, **request):
         (LLAMA_2_7B, 80, 1, {"max_quality": True}, "lora", "single"),  # 80 GiB < 16 B x 6.7B
         (LLAMA_2_7B, 80, 2, {"max_quality": True}, "full", "fsdp"),  # fits only sharded
         (LLAMA_2_7B, 80, 8, {}, "lora", "ddp"),  # fits one device: each holds the model
+        (LLAMA_2_7B, 16, 2, {}, "lora", "fsdp"),  # a 16-bit base needs both devices' memory: sharded
         (LLAMA_2_13B, 24, 1, {}, "qlora", "single"),
         (CODELLAMA_34B, 24, 1, {}, "qlora", "single"),
         (LLAMA_2_70B, 80, 2, {}, "qlora", "ddp"),  # 2 x 80 GiB is below the 16-bit band for 128 GiB
@@ -207,10 +208,12 @@ def tiny_run_inputs(tiny_tokenizer_dir, tmp_path_factory):
 
 
 def test_train_plan_prints_the_plan_and_trains_nothing(tiny_run_inputs, tmp_path, capsys):
-    train_main([*tiny_run_inputs, "--plan", "--plan-memory-gb", "8", "--out", str(tmp_path / "run")])
+    flags = "--plan --plan-memory-gb 8 --plan-devices 2 --method qlora".split()
+    train_main([*tiny_run_inputs, *flags, "--out", str(tmp_path / "run")])
     printed = capsys.readouterr().out
-    assert "method: LoRA on a 16-bit base, one device" in printed
-    assert "planned: 1 x 8 GiB GPU" in printed and "what to watch:" in printed
+    assert "method: LoRA on a 16-bit base, DDP" in printed  # the framework's choice, not the configured one
+    assert "--method qlora as configured fits at micro-batch 4" in printed
+    assert "planned: 2 x 8 GiB GPU" in printed and "what to watch:" in printed
     assert not (tmp_path / "run").exists()
 
 

@@ -15,7 +15,14 @@ from lora import LoRAConfig, export_merged, inject_lora, load_adapter, save_adap
 from nanoft.errors import UserError
 from nanoft.model import ModelConfig, Transformer
 from nanoft.weights import from_pretrained, save_pretrained
-from quant import QuantConfig, bitsandbytes_error, load_quantized, make_optimizer, quantized_weight_bytes
+from quant import (
+    QuantConfig,
+    bitsandbytes_error,
+    load_quantized,
+    make_optimizer,
+    quantize_linears,
+    quantized_weight_bytes,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -167,6 +174,15 @@ def test_storage_and_compute_dtypes(tiny_dir):
         load_quantized(tiny_dir, skip=())
     with pytest.raises(UserError, match="nf4, fp4, int8"):
         QuantConfig(quant="nf3")
+
+
+def test_quantizing_a_loaded_model_equals_quantizing_while_loading(tiny_dir):
+    model = from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    names = quantize_linears(model, QuantConfig())
+    assert len(names) == 3 * 7 and "lm_head" not in names
+    inputs, _ = text_batch()
+    with torch.no_grad():
+        assert torch.equal(model(inputs), load_quantized(tiny_dir)(inputs))
 
 
 def snapshot_quantized_bytes(model):
