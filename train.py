@@ -4,9 +4,10 @@
     python train.py --model DIR --data train.jsonl --out runs/x  # LoRA r=16 on q_proj,v_proj
     python train.py --model DIR --data train.jsonl --method qlora
     python train.py --out runs/x --resume                        # continue exactly where it stopped
+    python train.py --model DIR --plan                           # what fits this hardware, and why
     torchrun --nproc_per_node=4 train.py --out runs/x ...        # DDP, one process per GPU
-    torchrun --nproc_per_node=4 train.py --out runs/x --fsdp full_shard  # FSDP2: the model sharded too
-    python train.py --help                                       # every flag; --config FILE.toml sets them too
+    torchrun --nproc_per_node=4 train.py --out runs/x --fsdp full_shard  # FSDP2: the model sharded
+    python train.py --help                                       # every flag (--config FILE.toml sets them)
 
 config -> devices -> data -> model (4-bit for QLoRA) -> LoRA or full -> optimizer and schedule -> (resume)
 -> the loop (evaluate, checkpoint, one optimizer step over accumulated micro-batches) -> the final report.
@@ -19,7 +20,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,8 +32,10 @@ from nanoft.checkpoint import (
     StopSignals,
     latest_checkpoint,
     load_checkpoint,
+    new_progress,
     prepare_run_dir,
     prune_checkpoints,
+    record_eval,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -60,21 +63,12 @@ from nanoft.distributed import (
     wrap_model,
 )
 from nanoft.errors import UserError, exit_on_user_error
-from nanoft.gates import UtilisationSampler, evaluate_gates, flat_val_loss_advice, gates_markdown
 from nanoft.lr_sweep import run_lr_sweep, sweep_table
-from nanoft.monitor import (
-    Monitor,
-    flops_per_token,
-    generate_samples,
-    measure_peak_flops,
-    memory_bytes,
-    peak_memory_bytes,
-    val_prompts,
-    write_summary_and_report,
-)
+from nanoft.monitor import Monitor, generate_samples, peak_memory_bytes, val_prompts
 from nanoft.oom import OOMRecovery
 from nanoft.planner import format_plan, plan_for_run
 from nanoft.precision import choose_precision
+from nanoft.report import nan_advice, summary_lines, write_run_report
 from nanoft.schedule import lr_at
 from nanoft.tokenizer import Tokenizer
 from nanoft.weights import copy_tokenizer_files, from_pretrained, load_config, save_pretrained
@@ -85,18 +79,14 @@ IGNORE = -100
 
 def to_device(batch: dict, device) -> dict:
     return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
     }
 
 
 def forward(model, batch: dict):
     """(fp32 sum of the target tokens' cross-entropy, number of target tokens) of one batch."""
-    return model(
-        batch["input_ids"],
-        batch["targets"],
-        position_ids=batch["position_ids"],
-        document_ids=batch["document_ids"],
-    )
+    ids, targets = batch["input_ids"], batch["targets"]
+    return model(ids, targets, position_ids=batch["position_ids"], document_ids=batch["document_ids"])
 
 
 @torch.no_grad()
@@ -125,8 +115,8 @@ def evaluate(model, val_batches, dist, autocast) -> float:
     return (totals[0] / totals[1]).item()
 
 
-def save_best_weights(model, dist, run_dir: Path, model_dir: Path, method: str) -> Path:
-    """The run's best weights so far: a PEFT adapter (LoRA/QLoRA) or a Hugging Face model (full)."""
+def save_best_weights(model, dist, run_dir: Path, model_dir: Path, method: str) -> None:
+    """The run's best weights so far: run_dir/adapter in PEFT format, or run_dir/model for full fine-tunes."""
     if method == "full":
         weights = full_state_dict(model, dist, trainable_only=False)  # every rank calls: FSDP gathers
         if dist.is_main:
@@ -135,91 +125,88 @@ def save_best_weights(model, dist, run_dir: Path, model_dir: Path, method: str) 
                 copy_tokenizer_files(model_dir, tmp),
             )
             write_directory_atomically(run_dir / "model", write)
-        return run_dir / "model"
+        return
     # Under FSDP each rank holds a shard of each adapter: gather them (every rank calls) for rank 0 to write.
     adapter = full_state_dict(model, dist, trainable_only=True) if is_fsdp(model) else None
     if dist.is_main:
-        write = lambda tmp: save_adapter(
-            unwrap(model), tmp, base_model_name_or_path=str(model_dir), tensors=adapter
-        )
+        base = str(model_dir)
+        write = lambda tmp: save_adapter(unwrap(model), tmp, base_model_name_or_path=base, tensors=adapter)
         write_directory_atomically(run_dir / "adapter", write)
-    return run_dir / "adapter"
 
 
 def export_best_merged(model, best_dir: Path, model_dir: Path, out_dir: Path, dtype) -> None:
     """Load the best adapter back into the model and write it merged into the base (a plain HF model)."""
     best = load_file(best_dir / "adapter_model.safetensors")
-    missing, unexpected = model.load_state_dict(
-        {k.removeprefix(PEFT_PREFIX): v for k, v in best.items()}, strict=False
+    model.load_state_dict(
+        {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in best.items()}, strict=False
     )
-    assert not unexpected, unexpected
     write_directory_atomically(
         out_dir, lambda tmp: export_merged(model, model.config, model_dir, tmp, dtype=dtype)
     )
 
 
-def save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist) -> Path:
-    """A resumable checkpoint; every rank calls this (their weights, optimizer shards and RNGs are gathered)."""
+def save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist) -> None:
+    """A resumable checkpoint; every rank calls this (weights, optimizer shards and RNGs are gathered)."""
     trainable = full_state_dict(model, dist, trainable_only=True)
     optimizer_state = optimizer_state_dict(model, optimizer, dist)
     rng_states = gather_to_main(rng_state(), dist)
-    if not dist.is_main:
-        return Path()
-    state = {**progress, "data": train_batches.state_dict(), "scaler": scaler.state_dict()}
-    path = save_checkpoint(
-        run_dir, progress["step"], trainable, optimizer_state, rng_states, state, config.to_dict()
-    )
-    prune_checkpoints(run_dir, config.keep_last, keep_step=progress["best_step"])
-    return path
+    if dist.is_main:
+        state = {**progress, "data": train_batches.state_dict(), "scaler": scaler.state_dict()}
+        step = progress["step"]
+        save_checkpoint(run_dir, step, trainable, optimizer_state, rng_states, state, config.to_dict())
+        prune_checkpoints(run_dir, config.keep_last, keep_step=progress["best_step"])
+
+
+def restore_training_state(run_dir, model, optimizer, scaler, train_batches, dist) -> dict:
+    """Load the latest checkpoint (read by rank 0, sent to the others); return the run's progress."""
+    checkpoint = load_checkpoint(latest_checkpoint(run_dir)) if dist.is_main else {}
+    load_full_state_dict(model, checkpoint.get("trainable", {}), dist)
+    load_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), dist)
+    state = scatter_from_main([checkpoint["state"]] * dist.world_size if dist.is_main else None, dist)
+    train_batches.load_state_dict(state.pop("data"))
+    scaler.load_state_dict(state.pop("scaler"))
+    set_rng_state(scatter_from_main(checkpoint.get("rng"), dist))  # last: nothing may draw from them after
+    print0(dist, f"resumed from {latest_checkpoint(run_dir)} at step {state['step']}")
+    return {**new_progress(), **state}
 
 
 @exit_on_user_error
 def main(argv=None):
     started = time.perf_counter()
-    # ---------------------------------------------------------------- config and devices
+    # ---------------------------------------------------------------- config, plan, devices
     config = parse_config(argv)
-    # ---------------------------------------------------------------- the plan (nanoft/planner.py)
-    if config.plan:  # print what fits this model on this hardware, and why; train nothing
+    if config.plan:  # print what fits this model on this hardware, and why; train nothing (nanoft/planner.py)
         print(format_plan(plan_for_run(config, planning_only=True), config.model or "SmolLM2-135M-Instruct"))
         return
     if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
         plan = plan_for_run(config, planning_only=False)
-        fsdp = "full_shard" if plan.layout.startswith("fsdp") and config.fsdp == "none" else config.fsdp
         config = replace(
             config,
             method=plan.method,
             batch_size=plan.micro_batch,
             grad_accum=plan.grad_accum,
             activation_checkpointing=plan.activation_checkpointing,
-            fsdp=fsdp,
+            fsdp="full_shard" if plan.layout.startswith("fsdp") and config.fsdp == "none" else config.fsdp,
             fsdp_cpu_offload=config.fsdp_cpu_offload or plan.layout == "fsdp_offload",
         )
         print(f"--method auto: {plan.method}, {plan.layout}; {plan.reasons[-1]} (--plan shows why)")
+    quant = config.quant or ("nf4" if config.method == "qlora" else "")
     config = replace(
-        config,
-        lr=config.lr or DEFAULT_LR[config.method],
-        out=config.out or default_out_dir(),
-        quant=config.quant or ("nf4" if config.method == "qlora" else ""),
+        config, lr=config.lr or DEFAULT_LR[config.method], out=config.out or default_out_dir(), quant=quant
     )
     dist = setup_distributed(config.device, timeout_s=config.dist_timeout)
     run_dir = prepare_run_dir(config.out, resume=config.resume, overwrite=config.overwrite, dist=dist)
     model_dir = resolve_model(config.model)
-    model_config = load_config(model_dir)
-    if config.seq_len > model_config.max_position_embeddings:
+    context = load_config(model_dir).max_position_embeddings
+    if config.seq_len > context:
         raise UserError(
-            f"--seq-len {config.seq_len} is longer than the model's context "
-            f"({model_config.max_position_embeddings} tokens); lower --seq-len"
+            f"--seq-len {config.seq_len} is longer than the model's context ({context}); lower it"
         )
     precision = choose_precision(config.dtype, dist.device, config.method)
-    config = replace(
-        config,
-        dtype={torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[precision.compute_dtype],
-    )
-    # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls. LoRA needs none (see precision.py).
+    config = replace(config, dtype=precision.name)
+    # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls; LoRA needs none (precision.py).
     autocast = (
-        torch.autocast(dist.device.type, dtype=precision.compute_dtype)
-        if precision.autocast
-        else nullcontext()
+        torch.autocast(dist.device.type, precision.compute_dtype) if precision.autocast else nullcontext()
     )
     if dist.is_main:
         save_config(config, run_dir / "config.json")
@@ -245,36 +232,28 @@ def main(argv=None):
     )
     if not len(val_examples):
         raise UserError(
-            "no validation data (--val-frac 0 and no --val-data): nanoft keeps the checkpoint with "
-            "the best val loss, so it needs some; pass --val-frac 0.05 or --val-data FILE"
+            "no validation data (--val-frac 0 and no --val-data): the best checkpoint is chosen by "
+            "val loss; pass --val-frac 0.05 or --val-data FILE"
         )
+    # Each rank reads its own slice of every global batch; evaluation covers the whole val split once.
+    shard = dict(rank=dist.rank, world_size=dist.world_size, pack=config.pack)
     train_batches = Batches(
         train_examples,
         config.batch_size,
         tokenizer.pad_id,
         seed=config.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        pack=config.pack,
         group_by_length=config.group_by_length,
+        **shard,
     )
     val_batches = Batches(
-        val_examples,
-        config.batch_size,
-        tokenizer.pad_id,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        shuffle=False,
-        pack=config.pack,
-        drop_last=False,
+        val_examples, config.batch_size, tokenizer.pad_id, shuffle=False, drop_last=False, **shard
     )
     steps_per_epoch = len(train_batches) // config.grad_accum
     total_steps = config.max_steps or math.floor(config.epochs * len(train_batches) / config.grad_accum)
     if total_steps == 0:
         raise UserError(
-            f"one optimizer step takes {config.grad_accum} x {config.batch_size} x {dist.world_size} "
-            f"sequences and the training split has {len(train_examples)}: lower --grad-accum or "
-            "--batch-size, or raise --epochs"
+            f"one step takes {config.grad_accum} x {config.batch_size} x {dist.world_size} sequences; "
+            f"the training split has {len(train_examples)}: lower --grad-accum or --batch-size"
         )
     warmup_steps = round(config.warmup_frac * total_steps)
 
@@ -288,12 +267,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- LoRA adapters, or every weight trains
     if config.method in ("lora", "qlora"):
-        lora_config = LoRAConfig(
-            r=config.lora_r,
-            alpha=config.lora_alpha,
-            dropout=config.lora_dropout,
-            targets="all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets),
-        )
+        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
+        lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
         model = inject_lora(model, lora_config)  # freezes the base; adapters are fp32
     model.activation_checkpointing = config.activation_checkpointing
     if config.compile:
@@ -303,30 +278,21 @@ def main(argv=None):
     n_total = sum(p.numel() for p in model.parameters())
     # DDP under torchrun; --fsdp shards instead. FSDP's mixed precision only where autocast would be used
     # (full fine-tunes): a LoRA base is already stored in the compute dtype and its adapters stay fp32.
-    model = wrap_model(
-        model,
-        dist,
-        fsdp=config.fsdp,
-        cpu_offload=config.fsdp_cpu_offload,
-        mixed_precision=precision.compute_dtype if precision.autocast else None,
-    )
+    mixed_precision = precision.compute_dtype if precision.autocast else None
+    model = wrap_model(model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision)
     torch.manual_seed(seed_for_rank(config.seed, dist))  # from here on (dropout), each rank its own stream
 
     # ---------------------------------------------------------------- optimizer and schedule
     # Weight decay pulls matrices towards zero; on norm gains and biases it would only distort the model.
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(
-        [
-            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        config.optim,
-        lr=config.lr,
-    )
+    groups = [
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = make_optimizer(groups, config.optim, lr=config.lr)  # fused AdamW on CUDA
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.grad_scaler)  # fp16 only
 
-    # ---------------------------------------------------------------- LR range test (--lr-sweep), then exit
-    if config.lr_sweep:
+    if config.lr_sweep:  # LR range test on ~1% of the data (nanoft/lr_sweep.py), then exit
 
         def mean_loss(model, batch):
             with autocast:
@@ -334,38 +300,19 @@ def main(argv=None):
             return loss_sum / n_targets
 
         make_sweep_optimizer = lambda params, lr: make_optimizer(params, config.optim, lr=lr)
-        result = run_lr_sweep(model, train_batches, config.lr, mean_loss, make_sweep_optimizer)
-        print0(dist, sweep_table(result))
+        print0(
+            dist, sweep_table(run_lr_sweep(model, train_batches, config.lr, mean_loss, make_sweep_optimizer))
+        )
         teardown(dist)
         return
 
-    # ---------------------------------------------------------------- resume
-    progress = {
-        "step": 0,
-        "tokens_seen": 0,
-        "train_seconds": 0.0,
-        "wall_seconds": 0.0,
-        "val_curve": [],
-        "best_val_loss": math.inf,
-        "best_step": None,
-        "evals_since_best": 0,
-        "samples": [],
-    }
+    # ---------------------------------------------------------------- resume, and what to watch
+    progress = new_progress()
     if config.resume:
-        checkpoint = load_checkpoint(latest_checkpoint(run_dir)) if dist.is_main else {}
-        load_full_state_dict(model, checkpoint.get("trainable", {}), dist)
-        load_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), dist)
-        state = scatter_from_main([checkpoint["state"]] * dist.world_size if dist.is_main else None, dist)
-        train_batches.load_state_dict(state.pop("data"))
-        scaler.load_state_dict(state.pop("scaler"))
-        progress.update(state)
-        set_rng_state(scatter_from_main(checkpoint.get("rng"), dist))
-        print0(dist, f"resumed from {latest_checkpoint(run_dir)} at step {progress['step']}")
-
+        progress = restore_training_state(run_dir, model, optimizer, scaler, train_batches, dist)
     print0(
         dist,
-        f"model {model_dir} ({model_config.model_type}, {n_total / 1e6:.0f}M parameters), "
-        f"{config.method}, on {dist.device} x {dist.world_size}",
+        f"{model_dir}: {n_total / 1e6:.0f}M parameters, {config.method}, {dist.device} x {dist.world_size}",
     )
     for line in hyperparameter_notes(
         config,
@@ -378,17 +325,18 @@ def main(argv=None):
         precision=precision.reason,
     ):
         print0(dist, "  " + line)
-    monitor = Monitor(run_dir, dist.is_main, total_steps, start_step=progress["step"])
-    peak_flops = measure_peak_flops(dist.device, precision.compute_dtype)
-    utilisation = UtilisationSampler(dist.device)
-    prompts = val_prompts(val_examples, n=3)
+    monitor = Monitor(run_dir, dist, total_steps, progress["step"], unwrap(model), precision.compute_dtype)
+    prompts = val_prompts(val_examples, n=3)  # generated from at every eval, to see what the model writes
     micro_batches = itertools.chain.from_iterable(itertools.repeat(train_batches))  # epoch after epoch
     signals = StopSignals()  # SIGINT / SIGTERM: finish this step, save a checkpoint, exit
-    oom = OOMRecovery(config.batch_size, config.grad_accum)  # CUDA out of memory: halve, accumulate more
-    step, stop_reason, recent_train_losses = progress["step"], None, []
+    oom = OOMRecovery(
+        config.batch_size, config.grad_accum
+    )  # out of memory: halve micro-batches, accumulate more
+    step, stop_reason = progress["step"], None
 
     # ---------------------------------------------------------------- the loop
     while True:
+        # Evaluate at step 0 (the untuned baseline), every --eval-every steps and at the end; keep the best.
         finished = step == total_steps or stop_reason is not None
         evaluated = progress["val_curve"] and progress["val_curve"][-1][0] == step
         if (
@@ -397,66 +345,54 @@ def main(argv=None):
             and stop_reason not in ("nan", "signal")
         ):
             val_loss = evaluate(model, val_batches, dist, autocast)
-            progress["val_curve"].append((step, val_loss))
-            if val_loss < progress["best_val_loss"]:
-                progress.update(best_val_loss=val_loss, best_step=step, evals_since_best=0)
+            if record_eval(progress, step, val_loss):
                 save_best_weights(model, dist, run_dir, model_dir, config.method)
-            elif step > 0:
-                progress["evals_since_best"] += 1
             if dist.is_main and not is_fsdp(model):  # FSDP would need every rank to take part
                 progress["samples"] = generate_samples(unwrap(model), tokenizer, prompts)
-            monitor.log_eval(step, val_loss, progress["samples"])
-            monitor.print_eval(
-                step,
-                val_loss,
-                progress,
-                recent_train_losses,
-                flat_val_loss_advice(progress["val_curve"], warmup_steps),
-            )
+            monitor.log_eval(step, val_loss, progress, warmup_steps)
             if config.patience and progress["evals_since_best"] >= config.patience and not finished:
                 stop_reason = "early_stop"
                 monitor.print(
-                    f"early stop: {config.patience} evals without a better val loss than "
-                    f"{progress['best_val_loss']:.4f} (step {progress['best_step']})"
+                    f"early stop: no better val loss in {config.patience} evals (best at step "
+                    f"{progress['best_step']})"
                 )
+        # Save a checkpoint to resume from: every --save-every steps, at the end, and when a signal stops us.
         finished = step == total_steps or stop_reason is not None
         if step > 0 and (step % config.save_every == 0 or finished) and stop_reason != "nan":
-            progress["wall_seconds"] += time.perf_counter() - started
-            started = time.perf_counter()
-            checkpoint_path = save_training_state(
-                run_dir, model, optimizer, scaler, train_batches, progress, config, dist
+            progress["wall_seconds"], started = (
+                progress["wall_seconds"] + time.perf_counter() - started,
+                time.perf_counter(),
             )
+            save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist)
         if finished:
             break
 
-        # One optimizer step: grad_accum micro-batches, normalised by the target tokens of all of them.
+        # One optimizer step over grad_accum micro-batches. The loss is normalised by the number of target
+        # tokens in all of them, on all ranks (counted first), so every token weighs the same however the
+        # tokens fall into micro-batches; a mean of per-micro-batch means would overweight short ones.
         step_started = time.perf_counter()
         batches = [next(micro_batches) for _ in range(config.grad_accum)]
-        local_counts = torch.tensor(
-            [
-                sum(int((b["targets"] != IGNORE).sum()) for b in batches),
-                sum(int(train_examples.lengths[b["sample_ids"]].sum()) for b in batches),
-            ]
-        )
-        n_targets, n_tokens = all_reduce_sum(local_counts.to(dist.device), dist).tolist()  # over all ranks
-        while True:  # out of memory: the same step again, each micro-batch in halves (nanoft/oom.py)
+        counts = [
+            sum(int((b["targets"] != IGNORE).sum()) for b in batches),
+            sum(int(train_examples.lengths[b["sample_ids"]].sum()) for b in batches),
+        ]
+        n_targets, n_tokens = all_reduce_sum(torch.tensor(counts, device=dist.device), dist).tolist()
+        while True:  # out of memory: the same step again, each micro-batch cut in halves (nanoft/oom.py)
             try:
                 pieces = [piece for batch in batches for piece in oom.split(batch)]
                 loss_sum_total = torch.zeros((), device=dist.device)
                 for micro_step, batch in enumerate(pieces):
-                    # DDP: all-reduce the gradients only after the last micro-batch; the others accumulate.
+                    # DDP all-reduces gradients only in the last micro-batch's backward; others accumulate.
                     with gradient_sync(model, enabled=micro_step == len(pieces) - 1), autocast:
                         loss_sum, _ = forward(model, to_device(batch, dist.device))
-                    # Sum of token losses / all target tokens of the step: every token weighs the same,
-                    # however they fall into micro-batches. x world_size: DDP and FSDP average gradients,
-                    # we want the sum.
+                    # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
                     scaler.scale(loss_sum * dist.world_size / n_targets).backward()
                     loss_sum_total += loss_sum.detach()
                 break
             except Exception as error:
-                monitor.print(oom.handle(error, step, optimizer))
+                monitor.print(oom.handle(error, step, optimizer))  # re-raises anything but out-of-memory
         train_loss = all_reduce_sum(loss_sum_total, dist).item() / n_targets
-        if not math.isfinite(train_loss):
+        if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
             stop_reason = "nan"
             bad_samples = gather_to_main(
                 [train_examples.sources[i] for b in batches for i in b["sample_ids"]], dist
@@ -472,29 +408,12 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        # Bookkeeping: progress bar, TensorBoard, metrics.jsonl; a signal stops after a checkpoint.
         seconds = time.perf_counter() - step_started
-        progress.update(
-            step=step,
-            tokens_seen=progress["tokens_seen"] + n_tokens,
-            train_seconds=progress["train_seconds"] + seconds,
-        )
-        recent_train_losses.append(train_loss)
-        context = sum(b["input_ids"].shape[1] for b in batches) / len(batches)
-        tokens_per_s = n_tokens / seconds
-        utilisation.sample()
-        monitor.log_step(
-            step,
-            {
-                "loss": train_loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s,
-                "mfu": tokens_per_s / dist.world_size * flops_per_token(unwrap(model), context) / peak_flops,
-                "memory_bytes": memory_bytes(dist.device),
-            },
-        )
-        if signals.received(dist):
+        progress["tokens_seen"] += n_tokens
+        progress.update(step=step, train_seconds=progress["train_seconds"] + seconds)
+        context = max(b["input_ids"].shape[1] for b in batches)
+        monitor.log_step(step, train_loss, lr, grad_norm, tokens=n_tokens, seconds=seconds, context=context)
+        if signals.received(dist):  # on any rank
             stop_reason = "signal"
 
     # ---------------------------------------------------------------- final report
@@ -503,19 +422,13 @@ def main(argv=None):
         monitor.close()
         print0(
             dist,
-            f"stopped by {signals.name} at step {step}: checkpoint {checkpoint_path}; continue with "
+            f"stopped by {signals.name} at step {step}, checkpoint saved; continue with: "
             f"python train.py --out {run_dir} --resume",
         )
         teardown(dist)
         sys.exit(128 + signals.number)
     if stop_reason == "nan":
-        print0(
-            dist,
-            f"loss became NaN or inf at step {step + 1}; that step was not applied. What to try:\n"
-            f"  - halve the lr (--lr {config.lr / 2:.1e}); spikes before the NaN point the same way\n"
-            "  - --dtype bf16 instead of fp16 (fp16 overflows), or fp32 to rule precision out\n"
-            "  - check the data: the batch held " + ", ".join(sum(bad_samples or [], [])),
-        )
+        print0(dist, nan_advice(step + 1, config.lr, sum(bad_samples or [], [])))
     best_dir = run_dir / ("model" if config.method == "full" else "adapter")
     if config.merge and dist.is_main:
         merge_into = unwrap(model)
@@ -528,62 +441,23 @@ def main(argv=None):
             )
         export_best_merged(merge_into, best_dir, model_dir, run_dir / "merged", precision.compute_dtype)
     if dist.is_main:
-        summary = {
-            "stop_reason": {None: "finished", "early_stop": "early stop", "nan": "NaN loss"}[stop_reason],
-            "baseline_val_loss": progress["val_curve"][0][1],
-            "best_val_loss": progress["best_val_loss"],
-            "best_step": progress["best_step"],
-            "final_val_loss": progress["val_curve"][-1][1],
-            "steps": step,
-            "total_steps": total_steps,
-            "tokens_seen": progress["tokens_seen"],
-            "train_tokens_per_s": progress["tokens_seen"] / max(progress["train_seconds"], 1e-9),
-            "peak_memory_bytes": peak_memory_bytes(dist.device),
-            "wall_s": progress["wall_seconds"] + time.perf_counter() - started,
-            "best_dir": str(best_dir),
-            "val_curve": progress["val_curve"],
-            "samples": progress["samples"],
-            "data": data_report.to_dict(),
-            "config": config.to_dict(),
-        }
-        gates = evaluate_gates(
-            val_curve=progress["val_curve"],
+        facts = dict(
+            stop_reason=stop_reason,
+            steps=step,
+            total_steps=total_steps,
             warmup_steps=warmup_steps,
+            best_dir=best_dir,
+            wall_s=progress["wall_seconds"] + time.perf_counter() - started,
+            peak_memory_bytes=peak_memory_bytes(dist.device),
             device_type=dist.device.type,
-            utilisation=utilisation.samples,
-            utilisation_note=utilisation.reason,
-            dedup_counts={
-                "exact": data_report.exact_duplicates_removed,
-                "near": data_report.near_duplicates_removed,
-            }
-            if data_report.dedup
-            else None,
-            samples_path=str(run_dir / "samples.txt"),
-            samples_written=min(SPOT_CHECK_SAMPLES, len(train_examples)),
-            micro_batch=config.batch_size,
-            grad_accum=config.grad_accum,
             world_size=dist.world_size,
-            best_checkpoint=(progress["best_step"], progress["best_val_loss"], str(best_dir)),
+            utilisation=monitor.utilisation,
+            samples_written=min(SPOT_CHECK_SAMPLES, len(train_examples)),
         )
-        summary["gates"] = [asdict(gate) for gate in gates]
-        write_summary_and_report(run_dir, summary, gates_markdown(gates))
+        summary = write_run_report(run_dir, config, progress, data_report, facts)
         monitor.log_hparams(config.to_dict(), {"best_val_loss": summary["best_val_loss"]})
-        print0(
-            dist,
-            f"done ({summary['stop_reason']}): {step} steps, {summary['tokens_seen']:,} tokens in "
-            f"{summary['wall_s'] / 60:.1f} min ({summary['train_tokens_per_s']:.0f} tokens/s), peak "
-            f"memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB",
-        )
-        print0(
-            dist,
-            f"val loss: baseline {summary['baseline_val_loss']:.4f} -> best {summary['best_val_loss']:.4f} "
-            f"at step {summary['best_step']} -> final {summary['final_val_loss']:.4f}",
-        )
-        print0(
-            dist,
-            f"best weights: {best_dir}; report: {run_dir / 'report.md'}; "
-            f"tensorboard --logdir {run_dir / 'tensorboard'}",
-        )
+        for line in summary_lines(summary):
+            print(line)
     monitor.close()
     teardown(dist)
     if stop_reason == "nan":

@@ -7,7 +7,7 @@
 A checkpoint is a directory `run_dir/checkpoints/step-0000120/` holding:
     trainable.safetensors   the trained tensors (LoRA adapters, or every weight of a full fine-tune), by name
     optimizer.pt            the optimizer's state (Adam moments), keyed by parameter name
-    rng.pt                  each rank's python, numpy, torch and CUDA random states (dropout continues exactly)
+    rng.pt                  each rank's python, numpy, torch and CUDA random states (for exact dropout)
     state.json              step, data position, best val loss so far, val curve, gradient-scaler state ...
     config.json             the resolved config that made it
 Everything is written into a hidden temporary directory that is renamed into place only when complete, so a
@@ -16,6 +16,7 @@ a half-written one. The .pt files hold only tensors and plain values: they load 
 """
 
 import json
+import math
 import os
 import random
 import shutil
@@ -56,6 +57,31 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def new_progress() -> dict:
+    """The run's progress: what a checkpoint's state.json carries besides the data position and scaler."""
+    return {
+        "step": 0,
+        "tokens_seen": 0,
+        "train_seconds": 0.0,
+        "wall_seconds": 0.0,
+        "val_curve": [],
+        "best_val_loss": math.inf,
+        "best_step": None,
+        "evals_since_best": 0,
+        "samples": [],
+    }
+
+
+def record_eval(progress: dict, step: int, val_loss: float) -> bool:
+    """Add an eval to the val curve; True when it is the best so far (its weights should be kept)."""
+    progress["val_curve"].append((step, val_loss))
+    if val_loss < progress["best_val_loss"]:
+        progress.update(best_val_loss=val_loss, best_step=step, evals_since_best=0)
+        return True
+    progress["evals_since_best"] += step > 0
+    return False
 
 
 def checkpoint_path(run_dir, step: int) -> Path:
@@ -174,7 +200,9 @@ class StopSignals:
 
     def __init__(self):
         self.number = None
-        self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {
+            number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)
+        }
 
     def restore(self) -> None:
         """Give the signals back to whoever handled them before (Python's KeyboardInterrupt, pytest ...)."""

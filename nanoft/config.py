@@ -353,34 +353,37 @@ def hyperparameter_notes(
     precision: str,
 ) -> list[str]:
     """One line per key hyperparameter: its value and what to watch to know it is working."""
-    effective_batch = config.batch_size * config.grad_accum * world_size
+    lr_source = f"default for {config.method}" if config.lr == DEFAULT_LR.get(config.method) else "set"
+    batch = config.batch_size * config.grad_accum * world_size
     lines = [
-        f"lr {config.lr:.0e} ({'default for ' + config.method if config.lr == DEFAULT_LR.get(config.method) else 'set'}"
-        "): loss should fall within the first 100 steps; NaN or spikes -> halve it; flat -> try --lr-sweep",
+        f"lr {config.lr:.0e} ({lr_source}): loss should fall within the first 100 steps; NaN or spikes -> "
+        "halve it; flat -> try --lr-sweep",
         f"schedule: warmup {warmup_steps} of {total_steps} steps ({config.warmup_frac:.0%}), then cosine to "
-        f"{config.lr * 0.1:.0e}: a loss spike just after warmup -> lengthen warmup or lower the lr",
-        f"effective batch {effective_batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
+        f"{config.lr * 0.1:.0e}: a loss spike right after warmup -> lengthen warmup or lower the lr",
+        f"effective batch {batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
         f"{world_size} device(s): >= 32 keeps updates steady; out of memory -> halve --batch-size, double "
         "--grad-accum",
-        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch} steps: val loss "
-        "rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer epochs",
+        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch} steps: val "
+        "loss rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer epochs",
     ]
     if config.method in ("lora", "qlora"):
-        quant = f" on a {config.quant} base" if config.method == "qlora" else ""
+        base = f" on a {config.quant} base" if config.method == "qlora" else ""
+        scale = config.lora_alpha / config.lora_r
         lines.append(
-            f"LoRA r={config.lora_r} alpha={config.lora_alpha:g} (scale {config.lora_alpha / config.lora_r:g}) on "
-            f"{','.join(config.lora_targets)}{quant}: {trainable:,} trainable of {total:,} "
-            f"({100 * trainable / total:.2f}%); train loss stalls high -> raise r or use all-linear"
+            f"LoRA r={config.lora_r} alpha={config.lora_alpha:g} (scale {scale:g}) "
+            f"on {','.join(config.lora_targets)}{base}: {trainable:,} of {total:,} weights train "
+            f"({trainable / total:.2%}); train loss stalls high -> raise r or use all-linear"
         )
     else:
         lines.append(
             f"full fine-tune: all {trainable:,} weights train; watch for forgetting (val on general data)"
         )
     lines += [
-        f"grad clip {config.grad_clip:g}: the grad norm should settle below it; clipped at every step -> lower the lr",
+        f"grad clip {config.grad_clip:g}: the grad norm should settle below it; clipped every step -> lower "
+        "the lr",
         f"weight decay {config.weight_decay:g} on matrices only (never on norms or biases)",
-        f"eval every {config.eval_every} steps (and at step 0 for the baseline): val loss below the baseline by "
-        f"the first eval; early stop after {config.patience or 'no'} evals without a new best",
+        f"eval every {config.eval_every} steps and at step 0 (the baseline): val loss should be below the "
+        f"baseline by the first eval; early stop after {config.patience or 'no'} evals without a new best",
         f"precision {precision}",
     ]
     return lines

@@ -1,12 +1,13 @@
 """The built-in dataset: questions about the Python standard library, answered by its own docstrings.
 
-    path = default_data_path()                       # nanoft/default_data.jsonl, what `python train.py` trains on
-    python -m nanoft.default_data --regenerate       # rebuild that file from this Python's docstrings
+    path = default_data_path()                   # nanoft/default_data.jsonl: what `python train.py` trains on
+    python -m nanoft.default_data --regenerate   # rebuild that file from this Python's docstrings
 
 Each record is Alpaca-format: an instruction such as "What does `json.dumps` do in Python?" and, as the
 output, the opening of that object's docstring (`inspect.getdoc`): real text written by the CPython
-developers, not by us, and a style (terse, imperative: "Serialize ``obj`` to a JSON formatted ``str``.") that an
-instruct model does not produce by itself, so the gain from fine-tuning shows in the val loss within minutes.
+developers, not by us, and a style (terse, imperative: "Serialize ``obj`` to a JSON formatted ``str``.")
+that an instruct model does not produce by itself, so the gain from fine-tuning shows in the val loss
+within minutes.
 The objects are the public functions, classes and methods of a fixed list of modules, in sorted order, so the
 file is the same on every run of the same Python (the shipped one was made with Python 3.11; other versions
 word some docstrings differently).
@@ -97,6 +98,7 @@ QUESTIONS = (
     "Describe what `{name}` does.",
 )
 MIN_CHARS, ENOUGH_CHARS, MAX_CHARS = 40, 120, 600
+KEEP_EVERY = 2  # every other object: ~700 records, so the default 3 epochs take ~10 minutes on 2 CPU cores
 
 
 def public_objects(module_name: str):
@@ -152,15 +154,17 @@ def build_records() -> list[dict]:
         warnings.simplefilter("ignore", DeprecationWarning)
         named = [item for module in MODULES for item in public_objects(module)]
     named += [item for cls in BUILTIN_TYPES for item in methods(cls, cls.__name__)]
-    records, seen_names, seen_answers = [], set(), set()
+    answers, seen_names, seen_answers = [], set(), set()
     for name, obj in named:
         answer = docstring_answer(obj)
         if answer is None or name in seen_names or answer in seen_answers:
             continue  # inherited methods repeat their parent's docstring word for word
         seen_names.add(name), seen_answers.add(answer)
-        question = QUESTIONS[len(records) % len(QUESTIONS)].format(name=name)
-        records.append({"instruction": question, "input": "", "output": answer})
-    return records
+        answers.append((name, answer))
+    return [
+        {"instruction": QUESTIONS[index % len(QUESTIONS)].format(name=name), "input": "", "output": answer}
+        for index, (name, answer) in enumerate(answers[::KEEP_EVERY])
+    ]
 
 
 def default_data_path() -> Path:

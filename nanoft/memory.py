@@ -213,6 +213,7 @@ def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: b
 
 
 def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate:
+    """Peak bytes per device of a training step of `shape` (the module docstring says which peak)."""
     params = count_parameters(config)
     c, tokens, layers = shape.compute_bytes, shape.micro_batch * shape.seq_len, config.num_hidden_layers
     matmul_params = params.block_linear + (params.lm_head or params.embedding)
@@ -234,12 +235,12 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
     activations_checkpointed = activation_bytes(config, shape, checkpointing=True)
     activations = activations_checkpointed if shape.activation_checkpointing else activations_full
 
-    # One chunk of logits at a time (nanoft/loss.py), in fp32, while logsumexp holds an fp32 temporary of the
-    # same size (exp(logits - max)): 8 bytes per logit at the peak (measured; the compute-dtype matmul output
-    # and the softmax's cast back add less). A trained lm_head adds its fp32 gradient, built in the forward,
-    # and the compute-dtype + fp32 copies of each chunk's contribution to it.
+    # One chunk of logits at a time (nanoft/loss.py), kept in the compute dtype: the logits and their softmax,
+    # 2 c bytes per logit at the peak (measured; fp16 keeps fp32 logits, ~10 bytes, not modelled). A trained
+    # lm_head adds its fp32 gradient, built in the forward, and the compute-dtype + fp32 copies of each
+    # chunk's contribution to it.
     chunk_logits = min(tokens, max(1, LOGITS_PER_CHUNK // config.vocab_size)) * config.vocab_size
-    logits_loss = 8 * chunk_logits
+    logits_loss = 2 * c * chunk_logits
     if shape.method == "full":
         lm_head = params.lm_head or params.embedding
         logits_loss += 4 * lm_head + (c + 4 if c < 4 else 4) * lm_head

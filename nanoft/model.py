@@ -23,6 +23,9 @@ from nanoft.loss import chunked_cross_entropy
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# On CPU, attention with matmuls (grouped_attention) when B x heads x T x S is at most this: 8 MB of bf16
+# probabilities per layer, kept for backward. Longer sequences use SDPA's flash kernel, whose memory is O(T).
+CPU_ATTENTION_SCORES = 2**22
 
 
 @dataclass
@@ -119,10 +122,35 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32 and cast back before the weight, exactly as the reference does.
-        x_fp32 = x.float()
-        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_fp32.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """weight * (x / rms(x)), normalised in fp32 and cast back before the weight, exactly as the reference does.
+
+    Written out because autograd of those seven small ops saves x in fp32 and runs about twelve kernels backward
+    (measured in bench/README.md); this saves x as it came (bf16) plus one fp32 number per row, and runs six.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        # bf16 * fp32 computes in fp32, so x is never copied to fp32 as a whole.
+        rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32) ** 2 / x.shape[-1] + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x * rstd  # (..., C) fp32
+        grad_normed = (grad * weight).float()
+        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)), all in fp32
+        mean_dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1) / x.shape[-1]
+        grad_x = (torch.addcmul(grad_normed, normed, mean_dot, value=-1) * rstd).to(x.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        return grad_x, grad_weight, None
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -187,16 +215,41 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        # q * cos + rotate_half(q) * sin in one kernel less; with the contiguous term first the result is
+        # contiguous in (B, H, T, D), which the attention below can reshape without a copy.
+        q = torch.addcmul(rotate_half(q) * sin, q, cos)
+        k = torch.addcmul(rotate_half(k) * sin, k, cos)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, KVH, S, D), S = cached + T
-        # enable_gqa lets SDPA share each key/value head across its query heads without copying them.
-        # No mask means causal; a single new token after a cache sees every cached key, so no mask at all.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if mask is not None and mask.is_floating_point():
+            y = grouped_attention(q, k, v, mask)
+        else:
+            # enable_gqa lets SDPA share each key/value head across its query heads without copying them.
+            # No mask means causal; a single new token after a cache sees every cached key, so no mask at all.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def grouped_attention(q, k, v, bias):
+    """softmax(q k^T / sqrt(D) + bias) v with plain batched matmuls: q (B, H, T, D), k and v (B, KVH, S, D),
+    bias (B or 1, 1, T, S) of 0 (may look) and -inf (may not). Returns (B, H, T, D).
+
+    On CPU, SDPA's flash kernel took a fifth of a LoRA step at 4 x 256 tokens (its backward is far from matmul
+    speed); these matmuls do the same in about half the time, at the price of keeping the (B, H, T, S)
+    probabilities for backward, so the model uses this only when they are small (see `_attention_bias`).
+    The query heads that share a key/value head are stacked along time: one (G*T, D) x (D, S) matmul per
+    key/value head instead of G, and no copies of k and v.
+    """
+    B, H, T, D = q.shape
+    n_kv_heads, S = k.shape[1], k.shape[2]
+    group = H // n_kv_heads
+    q = (q * D**-0.5).reshape(B * n_kv_heads, group * T, D)
+    scores = (q @ k.reshape(B * n_kv_heads, S, D).transpose(1, 2)).view(B, n_kv_heads, group, T, S)
+    probs = torch.softmax(scores + bias[:, :, None], dim=-1)  # bf16 in and out, summed in fp32
+    y = probs.view(B * n_kv_heads, group * T, S) @ v.reshape(B * n_kv_heads, S, D)
+    return y.view(B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -258,6 +311,8 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self._rope(position_ids, x.dtype)
         mask = self._attention_mask(B, T, past, attention_mask, document_ids, input_ids.device)
+        if x.device.type == "cpu" and B * self.config.num_attention_heads * T * (past + T) <= CPU_ATTENTION_SCORES:
+            mask = self._attention_bias(mask, T, past, x.dtype)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -294,3 +349,10 @@ class Transformer(nn.Module):
         # A padding query may see nothing at all; let it see itself so SDPA gives no NaN.
         allowed = allowed | (key_pos == query_pos)
         return allowed[:, None]
+
+    def _attention_bias(self, mask, T, past, dtype):
+        """grouped_attention's form of a mask: (B or 1, 1, T, S) of 0 where a query may look, -inf elsewhere."""
+        if mask is None:  # plain causal
+            query_pos = torch.arange(past, past + T, device=self.rope_inv_freq.device)[:, None]
+            mask = (torch.arange(past + T, device=query_pos.device)[None, :] <= query_pos)[None, None]
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

@@ -1,20 +1,21 @@
 """Watching a run: the progress bar, TensorBoard, metrics.jsonl, tokens/s, model FLOPs utilisation, memory.
 
-    monitor = Monitor(run_dir, enabled=dist.is_main, total_steps=1000, start_step=0)
-    monitor.log_step(step, {"loss": 1.9, "lr": 2e-4, "grad_norm": 0.4, "tokens_per_s": 600.0, "mfu": 0.31})
-    monitor.log_eval(step, val_loss=1.7, samples=[(prompt, generated, expected)])
+    monitor = Monitor(run_dir, dist, total_steps=1000, start_step=0, model=model, dtype=torch.bfloat16)
+    monitor.log_step(step, loss=1.9, lr=2e-4, grad_norm=0.4, tokens=4096, seconds=7.1, context=256)
+    monitor.log_eval(step, val_loss, progress, warmup_steps)   # + warnings and a generated sample
     monitor.print("a line above the bar")
     monitor.close()
 
-Only rank 0 is `enabled`; elsewhere every call does nothing. TensorBoard files go to run_dir/tensorboard
-(`tensorboard --logdir runs/`), and every logged step is also a line of run_dir/metrics.jsonl, for plotting
-without TensorBoard and for comparing runs step by step.
+Only rank 0 is enabled; elsewhere every call does nothing. TensorBoard files go to run_dir/tensorboard
+(`tensorboard --logdir runs/`): train loss, lr, grad norm, tokens/s, MFU, memory, val loss, generated samples
+and, at the end, the hyperparameters. Every logged step and eval is also a line of run_dir/metrics.jsonl, for
+plotting without TensorBoard and for comparing runs step by step.
 
 Model FLOPs utilisation (MFU) = the FLOPs the model needs for the tokens processed per second / the peak
 matmul FLOP/s of this device in the compute dtype. FLOPs per token, as in the PaLM paper's appendix B and
 nanoGPT's estimate_mfu, for N matmul weights (decoder linears and lm_head; embedding lookups cost nothing),
 L layers, attention width d (heads x head dim) and context T:
-    full fine-tune:  6 N + 12 L T d       (forward 2N, backward 2N for input gradients + 2N for weight gradients)
+    full fine-tune:  6 N + 12 L T d              (forward 2N; backward 2N for input, 2N for weight gradients)
     LoRA / QLoRA:    4 N + 6 N_lora + 12 L T d   (the frozen base needs no weight gradients: 2N saved)
 The attention term (QK^T and AV: 4 L T d forward, twice that backward) is the same in both. Recomputation by
 activation checkpointing is not counted (MFU counts what the model needs, not what the hardware did). The peak
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanoft.gates import UtilisationSampler, flat_val_loss_advice
 from nanoft.generate import generate
 
 BYTES_PER_KIB = 1024
@@ -38,75 +40,84 @@ IGNORE = -100
 
 
 class Monitor:
-    def __init__(self, run_dir, enabled: bool, total_steps: int, start_step: int = 0):
-        self.enabled = enabled
-        if not enabled:
+    def __init__(self, run_dir, dist, total_steps: int, start_step: int, model, dtype: torch.dtype):
+        self.enabled = dist.is_main
+        if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
 
-        run_dir = Path(run_dir)
-        self.metrics_path = run_dir / "metrics.jsonl"
-        keep_metrics_until(self.metrics_path, start_step)  # a resumed run redoes what came after its checkpoint
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        keep_metrics_until(
+            self.metrics_path, start_step
+        )  # a resumed run redoes what came after its checkpoint
         # purge_step hides events a crashed run logged after the checkpoint we resume from.
-        self.writer = SummaryWriter(run_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(
+            Path(run_dir) / "tensorboard", purge_step=start_step + 1 if start_step else None
+        )
         # A live bar in a terminal; in a log file (not a TTY) a plain line every 5% of the run instead.
         self.live = sys.stderr.isatty()
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.live)
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not self.live
+        )
         self.log_every = max(1, total_steps // 20)
         self.started, self.start_step, self.total_steps = time.perf_counter(), start_step, total_steps
-        self.last_eval, self.warned_flat = None, False  # for the overfitting and flat-loss warnings
+        self.model_config, self.weights = model.config, matmul_weights(model)  # (frozen, trainable) for MFU
+        self.device, self.world_size = dist.device, dist.world_size
+        self.peak_flops = measure_peak_flops(dist.device, dtype)
+        self.utilisation = UtilisationSampler(dist.device)  # GPU busy time, for the quality gates
+        self.train_losses, self.last_eval, self.warned_flat = [], None, False  # for the warnings at evals
 
-    def log_step(self, step: int, metrics: dict) -> None:
+    def log_step(
+        self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float, context: int
+    ) -> None:
+        """One optimizer step: `tokens` processed by all ranks in `seconds`, sequences `context` long."""
         if not self.enabled:
             return
-        if not self.live and (step % self.log_every == 0 or step == self.total_steps):
-            seconds = time.perf_counter() - self.started
-            eta = seconds / (step - self.start_step) * (self.total_steps - step)
-            self.print(f"step {step}/{self.total_steps}: loss {metrics['loss']:.4f}, lr {metrics['lr']:.2e}, "
-                       f"{metrics['tokens_per_s']:.0f} tokens/s, {seconds / 60:.1f} min, ETA {eta / 60:.1f} min")
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            lr=f"{metrics['lr']:.2e}",
-            tok_s=f"{metrics['tokens_per_s']:.0f}",
-            refresh=False,
+        self.train_losses.append(loss)
+        self.utilisation.sample()
+        tokens_per_s = tokens / seconds
+        flops_per_s = (
+            tokens_per_s / self.world_size * flops_per_token(self.model_config, *self.weights, context)
+        )
+        mfu = flops_per_s / self.peak_flops
+        metrics = dict(
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens_per_s=tokens_per_s,
+            mfu=mfu,
+            memory_bytes=memory_bytes(self.device),
         )
         for name, value in metrics.items():
             self.writer.add_scalar(f"train/{name}", value, step)
         self.append_metrics({"step": step, **metrics})
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        if not self.live and (step % self.log_every == 0 or step == self.total_steps):
+            minutes = (time.perf_counter() - self.started) / 60
+            eta = minutes / (step - self.start_step) * (self.total_steps - step)
+            self.print(
+                f"step {step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:.0f} tokens/s, "
+                f"MFU {mfu:.0%}, {minutes:.1f} min, ETA {eta:.1f} min"
+            )
 
-    def log_eval(self, step: int, val_loss: float, samples: list[tuple[str, str, str]]) -> None:
+    def log_eval(self, step: int, val_loss: float, progress: dict, warmup_steps: int) -> None:
+        """An eval's line; a warning when val rises while train falls (overfitting) or stays flat after
+        warmup (try the lr range test); the first generated sample (the untuned model's at step 0)."""
         if not self.enabled:
             return
         self.writer.add_scalar("val/loss", val_loss, step)
-        if samples:
-            text = "\n\n".join(
-                f"**prompt** {prompt}\n\n**model** {generated}\n\n**reference** {expected}"
-                for prompt, generated, expected in samples
-            )
-            self.writer.add_text("val/samples", text, step)
+        samples = progress["samples"]
+        text = [
+            f"**prompt** {prompt}\n\n**model** {generated}\n\n**reference** {reference}"
+            for prompt, generated, reference in samples
+        ]
+        self.writer.add_text("val/samples", "\n\n---\n\n".join(text), step)
         self.writer.flush()
         self.append_metrics({"step": step, "val_loss": val_loss})
 
-    def log_hparams(self, config: dict, results: dict) -> None:
-        if not self.enabled:
-            return
-        plain = {
-            key: value if isinstance(value, int | float | str | bool) else str(value)
-            for key, value in config.items()
-        }
-        self.writer.add_hparams(
-            plain, {f"hparams/{key}": value for key, value in results.items()}, run_name="hparams"
-        )
-
-    def print_eval(
-        self, step: int, val_loss: float, progress: dict, train_losses: list[float], flat_advice: str | None
-    ) -> None:
-        """The eval's line, a warning when val rises while train falls (overfitting) or val stays flat, and
-        the first generated sample (the untuned model's answer at step 0, then the fine-tuned one's)."""
-        if not self.enabled:
-            return
-        train = sum(train_losses) / len(train_losses) if train_losses else None
+        train = sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
+        self.train_losses = []
         note = " (baseline, untuned)" if step == 0 else " (best)" if progress["best_step"] == step else ""
         self.print(
             f"step {step}: val loss {val_loss:.4f}{note}" + (f", train loss {train:.4f}" if train else "")
@@ -119,12 +130,24 @@ class Monitor:
                     f"{last_train:.4f} -> {train:.4f}: overfitting begins; the best checkpoint (step "
                     f"{progress['best_step']}) is kept; fewer epochs, more data or a smaller r help"
                 )
-        if flat_advice and not self.warned_flat:
-            self.print(f"  warning: {flat_advice}")
+        flat = flat_val_loss_advice(progress["val_curve"], warmup_steps)
+        if flat and not self.warned_flat:
+            self.print(f"  warning: {flat}")
             self.warned_flat = True
         self.last_eval = (val_loss, train)
-        for prompt, generated, _ in progress["samples"][:1]:
-            self.print(f"  sample: {prompt_tail(prompt)!r} -> {generated[:120]!r}")
+        for prompt, generated, _ in samples[:1]:
+            self.print(f"  sample: {prompt_tail(prompt)!r} -> {generated[:100]!r}")
+
+    def log_hparams(self, config: dict, results: dict) -> None:
+        if not self.enabled:
+            return
+        plain = {
+            key: value if isinstance(value, int | float | str | bool) else str(value)
+            for key, value in config.items()
+        }
+        self.writer.add_hparams(
+            plain, {f"hparams/{key}": value for key, value in results.items()}, run_name="hparams"
+        )
 
     def print(self, text: str) -> None:
         if self.enabled:
@@ -176,32 +199,23 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 
 def matmul_weights(model) -> tuple[int, int]:
-    """(frozen, trainable) weights that take part in matrix multiplies: every parameter except the
-    embedding table, which is only indexed (a tied lm_head shares it and is counted as a matmul), and norms."""
-    config = model.config
+    """(frozen, trainable) weights that take part in matrix multiplies: the decoder's and lm_head's; not the
+    norms, nor the embedding table (only indexed) unless tied to lm_head (then listed once, by its name)."""
     frozen = trainable = 0
     for name, param in model.named_parameters():
-        if param.dim() < 2 or name == "model.embed_tokens.weight":
+        if param.dim() < 2 or (name == "model.embed_tokens.weight" and not model.config.tie_word_embeddings):
             continue
-        numel = param.numel() * (2 if param.dtype == torch.uint8 else 1)  # 4-bit: two weights per byte
+        quant_state = getattr(param, "quant_state", None)  # 4-bit weights are packed two to a byte
+        numel = quant_state.shape.numel() if quant_state is not None else param.numel()
         if param.requires_grad:
             trainable += numel
         else:
             frozen += numel
-    if config.tie_word_embeddings:
-        lm_head = config.vocab_size * config.hidden_size
-        frozen, trainable = (
-            (frozen, trainable + lm_head)
-            if model.lm_head.weight.requires_grad
-            else (frozen + lm_head, trainable)
-        )
     return frozen, trainable
 
 
-def flops_per_token(model, context: int) -> float:
+def flops_per_token(config, frozen: int, trainable: int, context: int) -> float:
     """Training FLOPs per token at context length `context` (see the module docstring)."""
-    config = model.config
-    frozen, trainable = matmul_weights(model)
     attention = 12 * config.num_hidden_layers * context * config.num_attention_heads * config.head_dim
     return 4 * frozen + 6 * trainable + attention
 
@@ -209,7 +223,9 @@ def flops_per_token(model, context: int) -> float:
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large matrix multiply in `dtype` on `device`, best of a few: the denominator of MFU."""
     n = 8192 if device.type == "cuda" else 2048
-    generator = torch.Generator(device).manual_seed(0)  # not the global one: training's random stream stays put
+    generator = torch.Generator(device).manual_seed(
+        0
+    )  # not the global one: training's random stream stays put
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     best = float("inf")
@@ -240,56 +256,3 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * BYTES_PER_KIB  # Linux reports KiB
-
-
-def write_summary_and_report(run_dir, summary: dict, gates_table: str | None) -> None:
-    """summary.json (for programs) and report.md (for people) in the run directory."""
-    run_dir = Path(run_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    data, config = summary["data"], summary["config"]
-    baseline, best, final = summary["baseline_val_loss"], summary["best_val_loss"], summary["final_val_loss"]
-    method = config["method"] + (
-        f" r={config['lora_r']} alpha={config['lora_alpha']:g} on {','.join(config['lora_targets'])}"
-        if config["method"] != "full"
-        else ""
-    )
-    dedup = (
-        f"dedup removed {data['exact_duplicates_removed']} exact and {data['near_duplicates_removed']} near "
-        "duplicates"
-        if data["dedup"]
-        else "dedup off"
-    )
-    lines = [
-        f"# nanoft run {run_dir}",
-        "",
-        f"Stopped: {summary['stop_reason']}.",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| model | {config['model'] or 'built-in SmolLM2-135M-Instruct'} ({method}, {config['dtype']}) |",
-        f"| data | {data['train_examples']} train / {data['val_examples']} val examples; {dedup} |",
-        f"| val loss | baseline {baseline:.4f} -> best {best:.4f} at step {summary['best_step']} "
-        f"({best / baseline - 1:+.1%}) -> final {final:.4f} |",
-        f"| training | {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
-        f"{summary['train_tokens_per_s']:.0f} tokens/s, wall {summary['wall_s'] / 60:.1f} min |",
-        f"| peak memory | {summary['peak_memory_bytes'] / 2**30:.2f} GiB |",
-        f"| best weights | {summary['best_dir']} |",
-        "",
-        "## Val loss",
-        "",
-        "| step | val loss |",
-        "| --- | --- |",
-        *(f"| {step} | {loss:.4f} |" for step, loss in summary["val_curve"]),
-        "",
-    ]
-    if gates_table:
-        lines += ["## Quality gates", "", gates_table]
-    lines += ["## Samples at the last eval (greedy)", ""]
-    for prompt, generated, reference in summary["samples"]:
-        lines += [
-            f"- **prompt** `{prompt_tail(prompt, 200)}`",
-            f"  - **model**: {' '.join(generated.split())}",
-            f"  - **reference**: {' '.join(reference.split())}",
-        ]
-    lines += ["", "## Config", "", "```json", json.dumps(config, indent=2), "```", ""]
-    (run_dir / "report.md").write_text("\n".join(lines))

@@ -3,9 +3,9 @@
     precision = choose_precision("auto", torch.device("cuda"), method="lora")
     print(precision.reason)   # "bf16: this GPU computes in bf16 natively (NVIDIA A100)"
 
-- Compute dtype: bf16 where the hardware multiplies bf16 natively (CUDA Ampere and newer; CPUs with AVX512-BF16
-  or AMX), fp16 with a gradient scaler on older GPUs (fp16's small range underflows small gradients to zero
-  unless the loss is scaled up first), fp32 when asked or when nothing faster exists.
+- Compute dtype: bf16 where the hardware multiplies bf16 natively (CUDA Ampere and newer; CPUs with
+  AVX512-BF16 or AMX), fp16 with a gradient scaler on older GPUs (fp16's small range underflows small
+  gradients to zero unless the loss is scaled up first), fp32 when asked or when nothing faster exists.
 - LoRA / QLoRA: the frozen base is stored in the compute dtype (half the memory of fp32, and no cast on every
   forward), so no autocast is needed; the adapters are fp32 (they are small, and Adam's updates of ~1e-4 would
   round away in bf16) and lora.py casts their output to the base's dtype.
@@ -32,6 +32,10 @@ class Precision:
     autocast: bool  # run forward under torch.autocast(compute_dtype)
     grad_scaler: bool  # fp16 only: scale the loss so small gradients survive
     reason: str
+
+    @property
+    def name(self) -> str:
+        return next(name for name, dtype in DTYPES.items() if dtype == self.compute_dtype)
 
 
 def cpu_native_bf16() -> str | None:

@@ -103,8 +103,8 @@ def test_loss_holds_one_chunk_of_logits_never_all():
     big_vocab = ModelConfig(**{**SMALL.__dict__, "vocab_size": 128_000})
     small = estimate_memory(big_vocab, TrainingShape("lora", 1, 128))
     large = estimate_memory(big_vocab, TrainingShape("lora", 16, 4096))
-    assert small.logits_loss == 8 * 128 * 128_000
-    assert large.logits_loss == 8 * (LOGITS_PER_CHUNK // 128_000) * 128_000  # capped at one chunk
+    assert small.logits_loss == 2 * 2 * 128 * 128_000  # bf16 logits and their softmax
+    assert large.logits_loss == 2 * 2 * (LOGITS_PER_CHUNK // 128_000) * 128_000  # capped at one chunk
 
 
 def test_checkpointing_and_sharding_shrink_what_they_should():
