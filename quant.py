@@ -8,10 +8,11 @@
 Every `nn.Linear` of the decoder layers becomes a bitsandbytes `Linear4bit` (or `Linear8bitLt` for int8);
 embeddings, norms and lm_head stay in the compute dtype (the chunked loss multiplies by lm_head's weight
 matrix directly). The model is built on the meta device and each linear weight is quantized the moment it
-is read from its shard, so loading never holds more than the quantized model plus one full-precision tensor
-(and the shard safetensors has open). A merged export dequantizes: lora.py's `merge_lora` / `export_merged`.
-`make_optimizer` adds QLoRA's third ingredient, bitsandbytes' 8-bit and paged AdamW.
-Measured numbers: bench/quant_memory.py, bench/matmul_4bit.py and bench/qlora_merge_gap.py.
+is read, so the memory loading allocates is the quantized model plus one tensor's quantization temporaries
+(the pages of the memory-mapped shard being read count in RSS too, as the file's). The trained adapters are
+saved alone (lora.save_adapter); a merged export dequantizes each 4-bit weight and adds the update
+(lora.export_merged). `make_optimizer` adds QLoRA's third ingredient, bitsandbytes' 8-bit and paged AdamW.
+Measured: bench/quant_memory.py, bench/matmul_4bit.py, bench/qlora_merge_gap.py.
 """
 
 from dataclasses import dataclass
@@ -155,7 +156,10 @@ def load_quantized(
     device="cpu",
     skip=("lm_head",),
 ) -> Transformer:
-    """Load a Hugging Face checkpoint directory with its decoder linears quantized, one tensor at a time."""
+    """A Hugging Face checkpoint directory with its decoder linears quantized as read, one tensor at a time.
+
+    The options are QuantConfig's; `device` ("cpu", "cuda") is where weights are quantized and kept.
+    """
     config = QuantConfig(quant, double_quant, compute_dtype, quant_storage, skip)
     model_config = load_config(path)
     with torch.device("meta"):

@@ -300,9 +300,8 @@ def main(argv=None):
             return loss_sum / n_targets
 
         make_sweep_optimizer = lambda params, lr: make_optimizer(params, config.optim, lr=lr)
-        print0(
-            dist, sweep_table(run_lr_sweep(model, train_batches, config.lr, mean_loss, make_sweep_optimizer))
-        )
+        result = run_lr_sweep(model, train_batches, config.lr, mean_loss, make_sweep_optimizer)
+        print0(dist, sweep_table(result))
         teardown(dist)
         return
 
@@ -310,10 +309,7 @@ def main(argv=None):
     progress = new_progress()
     if config.resume:
         progress = restore_training_state(run_dir, model, optimizer, scaler, train_batches, dist)
-    print0(
-        dist,
-        f"{model_dir}: {n_total / 1e6:.0f}M parameters, {config.method}, {dist.device} x {dist.world_size}",
-    )
+    print0(dist, f"{model_dir} ({n_total / 1e6:.0f}M), {config.method}, on {dist.device} x {dist.world_size}")
     for line in hyperparameter_notes(
         config,
         world_size=dist.world_size,
@@ -329,9 +325,7 @@ def main(argv=None):
     prompts = val_prompts(val_examples, n=3)  # generated from at every eval, to see what the model writes
     micro_batches = itertools.chain.from_iterable(itertools.repeat(train_batches))  # epoch after epoch
     signals = StopSignals()  # SIGINT / SIGTERM: finish this step, save a checkpoint, exit
-    oom = OOMRecovery(
-        config.batch_size, config.grad_accum
-    )  # out of memory: halve micro-batches, accumulate more
+    oom = OOMRecovery(config.batch_size, config.grad_accum)  # out of memory: halve micro-batches
     step, stop_reason = progress["step"], None
 
     # ---------------------------------------------------------------- the loop
@@ -339,11 +333,7 @@ def main(argv=None):
         # Evaluate at step 0 (the untuned baseline), every --eval-every steps and at the end; keep the best.
         finished = step == total_steps or stop_reason is not None
         evaluated = progress["val_curve"] and progress["val_curve"][-1][0] == step
-        if (
-            (step % config.eval_every == 0 or finished)
-            and not evaluated
-            and stop_reason not in ("nan", "signal")
-        ):
+        if (step % config.eval_every == 0 or finished) and not evaluated and stop_reason is None:
             val_loss = evaluate(model, val_batches, dist, autocast)
             if record_eval(progress, step, val_loss):
                 save_best_weights(model, dist, run_dir, model_dir, config.method)
@@ -359,10 +349,8 @@ def main(argv=None):
         # Save a checkpoint to resume from: every --save-every steps, at the end, and when a signal stops us.
         finished = step == total_steps or stop_reason is not None
         if step > 0 and (step % config.save_every == 0 or finished) and stop_reason != "nan":
-            progress["wall_seconds"], started = (
-                progress["wall_seconds"] + time.perf_counter() - started,
-                time.perf_counter(),
-            )
+            progress["wall_seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
             save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist)
         if finished:
             break
@@ -394,9 +382,8 @@ def main(argv=None):
         train_loss = all_reduce_sum(loss_sum_total, dist).item() / n_targets
         if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
             stop_reason = "nan"
-            bad_samples = gather_to_main(
-                [train_examples.sources[i] for b in batches for i in b["sample_ids"]], dist
-            )
+            sources = [train_examples.sources[i] for batch in batches for i in batch["sample_ids"]]
+            bad_samples = gather_to_main(sources, dist)  # "file:line" of every record in the step, all ranks
             continue
         lr = lr_at(step, config.lr, warmup_steps, total_steps)
         for group in optimizer.param_groups:
@@ -465,4 +452,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before training started (nothing to save), or twice: quit quietly
+        sys.exit(130)

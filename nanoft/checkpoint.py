@@ -49,9 +49,13 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
             f"--out {run_dir} already holds a run or other files ({', '.join(holds[:3])}); pass --resume "
             "to continue it, --overwrite to replace it, or choose another --out"
         )
-    all_reduce_sum(
-        torch.zeros(1, device=dist.device), dist
-    )  # every rank has checked before rank 0 changes it
+    if holds and overwrite and "config.json" not in holds:  # a typo in --out must not delete someone's files
+        raise UserError(
+            f"--overwrite deletes run directories only, and {run_dir} holds no config.json; "
+            "choose another --out"
+        )
+    # Every rank has checked before rank 0 changes anything.
+    all_reduce_sum(torch.zeros(1, device=dist.device), dist)
     if dist.is_main:
         if holds and overwrite:
             shutil.rmtree(run_dir)

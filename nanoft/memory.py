@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from nanoft.loss import LOGITS_PER_CHUNK
-from nanoft.model import ModelConfig
+from nanoft.model import CPU_ATTENTION_SCORES, ModelConfig
 
 GiB = 2**30
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -143,24 +143,18 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
     against that listing for all three methods in tests/test_memory.py. C hidden size, M MLP width, H and KV
     query and key-value heads of size D, c bytes per compute-dtype element:
     - each of the two RMSNorms keeps its input in fp32 (x.float() is saved by pow and mul): 4C each;
-    - SDPA keeps q, k, v after RoPE, its output (o_proj's input is a view of it) and an fp32 logsumexp per
-      head: c (2 H D + 2 KV D) + 4 H;
+    - attention: see `attention_bytes_per_token`;
     - SwiGLU keeps gate's output (for silu), silu(gate) and up (for their product): 3 c M;
-    - LoRA / QLoRA: a frozen linear keeps nothing (bitsandbytes' 4-bit matmul neither). lora.py casts the
-      fp32 adapters to the compute dtype; with dropout each adapted layer keeps dropout's mask (the input's
-      dtype on CPU, bool on CUDA) and its output (c in) for A's gradient; without dropout A keeps the layer's
-      input itself, shared by q/k/v and by gate/up (o_proj's is SDPA's output, kept anyway); B keeps A's
-      output (c r);
+    - LoRA / QLoRA: a frozen linear keeps nothing (bitsandbytes' 4-bit matmul neither); the adapters' share
+      is `lora_activation_bytes_per_token`;
     - full fine-tune, fp32 weights under autocast: the residual stream is fp32, each norm also keeps its
       normalised output (4C) for its weight's gradient, and autocast casts a norm's output once per linear
       that reads it (q, k, v: 3 cC; gate, up: 2 cC); down_proj keeps its input (c M). Without autocast (fp32
       compute) each norm output is one shared fp32 copy (4C) and down_proj's input is 4M.
     """
-    C, M = config.hidden_size, config.intermediate_size
-    H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    c = shape.compute_bytes
+    C, M, c = config.hidden_size, config.intermediate_size, shape.compute_bytes
     norm_inputs = 2 * 4 * C
-    attention = c * (2 * H * D + 2 * KV * D) + 4 * H
+    attention = attention_bytes_per_token(config, shape)
     mlp = 3 * c * M
     if shape.method == "full":
         if c < 4:
@@ -169,12 +163,34 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
     return norm_inputs + attention + mlp + lora_activation_bytes_per_token(config, shape)
 
 
+def uses_grouped_attention(config: ModelConfig, shape: TrainingShape) -> bool:
+    """nanoft/model.py computes attention with plain matmuls on CPU when the scores are small."""
+    scores = shape.micro_batch * config.num_attention_heads * shape.seq_len**2
+    return shape.device_type == "cpu" and scores <= CPU_ATTENTION_SCORES
+
+
+def attention_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
+    """SDPA keeps q, k, v after RoPE, its output (o_proj's input is a view of it) and an fp32 logsumexp per
+    head: c (2 H D + 2 KV D) + 4 H. nanoft's CPU attention for short sequences (model.grouped_attention)
+    keeps the scaled q, k, v and the softmax probabilities, H S per token for S keys (twice, fp32 and cast,
+    under autocast, whose scores are fp32 like the mask); its output reaches o_proj through a copy, kept
+    when o_proj's weight trains or a dropout-free adapter reads it."""
+    H, KV, D, c = config.num_attention_heads, config.num_key_value_heads, config.head_dim, shape.compute_bytes
+    if not uses_grouped_attention(config, shape):
+        return c * (2 * H * D + 2 * KV * D) + 4 * H
+    autocast = shape.method == "full" and c < 4
+    probabilities = (4 + c if autocast else c) * H * shape.seq_len
+    o_input_kept = shape.method == "full" or ("o_proj" in shape.lora_targets and shape.lora_dropout == 0)
+    return c * (H * D + 2 * KV * D) + probabilities + (c * H * D if o_input_kept else 0)
+
+
 def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
     shapes, c, r = linear_shapes(config), shape.compute_bytes, shape.lora_r
     if shape.lora_dropout > 0:
         return sum((dropout_mask_bytes(shape) + c) * shapes[t][0] + c * r for t in shape.lora_targets)
     input_groups = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "sdpa"}
     input_groups |= {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "product"}
+    # o_proj's input is attention's output, counted by attention_bytes_per_token
     group_width = {"attention": config.hidden_size, "sdpa": 0, "mlp": config.hidden_size}
     group_width["product"] = config.intermediate_size
     kept_inputs = {input_groups[t] for t in shape.lora_targets}

@@ -312,7 +312,7 @@ class Transformer(nn.Module):
         cos, sin = self._rope(position_ids, x.dtype)
         mask = self._attention_mask(B, T, past, attention_mask, document_ids, input_ids.device)
         if x.device.type == "cpu" and B * self.config.num_attention_heads * T * (past + T) <= CPU_ATTENTION_SCORES:
-            mask = self._attention_bias(mask, T, past, x.dtype)
+            mask = self._attention_bias(mask, T, past, x.dtype, x.device)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -350,9 +350,9 @@ class Transformer(nn.Module):
         allowed = allowed | (key_pos == query_pos)
         return allowed[:, None]
 
-    def _attention_bias(self, mask, T, past, dtype):
+    def _attention_bias(self, mask, T, past, dtype, device):
         """grouped_attention's form of a mask: (B or 1, 1, T, S) of 0 where a query may look, -inf elsewhere."""
         if mask is None:  # plain causal
-            query_pos = torch.arange(past, past + T, device=self.rope_inv_freq.device)[:, None]
-            mask = (torch.arange(past + T, device=query_pos.device)[None, :] <= query_pos)[None, None]
+            query_pos = torch.arange(past, past + T, device=device)[:, None]
+            mask = (torch.arange(past + T, device=device)[None, :] <= query_pos)[None, None]
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))

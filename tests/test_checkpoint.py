@@ -113,3 +113,8 @@ def test_run_directory_rules(tmp_path):
     assert (run_dir / "config.json").is_file()  # resuming keeps everything
     prepare_run_dir(run_dir, resume=False, overwrite=True, dist=dist)
     assert list(run_dir.iterdir()) == []  # overwriting starts afresh
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="deletes run directories only"):
+        prepare_run_dir(tmp_path / "notes", resume=False, overwrite=True, dist=dist)
+    assert (tmp_path / "notes" / "thesis.tex").is_file()

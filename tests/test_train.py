@@ -322,7 +322,19 @@ def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag
         assert other["val_curve"] == [pytest.approx(point, abs=1e-6) for point in plain["val_curve"]]
 
 
-@pytest.mark.parametrize("flags", ["--method qlora", "--method qlora --quant int8", "--optim adamw8bit"])
+INT8_CHECKPOINT_BUG = "nanoft/distributed.py full_state_dict: DCP cannot name Linear8bitLt's SCB (reported)"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        "--method qlora",
+        pytest.param(
+            "--method qlora --quant int8", marks=pytest.mark.xfail(reason=INT8_CHECKPOINT_BUG, strict=True)
+        ),
+        "--optim adamw8bit",
+    ],
+)
 def test_bitsandbytes_paths_train(tiny_model_dir, data_files, tmp_path, flags):
     """QLoRA (4-bit NF4 or int8 base through quant.py) and the 8-bit optimizer train and export an adapter."""
     summary = train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "4", *flags.split())
