@@ -8,8 +8,8 @@
 Every `nn.Linear` of the decoder layers becomes a bitsandbytes `Linear4bit` (or `Linear8bitLt` for int8);
 embeddings, norms and lm_head stay in the compute dtype (the chunked loss multiplies by lm_head's weight
 matrix directly). The model is built on the meta device and each linear weight is quantized the moment it
-is read, so the memory loading allocates is the quantized model plus one tensor's quantization temporaries
-(the pages of the memory-mapped shard being read count in RSS too, as the file's). The trained adapters are
+is read, so loading peaks at the quantized model plus one full-precision tensor and its quantization
+temporaries (nanoft.weights reads each tensor into its own memory, never memory-maps a shard). Adapters are
 saved alone (lora.save_adapter); a merged export dequantizes each 4-bit weight and adds the update
 (lora.export_merged). `make_optimizer` adds QLoRA's third ingredient, bitsandbytes' 8-bit and paged AdamW.
 Measured: bench/quant_memory.py, bench/matmul_4bit.py, bench/qlora_merge_gap.py.
@@ -175,10 +175,7 @@ def load_quantized(
         if name in quantized:
             quantize_weight(quantized[name], tensor, config, device)
         else:
-            # Always a copy: a tensor in the file's dtype would stay a view of the shard's memory map
-            # and keep all of its pages resident after loading (seen: 1.9 GB for a 2.2 GB bf16 file).
-            tensor = tensor.to(device=device, dtype=config.compute_dtype, copy=True)
-            assign_tensor(model, name, tensor, path)
+            assign_tensor(model, name, tensor.to(device=device, dtype=config.compute_dtype), path)
         loaded.add(name)
     missing = expected - loaded
     if missing:

@@ -208,8 +208,6 @@ def main(argv=None):
     autocast = (
         torch.autocast(dist.device.type, precision.compute_dtype) if precision.autocast else nullcontext()
     )
-    if dist.is_main:
-        save_config(config, run_dir / "config.json")
     torch.manual_seed(config.seed)  # the same on every rank: LoRA's initial A must be identical everywhere
 
     # ---------------------------------------------------------------- data
@@ -256,6 +254,8 @@ def main(argv=None):
             f"the training split has {len(train_examples)}: lower --grad-accum or --batch-size"
         )
     warmup_steps = round(config.warmup_frac * total_steps)
+    if dist.is_main:  # the input is checked: from here on the directory holds a run (resume needs this file)
+        save_config(config, run_dir / "config.json")
 
     # ---------------------------------------------------------------- model: quantized base for QLoRA
     if config.method == "qlora":
@@ -354,6 +354,9 @@ def main(argv=None):
             save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist)
         if finished:
             break
+        if signals.received(dist):  # on any rank: go round once more to save the checkpoint, then stop
+            stop_reason = "signal"
+            continue
 
         # One optimizer step over grad_accum micro-batches. The loss is normalised by the number of target
         # tokens in all of them, on all ranks (counted first), so every token weighs the same however the
@@ -400,17 +403,14 @@ def main(argv=None):
         progress.update(step=step, train_seconds=progress["train_seconds"] + seconds)
         context = max(b["input_ids"].shape[1] for b in batches)
         monitor.log_step(step, train_loss, lr, grad_norm, tokens=n_tokens, seconds=seconds, context=context)
-        if signals.received(dist):  # on any rank
-            stop_reason = "signal"
 
     # ---------------------------------------------------------------- final report
     signals.restore()
     if stop_reason == "signal":
         monitor.close()
+        saved = f"checkpoint saved; continue with: python train.py --out {run_dir} --resume"
         print0(
-            dist,
-            f"stopped by {signals.name} at step {step}, checkpoint saved; continue with: "
-            f"python train.py --out {run_dir} --resume",
+            dist, f"stopped by {signals.name} at step {step}: " + (saved if step else "nothing to save yet")
         )
         teardown(dist)
         sys.exit(128 + signals.number)

@@ -28,7 +28,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import prepare_data  # noqa: E402
-from lora import LoRAConfig, export_merged, inject_lora, load_adapter, save_adapter  # noqa: E402
+from lora import (  # noqa: E402
+    LoRAConfig,
+    LoRALinear,
+    dense_weight,
+    export_merged,
+    inject_lora,
+    load_adapter,
+    save_adapter,
+)
 from nanoft.batches import Batches  # noqa: E402
 from nanoft.default_data import default_data_path  # noqa: E402
 from nanoft.default_model import default_model_dir  # noqa: E402
@@ -50,6 +58,21 @@ def val_loss(model, val_batches) -> float:
         loss_sum += batch_loss.item()
         n_targets += batch_targets.item()
     return loss_sum / n_targets
+
+
+@torch.no_grad()
+def rounding_error_relative_to_update(model, dtype=torch.bfloat16) -> float:
+    """||round(W + update) - (W + update)|| / ||update|| over the adapted layers: the size of rounding the
+    merged weight to `dtype` next to the update it is meant to carry (W: the dequantized 4-bit weight)."""
+    error_squared = update_squared = 0.0
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            weight = dense_weight(module.base_layer).float()
+            update = module.scale * (module.lora_B.weight @ module.lora_A.weight)  # (out, in), fp32
+            merged = weight + update
+            error_squared += (merged.to(dtype).float() - merged).pow(2).sum().item()
+            update_squared += update.pow(2).sum().item()
+    return (error_squared / update_squared) ** 0.5
 
 
 def main():
@@ -95,6 +118,7 @@ def main():
         adapter_dir, merged_dir = Path(work, "adapter"), Path(work, "merged")
         save_adapter(model, adapter_dir)
         losses["4-bit base + adapter (trained)"] = val_loss(model, val_batches)
+        rounding = rounding_error_relative_to_update(model)
         export_merged(model, model.config, model_dir, merged_dir, dtype=torch.bfloat16)
         losses["merged export, bf16"] = val_loss(
             from_pretrained(merged_dir, dtype=torch.bfloat16), val_batches
@@ -107,15 +131,17 @@ def main():
     served = losses["4-bit base + adapter (trained)"]
     print(f"\nSmolLM2-135M, QLoRA {args.steps} steps of {args.batch_size} ({train_seconds:.0f} s), "
           f"val loss over {sum(len(b['sample_ids']) for b in val_batches)} held-out examples")  # fmt: skip
-    print(f"{'served as':42} {'val loss':>9} {'gap to trained':>15}")
+    print(f"{'served as':40} {'val loss':>9} {'gap to trained':>15}")
     for name, loss in losses.items():
-        print(f"{name:42} {loss:9.4f} {loss - served:+15.4f}")
+        print(f"{name:40} {loss:9.4f} {loss - served:+15.4f}")
+    print(f"rounding the merged weights to bf16 changes them by {rounding:.2f} x the norm of the update")
     result = {
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "load_average": os.getloadavg()[0],
     }
+    result["rounding_error_relative_to_update"] = rounding
     Path(args.json).write_text(json.dumps({**result, "val_loss": losses}, indent=2))
     print(f"wrote {args.json}")
 

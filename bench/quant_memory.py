@@ -5,12 +5,11 @@
 
 Every measurement runs in a fresh subprocess and reports that process's peak resident memory (VmHWM; not
 ru_maxrss, which Linux carries over from the parent through fork and exec) and the peak of its anonymous
-memory (RssAnon, sampled every 2 ms). The two differ by the safetensors shard that is memory-mapped while it
-is read: its pages count in RSS, but they are the file's, and the kernel drops them first under memory
-pressure. "load" = peak minus the same process's RSS after its imports. The subprocesses run with
-MALLOC_MMAP_THRESHOLD_=65536, so glibc returns freed blocks of 64 KiB and more to the system and RSS follows
-live tensors (by default it keeps freed blocks cached, e.g. the short-lived dequantized weights of the 4-bit
-layers, which hid most of QLoRA's saving in this table).
+memory (RssAnon, sampled every 2 ms), which leaves out memory-mapped files (transformers maps safetensors
+shards; nanoft.weights reads them). "load" = peak minus the same process's RSS after its imports. The
+subprocesses run with MALLOC_MMAP_THRESHOLD_=65536, so glibc returns freed blocks of 64 KiB and more to the
+system and RSS follows live tensors (by default it keeps freed blocks cached, e.g. the short-lived dequantized
+weights of the 4-bit layers, which hid most of QLoRA's saving in this table).
 
 - load: SmolLM2-135M and a random-weight model of TinyLlama-1.1B's shape (2.2 GB of bf16 safetensors, written
   once to --synthetic-dir) loaded in bf16 (nanoft.weights.from_pretrained) and in NF4 (quant.load_quantized).
@@ -260,15 +259,21 @@ def write_synthetic_model(path: Path) -> Path:
 
 def section_load(args) -> list[dict]:
     from nanoft.default_model import default_model_dir
+    from nanoft.weights import load_config
 
     models = {"SmolLM2-135M (fp32 file)": default_model_dir()}
     models["TinyLlama-1.1B shape (bf16 file)"] = write_synthetic_model(Path(args.synthetic_dir))
     rows = []
     for model_name, path in models.items():
         file_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+        c = load_config(path)
+        shape = (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size, c.num_attention_heads)
+        formula = qlora_weight_bytes(*shape, c.num_key_value_heads, tied=c.tie_word_embeddings)
         for quant in ("bf16", "nf4"):
             row = measure({"kind": "load", "path": str(path), "quant": quant})
-            rows.append({"model": model_name, "file_bytes": file_bytes, **row})
+            # The estimate section's formula, checked against the bytes of a model really quantized.
+            estimate = formula["nf4_bytes"] if quant == "nf4" else formula["bf16_bytes"]
+            rows.append({"model": model_name, "file_bytes": file_bytes, "formula_bytes": estimate, **row})
     return rows
 
 
@@ -306,12 +311,22 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 def print_tables(results: dict) -> None:
     mb = 2**20
     if "load" in results:
-        rows = [
-            [r["model"], r["quant"], r["file_bytes"] // mb, r["weight_bytes"] // mb, r["peak_rss"] // mb,
-             (r["peak_rss"] - r["baseline_rss"]) // mb, r["peak_anon"] // mb, r["seconds"]]
-            for r in results["load"]
-        ]  # fmt: skip
-        header = ["model", "as", "file MB", "weights MB", "peak RSS MB", "load MB", "peak anon MB", "seconds"]
+        rows = []
+        for r in results["load"]:
+            sizes = [r["file_bytes"], r["weight_bytes"], r["formula_bytes"], r["peak_rss"]]
+            sizes += [r["peak_rss"] - r["baseline_rss"], r["peak_anon"]]
+            rows.append([r["model"], r["quant"]] + [size // mb for size in sizes] + [r["seconds"]])
+        header = [
+            "model",
+            "as",
+            "file MB",
+            "weights MB",
+            "formula MB",
+            "peak RSS MB",
+            "load MB",
+            "peak anon MB",
+        ]
+        header.append("seconds")
         print_table("Loading ('load' = peak RSS - RSS after imports)", header, rows)
     if "train" in results:
         by = {(r["kind"], r["base"]): r for r in results["train"]}

@@ -154,6 +154,8 @@ def worker(args) -> None:
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # library prints and progress bars go to stderr, never into the protocol
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch, seq_len = map(int, args.shape.split("x"))
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -221,6 +223,7 @@ class Worker:
         command = [sys.executable, __file__, "--worker", side, "--case", case, "--shape", shape]
         command += ["--dtype", dtype, "--device", args.device, "--model", str(args.model)]
         command += ["--compile"] if args.compile and side == "nanoft" else []
+        command += ["--threads", str(args.threads)] if args.threads else []
         self.side = side
         self.log = open(Path(args.log_dir) / f"{side}-{case}-{shape}-{dtype}.log", "w")
         self.process = subprocess.Popen(
@@ -355,6 +358,7 @@ def main() -> None:
         "--model", default=None, help="Hugging Face model dir (default: the built-in SmolLM2)"
     )
     parser.add_argument("--compile", action="store_true", help="nanoft: torch.compile each decoder layer")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
     parser.add_argument("--profile", type=int, default=0, help="profile this many extra steps per side")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--log-dir", default=None, help="worker logs (default: a temporary directory)")
@@ -370,6 +374,8 @@ def main() -> None:
     from nanoft.default_model import default_model_dir
     from nanoft.weights import load_config
 
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the peak below is measured with the workers' thread count
     args.model = args.model or str(default_model_dir())
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="nanoft-bench-")
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)

@@ -43,21 +43,17 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
             f"--resume: {run_dir} holds no checkpoint to resume from (one is saved every --save-every "
             "steps); start afresh with --overwrite"
         )
-    holds = sorted(path.name for path in run_dir.iterdir()) if run_dir.is_dir() else []
-    if holds and not resume and not overwrite:
+    # A run writes config.json once its input is checked; files without it are a start that failed early.
+    holds_run = (run_dir / "config.json").is_file()
+    if holds_run and not resume and not overwrite:
         raise UserError(
-            f"--out {run_dir} already holds a run or other files ({', '.join(holds[:3])}); pass --resume "
-            "to continue it, --overwrite to replace it, or choose another --out"
-        )
-    if holds and overwrite and "config.json" not in holds:  # a typo in --out must not delete someone's files
-        raise UserError(
-            f"--overwrite deletes run directories only, and {run_dir} holds no config.json; "
-            "choose another --out"
+            f"--out {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --out"
         )
     # Every rank has checked before rank 0 changes anything.
     all_reduce_sum(torch.zeros(1, device=dist.device), dist)
     if dist.is_main:
-        if holds and overwrite:
+        if holds_run and overwrite:  # only a run's directory: a typo in --out must not delete other files
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

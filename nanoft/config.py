@@ -144,27 +144,12 @@ class TrainConfig:
             value, choices = getattr(self, f.name), f.metadata["choices"]
             if choices and value not in choices and not (f.name == "quant" and value == ""):
                 raise UserError(f"--{kebab(f.name)} {value}: unknown; choose from {', '.join(choices)}")
-        for name in (
-            "batch_size",
-            "grad_accum",
-            "seq_len",
-            "eval_every",
-            "save_every",
-            "keep_last",
-            "lora_r",
-            "dist_timeout",
-        ):
+        at_least_one = "batch_size grad_accum seq_len eval_every save_every keep_last lora_r dist_timeout"
+        for name in at_least_one.split():
             if getattr(self, name) < 1:
                 raise UserError(f"--{kebab(name)} {getattr(self, name)}: must be at least 1")
-        for name in (
-            "max_steps",
-            "patience",
-            "grad_clip",
-            "weight_decay",
-            "lora_alpha",
-            "plan_memory_gb",
-            "plan_devices",
-        ):
+        not_negative = "max_steps patience grad_clip weight_decay lora_alpha plan_memory_gb plan_devices"
+        for name in not_negative.split():
             if getattr(self, name) < 0:
                 raise UserError(f"--{kebab(name)} {getattr(self, name)}: must not be negative")
         for name in ("warmup_frac", "lora_dropout", "val_frac"):
@@ -247,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not MISSING else f.default_factory()
         shown = ",".join(default) if kind is list else {True: "on", False: "off"}.get(default, default)
         help_text = f.metadata["help"] + (f" (default: {shown})" if shown not in ("", None) else "")
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         name, choices = f"--{kebab(f.name)}", f.metadata["choices"]
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)

@@ -140,27 +140,31 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
     """Bytes one decoder layer keeps for backward per token: what autograd saves in nanoft's model.
 
     Derived by listing the tensors torch.autograd.graph.saved_tensors_hooks sees on a tiny model, and checked
-    against that listing for all three methods in tests/test_memory.py. C hidden size, M MLP width, H and KV
-    query and key-value heads of size D, c bytes per compute-dtype element:
-    - each of the two RMSNorms keeps its input in fp32 (x.float() is saved by pow and mul): 4C each;
+    against that listing for all three methods in tests/test_memory.py. C hidden size, M MLP width, c bytes
+    per compute-dtype element, r the residual stream's bytes per element (c; fp32 under autocast):
+    - each of the two RMSNorms keeps its input as it came and one fp32 number per token: r C + 4 each;
     - attention: see `attention_bytes_per_token`;
     - SwiGLU keeps gate's output (for silu), silu(gate) and up (for their product): 3 c M;
     - LoRA / QLoRA: a frozen linear keeps nothing (bitsandbytes' 4-bit matmul neither); the adapters' share
       is `lora_activation_bytes_per_token`;
-    - full fine-tune, fp32 weights under autocast: the residual stream is fp32, each norm also keeps its
-      normalised output (4C) for its weight's gradient, and autocast casts a norm's output once per linear
-      that reads it (q, k, v: 3 cC; gate, up: 2 cC); down_proj keeps its input (c M). Without autocast (fp32
-      compute) each norm output is one shared fp32 copy (4C) and down_proj's input is 4M.
+    - full fine-tune, fp32 weights under autocast: autocast casts a norm's fp32 output once per linear that
+      reads it (q, k, v: 3 cC; gate, up: 2 cC) and down_proj keeps its input (c M). Without autocast (fp32
+      compute) each norm's output is one shared copy (4C, twice) and down_proj's input is 4M.
     """
     C, M, c = config.hidden_size, config.intermediate_size, shape.compute_bytes
-    norm_inputs = 2 * 4 * C
+    norms = 2 * (residual_bytes(shape) * C + 4)
     attention = attention_bytes_per_token(config, shape)
     mlp = 3 * c * M
     if shape.method == "full":
         if c < 4:
-            return norm_inputs + 2 * 4 * C + 5 * c * C + attention + mlp + c * M
-        return norm_inputs + 2 * 4 * C + 2 * 4 * C + attention + mlp + 4 * M
-    return norm_inputs + attention + mlp + lora_activation_bytes_per_token(config, shape)
+            return norms + 5 * c * C + attention + mlp + c * M
+        return norms + 2 * 4 * C + attention + mlp + 4 * M
+    return norms + attention + mlp + lora_activation_bytes_per_token(config, shape)
+
+
+def residual_bytes(shape: TrainingShape) -> int:
+    """The residual stream is fp32 under autocast (the fp32 embedding's output plus bf16 layer outputs)."""
+    return 4 if shape.method == "full" else shape.compute_bytes
 
 
 def uses_grouped_attention(config: ModelConfig, shape: TrainingShape) -> bool:
@@ -170,18 +174,19 @@ def uses_grouped_attention(config: ModelConfig, shape: TrainingShape) -> bool:
 
 
 def attention_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
-    """SDPA keeps q, k, v after RoPE, its output (o_proj's input is a view of it) and an fp32 logsumexp per
-    head: c (2 H D + 2 KV D) + 4 H. nanoft's CPU attention for short sequences (model.grouped_attention)
-    keeps the scaled q, k, v and the softmax probabilities, H S per token for S keys (twice, fp32 and cast,
-    under autocast, whose scores are fp32 like the mask); its output reaches o_proj through a copy, kept
-    when o_proj's weight trains or a dropout-free adapter reads it."""
+    """SDPA keeps q, k, v after RoPE, its output and an fp32 logsumexp per head: c (2 H D + 2 KV D) + 4 H.
+    nanoft's CPU attention for short sequences (model.grouped_attention) keeps the scaled q, k, v and the
+    softmax probabilities, H S per token for S keys (twice, fp32 and cast, under autocast, whose scores are
+    fp32 like the mask). o_proj reads the output through a reshape: a view of CUDA flash attention's
+    (B, T, H, D) output, a copy on CPU, kept when o_proj's weight or a dropout-free adapter on it trains."""
     H, KV, D, c = config.num_attention_heads, config.num_key_value_heads, config.head_dim, shape.compute_bytes
+    o_input_kept = shape.method == "full" or ("o_proj" in shape.lora_targets and shape.lora_dropout == 0)
+    o_input = c * H * D if o_input_kept and shape.device_type == "cpu" else 0
     if not uses_grouped_attention(config, shape):
-        return c * (2 * H * D + 2 * KV * D) + 4 * H
+        return c * (2 * H * D + 2 * KV * D) + 4 * H + o_input
     autocast = shape.method == "full" and c < 4
     probabilities = (4 + c if autocast else c) * H * shape.seq_len
-    o_input_kept = shape.method == "full" or ("o_proj" in shape.lora_targets and shape.lora_dropout == 0)
-    return c * (H * D + 2 * KV * D) + probabilities + (c * H * D if o_input_kept else 0)
+    return c * (H * D + 2 * KV * D) + probabilities + o_input
 
 
 def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
@@ -207,25 +212,31 @@ def dropout_mask_bytes(shape: TrainingShape) -> int:
 def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: bool) -> int:
     """Everything autograd keeps for backward at the end of a micro-batch's forward."""
     tokens, layers, C = shape.micro_batch * shape.seq_len, config.num_hidden_layers, config.hidden_size
-    c = shape.compute_bytes
+    residual = residual_bytes(shape)
     per_layer = layer_activation_bytes_per_token(config, shape)
-    if shape.method == "full":
-        residual, final_norm, rope = 4, 2 * 4 * C, 2 * 4 * config.head_dim
-        first_layer_saving, embedding_indices = 0, 8
-    else:
-        residual, final_norm, rope = c, 4 * C, 2 * c * config.head_dim
-        embedding_indices = 0
-        # The frozen embedding's output needs no gradient, so the first layer's input norm and the dropout
-        # masks of adapters reading it (q, k, v) keep nothing.
-        attention_inputs = [t for t in shape.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
-        first_layer_saving = 4 * C + dropout_mask_bytes(shape) * C * len(attention_inputs)
-    # The loss keeps dL/dhidden (computed in its forward, in the hidden states' dtype) and the target mask.
-    loss = residual * C + 1
+    final_norm = residual * C + 4
+    rope = 2 * residual * config.head_dim  # cos and sin, shared by the layers
+    loss = residual * C + 1  # the loss keeps dL/dhidden (computed in its forward) and the target mask
+    embedding_indices = 8 if shape.method == "full" else 0
     if checkpointing:  # only each layer's input is kept; backward recomputes one layer at a time
         layer_bytes = layers * residual * C + per_layer
     else:
-        layer_bytes = layers * per_layer - first_layer_saving
+        layer_bytes = layers * per_layer - first_layer_saving(config, shape)
     return math.ceil((layer_bytes + final_norm + rope + loss + embedding_indices) * tokens)
+
+
+def first_layer_saving(config: ModelConfig, shape: TrainingShape) -> int:
+    """With a frozen embedding the first layer's input needs no gradient, so what serves only that gradient
+    is not kept there: the input norm's input, the dropout masks of adapters on q/k/v and, in the CPU
+    attention, the scaled q when k has no adapter (it serves k's gradient). For targets that adapt q or k."""
+    if shape.method == "full":
+        return 0
+    C, c = config.hidden_size, shape.compute_bytes
+    attention_targets = [t for t in shape.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
+    saving = c * C + 4 + dropout_mask_bytes(shape) * C * len(attention_targets)
+    if uses_grouped_attention(config, shape) and "k_proj" not in shape.lora_targets:
+        saving += c * config.num_attention_heads * config.head_dim
+    return saving
 
 
 def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate:

@@ -47,9 +47,7 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
 
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
-        keep_metrics_until(
-            self.metrics_path, start_step
-        )  # a resumed run redoes what came after its checkpoint
+        keep_metrics_until(self.metrics_path, start_step)  # a resumed run redoes what followed its checkpoint
         # purge_step hides events a crashed run logged after the checkpoint we resume from.
         self.writer = SummaryWriter(
             Path(run_dir) / "tensorboard", purge_step=start_step + 1 if start_step else None
@@ -61,7 +59,7 @@ class Monitor:
         )
         self.log_every = max(1, total_steps // 20)
         self.started, self.start_step, self.total_steps = time.perf_counter(), start_step, total_steps
-        self.model_config, self.weights = model.config, matmul_weights(model)  # (frozen, trainable) for MFU
+        self.model_config, self.weights = model.config, matmul_weights(model)  # for MFU
         self.device, self.world_size = dist.device, dist.world_size
         self.peak_flops = measure_peak_flops(dist.device, dtype)
         self.utilisation = UtilisationSampler(dist.device)  # GPU busy time, for the quality gates
@@ -79,7 +77,7 @@ class Monitor:
         flops_per_s = (
             tokens_per_s / self.world_size * flops_per_token(self.model_config, *self.weights, context)
         )
-        mfu = flops_per_s / self.peak_flops
+        mfu = flops_per_s / self.peak_flops  # per device
         metrics = dict(
             loss=loss,
             lr=lr,

@@ -13,12 +13,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoft.errors import UserError
 from nanoft.model import ModelConfig, Transformer
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -66,13 +70,31 @@ def iter_checkpoint_tensors(path):
         if not file.is_file():
             raise UserError(f"{file}: listed in the index but missing; re-download the checkpoint")
         try:
-            with safe_open(file, framework="pt") as shard:
-                for name in shard.keys():
-                    yield name, shard.get_tensor(name)
+            yield from read_safetensors(file)
         except UserError:
             raise
-        except Exception as error:  # safetensors raises its own error types for corrupt or truncated files
+        except Exception as error:  # a bad header, an unknown dtype, a file shorter than its header says
             raise UserError(f"{file}: corrupt or truncated safetensors file ({error}); re-download it") from None
+
+
+def read_safetensors(file):
+    """Yield (name, tensor) from one safetensors file, each tensor read into memory of its own.
+
+    Plain reads rather than safetensors' memory map: every page of a mapped shard that has been read stays in
+    the process's resident memory until the file is closed (and as long as any tensor viewing it lives), so a
+    loader that converts tensor by tensor (4-bit, bf16 from fp32) would still peak at the whole shard.
+    """
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            data = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + header_size + begin)
+            if f.readinto(data.numpy()) != end - begin:
+                raise ValueError(f"the data of '{name}' is cut short")
+            yield name, data.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor, source) -> None:

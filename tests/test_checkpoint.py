@@ -115,6 +115,5 @@ def test_run_directory_rules(tmp_path):
     assert list(run_dir.iterdir()) == []  # overwriting starts afresh
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("years of work")
-    with pytest.raises(UserError, match="deletes run directories only"):
-        prepare_run_dir(tmp_path / "notes", resume=False, overwrite=True, dist=dist)
+    prepare_run_dir(tmp_path / "notes", resume=False, overwrite=True, dist=dist)  # not a run: nothing deleted
     assert (tmp_path / "notes" / "thesis.tex").is_file()

@@ -46,6 +46,14 @@ def test_every_field_is_a_kebab_case_flag_with_help():
     assert set(required.split()) <= set(actions)
 
 
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_config(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{f.name.replace('_', '-')}" in text for f in fields(TrainConfig))
+
+
 def test_flag_types_lists_and_booleans():
     config = parse_config(
         "--lr 3e-4 --lora-r 8 --lora-targets q_proj,k_proj v_proj --no-dedup --pack".split()

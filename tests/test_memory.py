@@ -69,16 +69,19 @@ def saved_activation_bytes(model, autocast, micro_batch, seq_len):
 
 
 @pytest.mark.parametrize(
-    "method, targets, dropout",
-    [
-        ("full", ("q_proj",), 0.05),
-        ("lora", ("q_proj", "v_proj"), 0.05),
-        ("lora", "all-linear", 0.05),
-        ("lora", "all-linear", 0.0),
-        ("qlora", ("q_proj", "v_proj"), 0.05),
+    "method, targets, dropout, seq_len",
+    [  # 96 tokens: nanoft's own CPU attention; 1024: SDPA (the scores would be too big to keep)
+        ("full", ("q_proj",), 0.05, 96),
+        ("full", ("q_proj",), 0.05, 1024),
+        ("lora", ("q_proj", "v_proj"), 0.05, 96),
+        ("lora", ("q_proj", "v_proj"), 0.05, 1024),
+        ("lora", "all-linear", 0.05, 96),
+        ("lora", "all-linear", 0.0, 96),
+        ("lora", "all-linear", 0.0, 1024),
+        ("qlora", ("q_proj", "v_proj"), 0.05, 96),
     ],
 )
-def test_activation_estimate_matches_what_autograd_saves(method, targets, dropout):
+def test_activation_estimate_matches_what_autograd_saves(method, targets, dropout, seq_len):
     torch.manual_seed(0)
     if method == "full":
         model = Transformer(SMALL)  # fp32 master weights under bf16 autocast, as nanoft/precision.py does it
@@ -87,8 +90,8 @@ def test_activation_estimate_matches_what_autograd_saves(method, targets, dropou
         if method == "qlora":
             quant.quantize_linears(model, quant.QuantConfig())
         model = lora.inject_lora(model, lora.LoRAConfig(targets=targets, dropout=dropout))
-    measured = saved_activation_bytes(model, autocast=method == "full", micro_batch=2, seq_len=96)
-    shape = TrainingShape(method, 2, 96, lora_targets=targets, lora_dropout=dropout, device_type="cpu")
+    measured = saved_activation_bytes(model, autocast=method == "full", micro_batch=2, seq_len=seq_len)
+    shape = TrainingShape(method, 2, seq_len, lora_targets=targets, lora_dropout=dropout, device_type="cpu")
     estimate = estimate_memory(SMALL, shape)
     parameters = count_parameters(SMALL)
     expected = estimate.activations_full

@@ -90,7 +90,8 @@ def test_micro_batch_halves_before_checkpointing_and_accumulation_keeps_the_effe
     roomy = plan(LLAMA_2_7B, 80, micro_batch=4, seq_len=1024)
     assert (roomy.micro_batch, roomy.grad_accum, roomy.activation_checkpointing) == (4, 8, False)
     tight = plan(LLAMA_2_7B, 24, micro_batch=4, seq_len=1024)
-    assert (tight.micro_batch, tight.grad_accum, tight.activation_checkpointing) == (1, 32, False)
+    assert tight.micro_batch < 4 and tight.micro_batch * tight.grad_accum == 32
+    assert not tight.activation_checkpointing
     tighter = plan(LLAMA_2_7B, 8, micro_batch=4, seq_len=1024)
     assert tighter.method == "qlora" and tighter.activation_checkpointing
     two_devices = plan(SMOLLM2_135M, 24, devices=2, micro_batch=4, grad_accum=2)

@@ -246,7 +246,8 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_file
     checkpoint = sorted((tmp_path / "run/checkpoints").iterdir())[-1]
     stopped_at = json.loads((checkpoint / "state.json").read_text())["step"]
     assert stopped_at >= 2
-    main([*args[2:], "--max-steps", str(stopped_at + 2), "--resume"])
+    # What the run printed is all it takes: the rest of the config comes from the run directory.
+    main(["--out", str(tmp_path / "run"), "--resume", "--max-steps", str(stopped_at + 2)])
     assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == stopped_at + 2
 
 
@@ -382,7 +383,7 @@ def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp
     assert stopped.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_INPUTS[flags] in lines[0], lines
-    assert not (tmp_path / "run/adapter").exists()
+    assert not (tmp_path / "run/config.json").exists()  # so the corrected command needs no --overwrite
 
 
 def test_bad_input_from_the_command_line(tiny_model_dir, data_files, tmp_path):
