@@ -144,7 +144,7 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
     per compute-dtype element, r the residual stream's bytes per element (c; fp32 under autocast):
     - each of the two RMSNorms keeps its input as it came and one fp32 number per token: r C + 4 each;
     - attention: see `attention_bytes_per_token`;
-    - SwiGLU keeps gate's output (for silu), silu(gate) and up (for their product): 3 c M;
+    - SwiGLU keeps gate's and up's outputs (it recomputes silu(gate) in backward): 2 c M;
     - LoRA / QLoRA: a frozen linear keeps nothing (bitsandbytes' 4-bit matmul neither); the adapters' share
       is `lora_activation_bytes_per_token`;
     - full fine-tune, fp32 weights under autocast: autocast casts a norm's fp32 output once per linear that
@@ -154,7 +154,7 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
     C, M, c = config.hidden_size, config.intermediate_size, shape.compute_bytes
     norms = 2 * (residual_bytes(shape) * C + 4)
     attention = attention_bytes_per_token(config, shape)
-    mlp = 3 * c * M
+    mlp = 2 * c * M
     if shape.method == "full":
         if c < 4:
             return norms + 5 * c * C + attention + mlp + c * M
@@ -176,17 +176,15 @@ def uses_grouped_attention(config: ModelConfig, shape: TrainingShape) -> bool:
 def attention_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
     """SDPA keeps q, k, v after RoPE, its output and an fp32 logsumexp per head: c (2 H D + 2 KV D) + 4 H.
     nanoft's CPU attention for short sequences (model.grouped_attention) keeps the scaled q, k, v and the
-    softmax probabilities, H S per token for S keys (twice, fp32 and cast, under autocast, whose scores are
-    fp32 like the mask). o_proj reads the output through a reshape: a view of CUDA flash attention's
-    (B, T, H, D) output, a copy on CPU, kept when o_proj's weight or a dropout-free adapter on it trains."""
+    softmax probabilities, c H S per token for S keys. o_proj reads the output through a reshape: a view of
+    CUDA flash attention's (B, T, H, D) output, a copy on CPU, kept when o_proj's weight or a dropout-free
+    adapter on it trains."""
     H, KV, D, c = config.num_attention_heads, config.num_key_value_heads, config.head_dim, shape.compute_bytes
     o_input_kept = shape.method == "full" or ("o_proj" in shape.lora_targets and shape.lora_dropout == 0)
     o_input = c * H * D if o_input_kept and shape.device_type == "cpu" else 0
     if not uses_grouped_attention(config, shape):
         return c * (2 * H * D + 2 * KV * D) + 4 * H + o_input
-    autocast = shape.method == "full" and c < 4
-    probabilities = (4 + c if autocast else c) * H * shape.seq_len
-    return c * (H * D + 2 * KV * D) + probabilities + o_input
+    return c * (H * D + 2 * KV * D) + c * H * shape.seq_len + o_input
 
 
 def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
@@ -215,7 +213,7 @@ def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: b
     residual = residual_bytes(shape)
     per_layer = layer_activation_bytes_per_token(config, shape)
     final_norm = residual * C + 4
-    rope = 2 * residual * config.head_dim  # cos and sin, shared by the layers
+    rope = 2 * shape.compute_bytes * config.head_dim  # cos and sin, shared by the layers
     loss = residual * C + 1  # the loss keeps dL/dhidden (computed in its forward) and the target mask
     embedding_indices = 8 if shape.method == "full" else 0
     if checkpointing:  # only each layer's input is kept; backward recomputes one layer at a time

@@ -291,6 +291,24 @@ def test_int8_base_trains_on_cpu_and_stays_fixed(tiny_dir):
     )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_step_on_cuda_matches_cpu(tiny_dir):
+    model = load_quantized(tiny_dir, device="cuda")
+    inputs, targets = (t.cuda() for t in text_batch())
+    with torch.no_grad():
+        cpu_logits = load_quantized(tiny_dir)(inputs.cpu())
+        assert relative_error(model(inputs).cpu(), cpu_logits) < 0.02  # same 4-bit weights, other kernels
+    model = inject_lora(model, LoRAConfig(r=4, dropout=0.0))
+    before = snapshot_quantized_bytes(model)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], "adamw", lr=1e-2)
+    assert optimizer.defaults["fused"]
+    mean_loss(model, inputs, targets).backward()
+    assert model.model.layers[0].self_attn.q_proj.lora_B.weight.grad.norm() > 0
+    optimizer.step()
+    after = snapshot_quantized_bytes(model)
+    assert all(torch.equal(a, b) for name in before for a, b in zip(before[name], after[name], strict=True))
+
+
 @pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw8bit"])
 def test_8bit_optimizers_follow_adamw(name):
     """Same steps as torch AdamW on the same gradients; 8-bit moments stay within a few % of the update."""
