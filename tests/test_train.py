@@ -167,10 +167,10 @@ def test_resume_continues_exactly(tiny_model_dir, data_files, tmp_path):
         torch.testing.assert_close(final_resumed[name], final_full[name], rtol=0, atol=1e-6)
 
 
-def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path):
+def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path, capsys):
     """Validation answers follow another rule than training's, so after a first improvement (the format) the
     more the model learns the worse val gets: the best adapter is an early one, kept on disk (its checkpoint
-    survives pruning to the last 1), and patience stops the run."""
+    survives pruning to the last 1), the rise is flagged as overfitting, and patience stops the run."""
     train_file = write_data(tmp_path / "train.jsonl", 96, seed=1, shift=1)
     val_file = write_data(tmp_path / "val.jsonl", 16, seed=2, shift=5)
     flags = "--max-steps 60 --eval-every 2 --save-every 2 --keep-last 1 --patience 3".split()
@@ -178,6 +178,7 @@ def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path):
     curve = summary["val_curve"]
     assert summary["stop_reason"] == "early stop (patience)"
     assert summary["steps"] < 60
+    assert "while train loss fell" in capsys.readouterr().out  # the overfitting warning
     best_step, best_loss = min(curve, key=lambda point: point[1])
     assert (summary["best_step"], summary["best_val_loss"]) == (best_step, best_loss)
     assert 0 < best_step < summary["steps"]
