@@ -86,6 +86,22 @@ def is_quantized(layer: nn.Module) -> bool:
     return type(getattr(layer, "weight", None)).__name__ in ("Params4bit", "Int8Params")
 
 
+class CPUFriendlyDropout(nn.Dropout):
+    """nn.Dropout whose mask costs half as much on CPU (bench/README.md): torch's bernoulli_ draws a 64-bit
+    number per element in a serial loop on CPUs without MKL's generator (AMD); here one draw gives four
+    16-bit uniforms. p is rounded to a multiple of 1/65536 (0.05 -> 0.050003). Same generator, so
+    torch.manual_seed still makes runs repeatable."""
+
+    def forward(self, x):
+        if not self.training or x.device.type != "cpu":
+            return super().forward(x)
+        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        uniform = bits.view(torch.int16)[: x.numel()].view(x.shape)  # in [-32768, 32767]
+        keep = uniform >= round(self.p * 65536) - 32768
+        survivor = torch.tensor(1 / (1 - self.p), dtype=x.dtype)
+        return x * torch.where(keep, survivor, torch.tensor(0.0, dtype=x.dtype))
+
+
 class LoRALinear(nn.Module):
     """A linear layer (nn.Linear, or a bitsandbytes one used as is, never copied) plus a LoRA update."""
 
@@ -100,7 +116,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
         nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = CPUFriendlyDropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.use_dora = use_dora
         if use_dora:  # B = 0, so m = ||W||: the layer starts as the base
