@@ -1,13 +1,15 @@
-"""Cross-entropy over a 49,152-word vocabulary: nanoft's chunked loss against F.cross_entropy on full fp32 logits.
+"""Cross-entropy over a 49,152-word vocabulary: nanoft's chunked loss against F.cross_entropy on fp32 logits.
 
-    python bench/loss_vocab.py                                   # 4x256 and 1x2048 tokens, bf16 and fp32
-    python bench/loss_vocab.py --shapes 4x256 --dtypes bf16 --repeats 10
+    python bench/loss_vocab.py                                 # 4x256 and 1x2048 tokens, bf16 and fp32
+    python bench/loss_vocab.py --shapes 4x256 --dtypes bf16 --repeats 10 --threads 1
+    python bench/loss_vocab.py --weight-grad                   # also d loss / d matrix (full fine-tune)
 
 Both sides start from the final hidden states (tokens x 576, SmolLM2's width) and the tied embedding matrix
 (49,152 x 576) in --dtype, and run forward + backward to the hidden states; with --weight-grad also to the
 matrix (a full fine-tune or a tied, trained embedding; LoRA never needs it). The reference is what
 transformers does: logits = hidden @ W^T in --dtype, cast to fp32, F.cross_entropy. Every position has a
-target. Each measurement runs in its own subprocess: time = the median of --repeats after one warm-up run;
+target. Each measurement runs in its own subprocess: time = the median CPU time of --repeats runs after a
+warm-up run (CPU time, so that other processes on a shared machine are not counted; exact with --threads 1);
 memory = that process's peak RSS during the timed runs minus its RSS just before them (the inputs excluded).
 """
 
@@ -68,14 +70,20 @@ def measure(side: str, tokens: int, dtype: torch.dtype, weight_grad: bool, repea
         started = time.process_time()  # CPU time: on a shared machine, time the others take is not counted
         run()
         seconds.append(time.process_time() - started)
-    return {"seconds": statistics.median(seconds), "extra_peak_bytes": rss_bytes("VmHWM") - rss_before, "loss": loss}
+    return {
+        "seconds": statistics.median(seconds),
+        "extra_peak_bytes": rss_bytes("VmHWM") - rss_before,
+        "loss": loss,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["4x256", "1x2048"], help="batch x sequence length")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--weight-grad", action="store_true", help="also the gradient of the vocabulary matrix")
+    parser.add_argument(
+        "--weight-grad", action="store_true", help="also the gradient of the vocabulary matrix"
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -88,9 +96,20 @@ def main() -> None:
         print(json.dumps(measure(side, int(tokens), DTYPES[dtype], args.weight_grad, args.repeats)))
         return
 
-    print(f"forward + backward to the hidden states{' and the matrix' if args.weight_grad else ''}, vocab {VOCAB}")
-    print("| tokens | dtype | F.cross_entropy ms | nanoft ms | speed | F.cross_entropy MB | nanoft MB | memory |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    gradients = "the hidden states and the matrix" if args.weight_grad else "the hidden states"
+    threads = args.threads or torch.get_num_threads()
+    print(f"forward + backward to {gradients}, vocabulary {VOCAB}, {threads} threads")
+    header = [
+        "tokens",
+        "dtype",
+        "F.cross_entropy ms",
+        "nanoft ms",
+        "speed",
+        "F.cross_entropy MB",
+        "nanoft MB",
+    ]
+    print("| " + " | ".join([*header, "memory"]) + " |")
+    print("|" + " --- |" * (len(header) + 1))
     results = []
     for dtype in args.dtypes:
         for shape in args.shapes:
@@ -100,19 +119,21 @@ def main() -> None:
                 command = [sys.executable, __file__, "--worker", side, str(batch * seq_len), dtype]
                 command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
                 command += ["--weight-grad"] if args.weight_grad else []
-                row[side] = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+                row[side] = json.loads(
+                    subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                )
             ours, theirs = row["nanoft"], row["reference"]
-            print(
-                f"| {shape} | {dtype} | {1e3 * theirs['seconds']:.0f} | {1e3 * ours['seconds']:.0f} | "
-                f"**{theirs['seconds'] / ours['seconds']:.2f}x** | {theirs['extra_peak_bytes'] / 2**20:.0f} | "
-                f"{ours['extra_peak_bytes'] / 2**20:.0f} | "
-                f"**{ours['extra_peak_bytes'] / max(theirs['extra_peak_bytes'], 1):.2f}x** |",
-                flush=True,
-            )
+            cells = [shape, dtype, f"{1e3 * theirs['seconds']:.0f}", f"{1e3 * ours['seconds']:.0f}"]
+            cells += [f"**{theirs['seconds'] / ours['seconds']:.2f}x**"]
+            cells += [f"{theirs['extra_peak_bytes'] / 2**20:.0f}", f"{ours['extra_peak_bytes'] / 2**20:.0f}"]
+            cells += [f"**{ours['extra_peak_bytes'] / max(theirs['extra_peak_bytes'], 1):.2f}x**"]
+            print("| " + " | ".join(cells) + " |", flush=True)
             results.append(row)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"weight_grad": args.weight_grad, "results": results}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"weight_grad": args.weight_grad, "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

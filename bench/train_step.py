@@ -1,19 +1,22 @@
-"""One training step, nanoft against transformers + PEFT: tokens/s, MFU and peak memory, alternating in one run.
+"""A training step, nanoft against transformers + PEFT, alternating in one run: tokens/s, MFU, peak memory.
 
-    python bench/train_step.py --cases lora-qv --shapes 4x256 --dtypes bf16 --steps 8    # about 3 minutes on 2 cores
-    python bench/train_step.py --steps 6 --json bench/results/train_step.json            # every case (long)
+    python bench/train_step.py --cases lora-qv --shapes 4x256 --dtypes bf16 --steps 8   # ~3 min on 2 cores
+    python bench/train_step.py --steps 6 --json bench/results/train_step.json           # every case (long)
     python bench/train_step.py --device cuda --cases lora-qv qlora-nf4 full
-    python bench/train_step.py --cases lora-qv --profile 1                                # + torch.profiler tables
+    python bench/train_step.py --cases lora-qv --profile 1 --log-dir /tmp/logs          # + profiler tables
+    python bench/train_step.py --threads 1                                               # busy shared machine
 
 Each side runs in its own worker process, so that its peak memory is its own: the model is loaded, two
 warm-up steps are taken, then the parent asks the two workers for one step at a time, alternately (nanoft
 first on even steps, the reference first on odd ones), so that a noisy machine slows both alike. Tokens/s is
 the median over --steps steps; a step is forward + backward + optimizer step + zero_grad(set_to_none=True).
+The CPU time of each step is recorded too: with --threads 1 it leaves out the time other processes take the
+core, so its ratio ("speed, CPU time") is the one to trust on a machine that others are using.
 
 What both sides do, per case (model: SmolLM2-135M-Instruct; data: the same random token ids; every token a
 target, i.e. labels=input_ids for transformers and the same ids shifted left for nanoft):
-- lora-qv: LoRA r=16, alpha=32, dropout 0.05 on q_proj and v_proj; base weights loaded in --dtype; adapters in
-  fp32 on both sides (PEFT's default; lora.py's choice). lora-all: the same on all seven linears of each block.
+- lora-qv: LoRA r=16, alpha=32, dropout 0.05 on q_proj and v_proj; base weights loaded in --dtype; adapters
+  stored in fp32 on both sides (PEFT's default; lora.py's). lora-all: the same on all linears of a block.
 - qlora-nf4: the decoder linears as bitsandbytes NF4 Linear4bit (double quant, uint8 storage, compute in
   --dtype), embeddings/norms/lm_head in --dtype, LoRA as lora-qv. transformers: BitsAndBytesConfig with those
   settings, no prepare_model_for_kbit_training (it would turn on gradient checkpointing and fp32 norms).
@@ -169,15 +172,16 @@ def worker(args) -> None:
     )
     input_ids = input_ids.to(device)
 
-    def step() -> tuple[float, float]:
+    def step() -> dict:
         synchronize(device)
-        step_started = time.perf_counter()
+        wall_started, cpu_started = time.perf_counter(), time.process_time()
         loss = loss_fn(input_ids, input_ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
-        return time.perf_counter() - step_started, loss.item()
+        seconds = time.perf_counter() - wall_started
+        return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu_started, "loss": loss.item()}
 
     for _ in range(WARMUP_STEPS):
         step()
@@ -194,8 +198,7 @@ def worker(args) -> None:
     for command in sys.stdin:
         command = command.strip()
         if command == "step":
-            seconds, loss = step()
-            print(json.dumps({"seconds": seconds, "loss": loss}), file=protocol)
+            print(json.dumps(step()), file=protocol)
         elif command == "profile":
             from torch.profiler import ProfilerActivity, profile
 
@@ -290,47 +293,56 @@ def model_flops_per_token(config, seq_len: int, case: str) -> float:
 
 
 def run_setting(case, shape, dtype, args, peaks, config) -> dict:
+    load_average = os.getloadavg()[0]
     workers = {side: Worker(side, case, shape, dtype, args) for side in ("nanoft", "reference")}
-    seconds = {side: [] for side in workers}
-    losses = {side: [] for side in workers}
+    steps = {side: [] for side in workers}
     for i in range(args.steps):
         for side in ("nanoft", "reference") if i % 2 == 0 else ("reference", "nanoft"):
-            reply = workers[side].ask("step")
-            seconds[side].append(reply["seconds"])
-            losses[side].append(reply["loss"])
+            steps[side].append(workers[side].ask("step"))
     for _ in range(args.profile):
         for side, w in workers.items():
             print(f"--- profile of one {side} step: see {w.log.name}", flush=True)
             w.ask("profile")
     batch, seq_len = map(int, shape.split("x"))
     flops = model_flops_per_token(config, seq_len, case)
-    result = {"case": case, "shape": shape, "dtype": dtype, "flops_per_token": flops}
+    result = {
+        "case": case,
+        "shape": shape,
+        "dtype": dtype,
+        "flops_per_token": flops,
+        "load_average": load_average,
+    }
     for side, w in workers.items():
         memory = w.finish()
-        tokens_per_second = batch * seq_len / statistics.median(seconds[side])
+        tokens_per_second = batch * seq_len / statistics.median(step["seconds"] for step in steps[side])
         result[side] = {
             "tokens_per_second": tokens_per_second,
+            "tokens_per_cpu_second": batch
+            * seq_len
+            / statistics.median(s["cpu_seconds"] for s in steps[side]),
             "mfu": flops * tokens_per_second / peaks[dtype],
-            "step_seconds": seconds[side],
-            "first_loss": losses[side][0],
+            "step_seconds": [step["seconds"] for step in steps[side]],
+            "step_cpu_seconds": [step["cpu_seconds"] for step in steps[side]],
+            "first_loss": steps[side][0]["loss"],
             "load_and_warmup_seconds": w.ready["load_and_warmup_seconds"],
             "step_peak_bytes": memory["step_peak_bytes"],
             "process_peak_rss_bytes": max(memory["step_peak_bytes"], w.ready["peak_rss_bytes"]),
         }
-    result["speed_ratio"] = result["nanoft"]["tokens_per_second"] / result["reference"]["tokens_per_second"]
+    ours, theirs = result["nanoft"], result["reference"]
+    result["speed_ratio"] = ours["tokens_per_second"] / theirs["tokens_per_second"]
+    result["cpu_time_speed_ratio"] = ours["tokens_per_cpu_second"] / theirs["tokens_per_cpu_second"]
     result["memory_ratio"] = result["nanoft"]["step_peak_bytes"] / result["reference"]["step_peak_bytes"]
     return result
 
 
 def print_row(r) -> None:
     ours, theirs = r["nanoft"], r["reference"]
-    print(
-        f"| {r['case']} | {r['shape']} | {r['dtype']} | {ours['tokens_per_second']:.0f} | "
-        f"{theirs['tokens_per_second']:.0f} | **{r['speed_ratio']:.2f}x** | {100 * ours['mfu']:.0f}% | "
-        f"{100 * theirs['mfu']:.0f}% | {ours['step_peak_bytes'] / 2**20:.0f} | {theirs['step_peak_bytes'] / 2**20:.0f} "
-        f"| **{r['memory_ratio']:.2f}x** |",
-        flush=True,
-    )
+    cells = [r["case"], r["shape"], r["dtype"], f"{ours['tokens_per_second']:.0f}"]
+    cells += [f"{theirs['tokens_per_second']:.0f}", f"**{r['speed_ratio']:.2f}x**"]
+    cells += [f"{r['cpu_time_speed_ratio']:.2f}x", f"{100 * ours['mfu']:.0f}%", f"{100 * theirs['mfu']:.0f}%"]
+    cells += [f"{ours['step_peak_bytes'] / 2**20:.0f}", f"{theirs['step_peak_bytes'] / 2**20:.0f}"]
+    cells += [f"**{r['memory_ratio']:.2f}x**", f"{r['load_average']:.1f}"]
+    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def cpu_name() -> str:
@@ -385,17 +397,14 @@ def main() -> None:
         dtype: matmul_peak_flops(DTYPES[dtype], torch.device(args.device), tokens) for dtype in args.dtypes
     }
     machine = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
-    print(
-        f"{datetime.now():%Y-%m-%d %H:%M} {machine}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}"
-    )
+    threads = args.threads or torch.get_num_threads()
+    print(f"{datetime.now():%Y-%m-%d %H:%M} {machine}, {threads} threads, torch {torch.__version__}")
     print("matmul peak: " + ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items()))
-    print(
-        f"median of {args.steps} alternating steps after {WARMUP_STEPS} warm-up; worker logs in {args.log_dir}\n"
-    )
-    print(
-        "| case | B x T | dtype | nanoft tok/s | HF+PEFT tok/s | speed | nanoft MFU | HF MFU | nanoft MB | HF MB | memory |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"median of {args.steps} alternating steps after {WARMUP_STEPS} warm-up; logs in {args.log_dir}\n")
+    header = ["case", "B x T", "dtype", "nanoft tok/s", "HF+PEFT tok/s", "speed", "speed, CPU time"]
+    header += ["nanoft MFU", "HF MFU", "nanoft MB", "HF MB", "memory", "load avg"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
     results = []
     for dtype in args.dtypes:
         for shape in args.shapes:
@@ -411,6 +420,7 @@ def main() -> None:
             "machine": machine,
             "torch": torch.__version__,
             "compile": args.compile,
+            "threads": threads,
             "matmul_peak_flops": peaks,
             "load_average_end": load_after,
             "results": results,
