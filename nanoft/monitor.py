@@ -24,6 +24,7 @@ here says how much of this machine's achievable matmul speed the training reache
 """
 
 import json
+import math
 import resource
 import sys
 import time
@@ -218,16 +219,15 @@ def flops_per_token(config, frozen: int, trainable: int, context: int) -> float:
     return 4 * frozen + 6 * trainable + attention
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large matrix multiply in `dtype` on `device`, best of a few: the denominator of MFU."""
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of a large matrix multiply in `dtype` on `device`: the denominator of MFU. The best of several
+    tries, since other work on a shared machine slows some of them (then MFU reads high, even above 100%)."""
     n = 8192 if device.type == "cuda" else 2048
-    generator = torch.Generator(device).manual_seed(
-        0
-    )  # not the global one: training's random stream stays put
+    generator = torch.Generator(device).manual_seed(0)  # its own: training's random stream stays untouched
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-    best = float("inf")
-    for _ in range(4):
+    best = math.inf
+    for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
         a @ b
