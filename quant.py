@@ -17,6 +17,7 @@ val loss); never quantize a merged model to 4-bit again (+1.19: the update is fi
 Measured: bench/quant_memory.py, bench/matmul_4bit.py, bench/qlora_merge_gap.py.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -86,7 +87,9 @@ def make_quantized_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
     bnb = import_bitsandbytes(f"--quant {config.quant}")
     with torch.device("meta"):
         if config.quant == "int8":
-            # threshold 0: no fp16 outlier columns, so the whole weight really is 8-bit.
+            # LLM.int8() quantizes its inputs from fp16 by design; bitsandbytes logs that on every call.
+            logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+            # threshold 0 (the default): no fp16 outlier columns, so the whole weight really is 8-bit.
             return bnb.nn.Linear8bitLt(
                 linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
             )

@@ -178,6 +178,7 @@ def main(argv=None):
     if config.plan:  # print what fits this model on this hardware, and why; train nothing (nanoft/planner.py)
         print(format_plan(plan_for_run(config, planning_only=True), config.model or "SmolLM2-135M-Instruct"))
         return
+    dist = setup_distributed(config.device, timeout_s=config.dist_timeout)
     if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
         plan = plan_for_run(config, planning_only=False)
         config = replace(
@@ -189,12 +190,11 @@ def main(argv=None):
             fsdp="full_shard" if plan.layout.startswith("fsdp") and config.fsdp == "none" else config.fsdp,
             fsdp_cpu_offload=config.fsdp_cpu_offload or plan.layout == "fsdp_offload",
         )
-        print(f"--method auto: {plan.method}, {plan.layout}; {plan.reasons[-1]} (--plan shows why)")
+        print0(dist, f"--method auto: {plan.method}, {plan.layout}; {plan.reasons[-1]} (--plan shows why)")
     quant = config.quant or ("nf4" if config.method == "qlora" else "")
     config = replace(
         config, lr=config.lr or DEFAULT_LR[config.method], out=config.out or default_out_dir(), quant=quant
     )
-    dist = setup_distributed(config.device, timeout_s=config.dist_timeout)
     run_dir = prepare_run_dir(config.out, resume=config.resume, overwrite=config.overwrite, dist=dist)
     model_dir = resolve_model(config.model)
     context = load_config(model_dir).max_position_embeddings

@@ -211,14 +211,19 @@ def full_state_dict(model, dist: Dist, trainable_only: bool) -> dict:
 
     Names are the model's own (Hugging Face's, plus lora.py's), without DDP's `module.` prefix.
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    if dist.backend is None:
-        options = StateDictOptions(full_state_dict=True, ignore_frozen_params=trainable_only)
     model = unwrap(model)
-    state = get_model_state_dict(model, options=options)
-    if trainable_only:  # drop what is not a parameter, e.g. a bitsandbytes layer's quantization state
-        trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-        state = {name: tensor for name, tensor in state.items() if name in trainable}
+    if trainable_only:
+        # Straight from the parameters: torch's state-dict helpers walk the whole module state, and a
+        # bitsandbytes int8 layer's (its SCB statistics) has entries they cannot resolve to attributes.
+        state = {}
+        for name, parameter in model.named_parameters():  # the same order on every rank: the gathers match
+            if parameter.requires_grad:
+                if hasattr(parameter, "full_tensor"):  # an FSDP shard (on the CPU when offloaded): gather it
+                    parameter = parameter.to(dist.device).full_tensor()
+                state[name] = parameter.detach()
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=dist.backend is not None)
+        state = get_model_state_dict(model, options=options)
     return {name: tensor.detach().cpu().clone() for name, tensor in state.items()} if dist.is_main else {}
 
 

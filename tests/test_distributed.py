@@ -296,6 +296,13 @@ def run_train(model_dir: Path, out_dir: Path, *flags, torchrun: bool):
         env=environment(NANOFT_CACHE=str(out_dir.parent / "cache")),
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return finished.stdout
+
+
+def test_method_auto_under_torchrun_plans_for_both_ranks_and_says_so_once(tiny_model_dir, tmp_path):
+    output = run_train(tiny_model_dir, tmp_path / "run", "--method", "auto", "--max-steps", "1", torchrun=True)
+    assert output.count("--method auto:") == 1, output
+    assert "--method auto: lora, ddp;" in output  # the model fits whole on each rank: DDP over the 2 ranks
 
 
 def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_peft(

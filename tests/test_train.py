@@ -324,16 +324,11 @@ def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag
         assert other["val_curve"] == [pytest.approx(point, abs=1e-6) for point in plain["val_curve"]]
 
 
-INT8_CHECKPOINT_BUG = "nanoft/distributed.py full_state_dict: DCP cannot name Linear8bitLt's SCB (reported)"
-
-
 @pytest.mark.parametrize(
     "flags",
     [
         "--method qlora",
-        pytest.param(
-            "--method qlora --quant int8", marks=pytest.mark.xfail(reason=INT8_CHECKPOINT_BUG, strict=True)
-        ),
+        "--method qlora --quant int8",
         "--optim adamw8bit",
     ],
 )
