@@ -180,7 +180,9 @@ def main(argv=None):
         return
     dist = setup_distributed(config.device, timeout_s=config.dist_timeout)
     if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
-        plan = plan_for_run(config, planning_only=False)
+        # Planned on rank 0 alone: free memory differs from rank to rank, and so could the plans.
+        plan = plan_for_run(config, planning_only=False) if dist.is_main else None
+        plan = scatter_from_main([plan] * dist.world_size if dist.is_main else None, dist)
         config = replace(
             config,
             method=plan.method,

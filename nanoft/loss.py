@@ -10,7 +10,8 @@ are projected at all, so masked prompt tokens cost nothing here.
 
 The chunk stays in the compute dtype: softmax reads bf16 logits, sums in fp32 and writes bf16 probabilities,
 which are the gradient's input anyway. That is 3 passes over the chunk where upcasting to fp32 and calling
-logsumexp took about 10 (measured in bench/loss_vocab.py; on CPU these passes, not the matmuls, were the cost).
+logsumexp took about 10 (measured in bench/loss_vocab.py; on CPU these passes, not the matmuls, were the
+cost).
 The log-normaliser comes from the largest probability, which never underflows (it is >= 1/vocab):
 logsumexp = max_logit - log(p_max). In bf16 that is exact to about +-0.004 per token (one rounding of p_max);
 in fp32 to float precision.
@@ -19,9 +20,9 @@ in fp32 to float precision.
 import torch
 
 IGNORE_INDEX = -100
-# Rows x vocabulary per chunk: 16 MB of bf16 logits and as much for their probabilities, which stay in a server
-# CPU's L3 cache between the matmul that writes them and the softmax and matmul that read them (1.2x faster
-# than chunks 4x larger at SmolLM2's 49,152 words; bench/README.md).
+# Rows x vocabulary per chunk: 16 MB of bf16 logits and as much for their probabilities, which stay in a
+# server CPU's L3 cache between the matmul that writes them and the softmax and matmul that read them (1.2x
+# faster than chunks 4x larger at SmolLM2's 49,152 words; bench/README.md).
 LOGITS_PER_CHUNK = 2**23
 
 

@@ -55,7 +55,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(
-                f"model_type '{self.model_type}' is not supported; nanoft supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"model_type '{self.model_type}' is not supported; "
+                f"nanoft supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if self.model_type == "qwen2":
             self.attention_bias = True  # Qwen2 always has q/k/v biases; its config.json does not say so
@@ -70,7 +71,8 @@ class ModelConfig:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise UserError(
-                    f"rope scaling '{rope_type}' is not supported; nanoft supports {', '.join(SUPPORTED_ROPE_TYPES)}"
+                    f"rope scaling '{rope_type}' is not supported; "
+                    f"nanoft supports {', '.join(SUPPORTED_ROPE_TYPES)}"
                 )
             self.rope_scaling = {**self.rope_scaling, "rope_type": rope_type}
             if rope_type == "default":
@@ -126,16 +128,19 @@ class RMSNorm(nn.Module):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """weight * (x / rms(x)), normalised in fp32 and cast back before the weight, exactly as the reference does.
+    """weight * (x / rms(x)), normalised in fp32 and cast back before the weight, as the reference does.
 
-    Written out because autograd of those seven small ops saves x in fp32 and runs about twelve kernels backward
-    (measured in bench/README.md); this saves x as it came (bf16) plus one fp32 number per row, and runs six.
+    Written out because autograd of those seven small ops saves x in fp32 and runs about twelve kernels
+    backward (measured in bench/README.md); this saves x as it came (bf16) plus one fp32 number per row, and
+    runs six.
     """
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         # bf16 * fp32 computes in fp32, so x is never copied to fp32 as a whole.
-        rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32) ** 2 / x.shape[-1] + eps)
+        rstd = torch.rsqrt(
+            torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32) ** 2 / x.shape[-1] + eps
+        )
         ctx.save_for_backward(x, weight, rstd)
         return weight * (x * rstd).to(x.dtype)
 
@@ -227,7 +232,12 @@ class Attention(nn.Module):
             # enable_gqa lets SDPA share each key/value head across its query heads without copying them.
             # No mask means causal; a single new token after a cache sees every cached key, so no mask at all.
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads,
             )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -319,20 +329,29 @@ class Transformer(nn.Module):
         self.rope_inv_freq = rope_inverse_frequencies(self.config).to(device or self.lm_head.weight.device)
 
     def forward(
-        self, input_ids, targets=None, position_ids=None, attention_mask=None, document_ids=None, kv_cache=None
+        self,
+        input_ids,
+        targets=None,
+        position_ids=None,
+        attention_mask=None,
+        document_ids=None,
+        kv_cache=None,
     ):
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        # Under autocast (full fine-tunes) x is fp32 but q and k come out of the matmuls in bf16: build cos, sin
-        # and the attention bias in bf16 too, or every q * cos would promote the attention to fp32.
+        # Under autocast (full fine-tunes) x is fp32 but q and k come out of the matmuls in bf16: build cos,
+        # sin and the attention bias in bf16 too, or every q * cos would promote the attention to fp32.
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         cos, sin = self._rope(position_ids, dtype)
         mask = self._attention_mask(B, T, past, attention_mask, document_ids, input_ids.device)
-        if device_type == "cpu" and B * self.config.num_attention_heads * T * (past + T) <= CPU_ATTENTION_SCORES:
+        if (
+            device_type == "cpu"
+            and B * self.config.num_attention_heads * T * (past + T) <= CPU_ATTENTION_SCORES
+        ):
             mask = self._attention_bias(mask, T, past, dtype, x.device)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
@@ -372,7 +391,7 @@ class Transformer(nn.Module):
         return allowed[:, None]
 
     def _attention_bias(self, mask, T, past, dtype, device):
-        """grouped_attention's form of a mask: (B or 1, 1, T, S) of 0 where a query may look, -inf elsewhere."""
+        """grouped_attention's form of a mask: (B or 1, 1, T, S), 0 where a query may look, else -inf."""
         if mask is None:  # plain causal
             query_pos = torch.arange(past, past + T, device=device)[:, None]
             mask = (torch.arange(past + T, device=device)[None, :] <= query_pos)[None, None]

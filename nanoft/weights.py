@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint directories: read config.json and safetensors shards, write what transformers loads.
+"""Hugging Face checkpoint directories: read config.json and safetensors shards, write what HF loads.
 
     model = from_pretrained("path/to/hf_dir", dtype=torch.bfloat16)
     save_pretrained(model.state_dict(), model.config, "path/to/out")
@@ -35,7 +35,9 @@ TOKENIZER_FILES = (
 def load_config(path) -> ModelConfig:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{config_file}: not found; --model must be a Hugging Face model directory with config.json")
+        raise UserError(
+            f"{config_file}: not found; --model must be a Hugging Face model directory with config.json"
+        )
     try:
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
@@ -74,7 +76,9 @@ def iter_checkpoint_tensors(path):
         except UserError:
             raise
         except Exception as error:  # a bad header, an unknown dtype, a file shorter than its header says
-            raise UserError(f"{file}: corrupt or truncated safetensors file ({error}); re-download it") from None
+            raise UserError(
+                f"{file}: corrupt or truncated safetensors file ({error}); re-download it"
+            ) from None
 
 
 def read_safetensors(file):
@@ -168,7 +172,9 @@ def save_pretrained(state_dict, config: ModelConfig, path, dtype=None, max_shard
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    write_atomically(path / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index)))
+    write_atomically(
+        path / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index))
+    )
 
 
 def copy_tokenizer_files(source_dir, destination_dir) -> None:

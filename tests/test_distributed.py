@@ -300,7 +300,9 @@ def run_train(model_dir: Path, out_dir: Path, *flags, torchrun: bool):
 
 
 def test_method_auto_under_torchrun_plans_for_both_ranks_and_says_so_once(tiny_model_dir, tmp_path):
-    output = run_train(tiny_model_dir, tmp_path / "run", "--method", "auto", "--max-steps", "1", torchrun=True)
+    output = run_train(
+        tiny_model_dir, tmp_path / "run", "--method", "auto", "--max-steps", "1", torchrun=True
+    )
     assert output.count("--method auto:") == 1, output
     assert "--method auto: lora, ddp;" in output  # the model fits whole on each rank: DDP over the 2 ranks
 

@@ -1,4 +1,4 @@
-"""nanoft/weights.py: Hugging Face directories in and out, sharding, and clear errors for broken checkpoints."""
+"""nanoft/weights.py: Hugging Face directories in and out, sharding, clear errors for broken checkpoints."""
 
 import json
 import subprocess
