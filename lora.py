@@ -87,7 +87,7 @@ def is_quantized(layer: nn.Module) -> bool:
 
 
 class CPUFriendlyDropout(nn.Dropout):
-    """nn.Dropout whose mask costs half as much on CPU (bench/README.md): torch's bernoulli_ draws a 64-bit
+    """nn.Dropout whose mask costs less on CPU (2% of a LoRA step: bench/levers.py): bernoulli_ draws a 64-bit
     number per element in a serial loop on CPUs without MKL's generator (AMD); here one draw gives four
     16-bit uniforms. p is rounded to a multiple of 1/65536 (0.05 -> 0.050003). Same generator, so
     torch.manual_seed still makes runs repeatable."""

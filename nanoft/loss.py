@@ -20,9 +20,8 @@ in fp32 to float precision.
 import torch
 
 IGNORE_INDEX = -100
-# Rows x vocabulary per chunk: 16 MB of bf16 logits and as much for their probabilities, which stay in a
-# server CPU's L3 cache between the matmul that writes them and the softmax and matmul that read them (1.2x
-# faster than chunks 4x larger at SmolLM2's 49,152 words; bench/README.md).
+# Rows x vocabulary per chunk: 16 MB of bf16 logits and as much for their probabilities. Chunks 4x larger
+# were no faster in a whole LoRA step (within +-6%, bench/levers.py) and cost 4x the memory.
 LOGITS_PER_CHUNK = 2**23
 
 
