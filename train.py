@@ -137,9 +137,10 @@ def save_best_weights(model, dist, run_dir: Path, model_dir: Path, method: str) 
 def export_best_merged(model, best_dir: Path, model_dir: Path, out_dir: Path, dtype) -> None:
     """Load the best adapter back into the model and write it merged into the base (a plain HF model)."""
     best = load_file(best_dir / "adapter_model.safetensors")
-    model.load_state_dict(
+    _, unexpected = model.load_state_dict(
         {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in best.items()}, strict=False
     )
+    assert not unexpected, unexpected  # the adapter was written from this very model
     write_directory_atomically(
         out_dir, lambda tmp: export_merged(model, model.config, model_dir, tmp, dtype=dtype)
     )
@@ -291,7 +292,7 @@ def main(argv=None):
         {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = make_optimizer(groups, config.optim, lr=config.lr)  # fused AdamW on CUDA
+    optimizer = make_optimizer(groups, config.optim, lr=config.lr)  # fused AdamW on CUDA and CPU
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.grad_scaler)  # fp16 only
 
     if config.lr_sweep:  # LR range test on ~1% of the data (nanoft/lr_sweep.py), then exit

@@ -227,7 +227,7 @@ def full_state_dict(model, dist: Dist, trainable_only: bool) -> dict:
             if parameter.requires_grad:
                 if hasattr(parameter, "full_tensor"):  # an FSDP shard (on the CPU when offloaded): gather it
                     parameter = parameter.to(dist.device).full_tensor()
-                state[name] = parameter.detach()
+                state[name] = parameter
     else:
         options = StateDictOptions(full_state_dict=True, cpu_offload=dist.backend is not None)
         state = get_model_state_dict(model, options=options)

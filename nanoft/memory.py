@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from nanoft.loss import LOGITS_PER_CHUNK, WEIGHT_GRAD_CHUNK_FACTOR
-from nanoft.model import CPU_ATTENTION_SCORES, ModelConfig
+from nanoft.model import ModelConfig, uses_matmul_attention
 
 GiB = 2**30
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -169,8 +169,9 @@ def residual_bytes(shape: TrainingShape) -> int:
 
 def uses_grouped_attention(config: ModelConfig, shape: TrainingShape) -> bool:
     """nanoft/model.py computes attention with plain matmuls on CPU when the scores are small."""
-    scores = shape.micro_batch * config.num_attention_heads * shape.seq_len**2
-    return shape.device_type == "cpu" and scores <= CPU_ATTENTION_SCORES
+    return uses_matmul_attention(
+        shape.device_type, shape.micro_batch, config.num_attention_heads, shape.seq_len, shape.seq_len
+    )
 
 
 def attention_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:

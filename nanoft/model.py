@@ -28,6 +28,11 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 CPU_ATTENTION_SCORES = 2**22
 
 
+def uses_matmul_attention(device_type: str, batch: int, heads: int, queries: int, keys: int) -> bool:
+    """Whether the model computes attention with grouped_attention's matmuls rather than SDPA."""
+    return device_type == "cpu" and batch * heads * queries * keys <= CPU_ATTENTION_SCORES
+
+
 @dataclass
 class ModelConfig:
     """The subset of a Hugging Face `config.json` that defines the architecture."""
@@ -348,10 +353,7 @@ class Transformer(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         cos, sin = self._rope(position_ids, dtype)
         mask = self._attention_mask(B, T, past, attention_mask, document_ids, input_ids.device)
-        if (
-            device_type == "cpu"
-            and B * self.config.num_attention_heads * T * (past + T) <= CPU_ATTENTION_SCORES
-        ):
+        if uses_matmul_attention(device_type, B, self.config.num_attention_heads, T, past + T):
             mask = self._attention_bias(mask, T, past, dtype, x.device)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
