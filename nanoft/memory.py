@@ -177,15 +177,15 @@ def uses_grouped_attention(config: ModelConfig, shape: TrainingShape) -> bool:
 def attention_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
     """SDPA keeps q, k, v after RoPE, its output and an fp32 logsumexp per head: c (2 H D + 2 KV D) + 4 H.
     nanoft's CPU attention for short sequences (model.grouped_attention) keeps the scaled q, k, v and the
-    softmax probabilities, c H S per token for S keys. o_proj reads the output through a reshape: a view of
-    CUDA flash attention's (B, T, H, D) output, a copy on CPU, kept when o_proj's weight or a dropout-free
-    adapter on it trains."""
+    softmax probabilities, c H 3S/4 per token for S keys (it skips the masked quarter). o_proj reads the
+    output through a reshape: a view of CUDA flash attention's (B, T, H, D) output, a copy on CPU, kept when
+    o_proj's weight or a dropout-free adapter on it trains."""
     H, KV, D, c = config.num_attention_heads, config.num_key_value_heads, config.head_dim, shape.compute_bytes
     o_input_kept = shape.method == "full" or ("o_proj" in shape.lora_targets and shape.lora_dropout == 0)
     o_input = c * H * D if o_input_kept and shape.device_type == "cpu" else 0
     if not uses_grouped_attention(config, shape):
         return c * (2 * H * D + 2 * KV * D) + 4 * H + o_input
-    return c * (H * D + 2 * KV * D) + c * H * shape.seq_len + o_input
+    return c * (H * D + 2 * KV * D) + c * H * shape.seq_len * 3 / 4 + o_input
 
 
 def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:

@@ -124,6 +124,27 @@ def test_chunked_loss_equals_cross_entropy_and_its_gradients(monkeypatch):
         assert torch.allclose(ours.grad, theirs.grad, atol=1e-5, rtol=1e-4), name
 
 
+def test_chunked_loss_under_autocast_matches_autocast_logits(monkeypatch):
+    """A full fine-tune's case: fp32 master weights, bf16 autocast, the tied weight's gradient wanted."""
+    import nanoft.loss
+
+    monkeypatch.setattr(nanoft.loss, "LOGITS_PER_CHUNK", 128 * 5)
+    monkeypatch.setattr(nanoft.loss, "WEIGHT_GRAD_CHUNK_FACTOR", 2)  # 10 rows a chunk: several chunks
+    config = tiny_config(tie_word_embeddings=True)
+    model, reference = random_model(config).train(), random_model(config).train()
+    input_ids, targets = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, n_targets = model(input_ids, targets)
+        logits = reference(input_ids)
+    expected = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+    assert abs(loss_sum.item() - expected.item()) <= 0.01 * expected.item()
+    (loss_sum / n_targets).backward()
+    (expected / n_targets).backward()
+    for (name, ours), (_, theirs) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert ours.grad.dtype == torch.float32, name
+        assert F.cosine_similarity(ours.grad.flatten(), theirs.grad.flatten(), dim=0) > 0.99, name
+
+
 def test_loss_in_bf16_is_close_to_fp32():
     model = random_model(tiny_config())
     input_ids, targets = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
