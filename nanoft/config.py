@@ -12,6 +12,7 @@ a one-line UserError (exit code 2), including argparse's own (unknown flags, bad
 
 import argparse
 import json
+import math
 import os
 import sys
 import tomllib
@@ -27,6 +28,7 @@ METHODS = ("lora", "qlora", "full", "auto")
 QUANT_TYPES = ("nf4", "fp4", "int8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+DEVICES = ("auto", "cuda", "cpu")
 FSDP_MODES = ("none", "full_shard", "shard_grad_op")  # distributed: none = DDP under torchrun
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 ALPACA_STYLES = ("auto", "chat", "alpaca")
@@ -107,7 +109,7 @@ class TrainConfig:
     merge: bool = flag(False, "also export the best weights merged into the base model (merged/)")
 
     # hardware and speed
-    device: str = flag("auto", "cuda, cpu or auto")
+    device: str = flag("auto", "where to train (auto: cuda when torch sees a GPU, else cpu)", DEVICES)
     dtype: str = flag(
         "auto", "compute dtype: bf16 where the hardware has it, else fp16 on GPU, else fp32", DTYPES
     )
@@ -144,6 +146,9 @@ class TrainConfig:
             value, choices = getattr(self, f.name), f.metadata["choices"]
             if choices and value not in choices and not (f.name == "quant" and value == ""):
                 raise UserError(f"--{kebab(f.name)} {value}: unknown; choose from {', '.join(choices)}")
+            # argparse and TOML both read "nan" and "inf" as floats, and every comparison below passes nan.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{kebab(f.name)} {value}: must be a finite number")
         at_least_one = "batch_size grad_accum seq_len eval_every save_every keep_last lora_r dist_timeout"
         for name in at_least_one.split():
             if getattr(self, name) < 1:

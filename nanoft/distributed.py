@@ -61,6 +61,11 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"--device cuda: torch {torch.__version__} sees no GPU (a CPU build, or no driver); "
+            "use --device cpu, or install the CUDA build of torch"
+        )
     if "RANK" not in os.environ:
         return Dist(
             rank=0, local_rank=0, world_size=1, device=torch.device(device), is_main=True, backend=None

@@ -256,6 +256,12 @@ def test_single_process_takes_no_distributed_path(monkeypatch):
         wrap_model(model, single, fsdp="full_shard")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_cuda_asked_for_without_a_gpu_is_a_user_error():
+    with pytest.raises(UserError, match="--device cuda: torch .* sees no GPU"):
+        setup_distributed(device="cuda")
+
+
 def test_fsdp_refuses_4bit_bytes_that_mixed_precision_would_cast():
     model = dist_worker.build_model(Run("bf16_storage", method="full"), seed=0)
     quantize_linears(model, QuantConfig(compute_dtype=torch.float32, quant_storage=torch.bfloat16))
