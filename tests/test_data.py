@@ -685,6 +685,8 @@ def test_bad_json_array_line_and_missing_file(chatml, tmp_path):
         prepare(path, chatml, tmp_path)
     with pytest.raises(UserError, match="not found"):
         prepare(tmp_path / "nope.jsonl", chatml, tmp_path)
+    with pytest.raises(UserError, match="is not a file"):  # a folder of data files, given as one
+        prepare(tmp_path, chatml, tmp_path)
 
 
 def test_record_the_template_refuses(llama2, tmp_path):
