@@ -231,11 +231,15 @@ def main(argv=None):
         run_dir=run_dir if dist.is_main else None,
         log=lambda text: print0(dist, text),
     )
-    if not len(val_examples):
-        raise UserError(
-            "no validation data (--val-frac 0 and no --val-data): the best checkpoint is chosen by "
-            "val loss; pass --val-frac 0.05 or --val-data FILE"
-        )
+    if not len(val_examples):  # the best checkpoint is chosen by val loss
+        if config.val_data:
+            why = "no --val-data example has a target left (see the data report above); fix those files"
+        elif config.val_frac == 0:
+            why = "--val-frac 0 and no --val-data; pass --val-frac 0.05 or --val-data FILE"
+        else:  # the split holds out at most a quarter of the examples (data.py)
+            n = len(train_examples)
+            why = f"{n} examples are too few to split (4 at least); add data or pass --val-data"
+        raise UserError(f"no validation data: {why}")
     # Each rank reads its own slice of every global batch; evaluation covers the whole val split once.
     shard = dict(rank=dist.rank, world_size=dist.world_size, pack=config.pack)
     train_batches = Batches(

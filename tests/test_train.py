@@ -382,6 +382,28 @@ def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp
     assert not (tmp_path / "run/config.json").exists()  # so the corrected command needs no --overwrite
 
 
+def test_too_little_data_to_split_says_so(tiny_model_dir, tmp_path, capsys):
+    """Three records and no --val-data: the split holds none out, and the error must not blame --val-frac."""
+    train_file = write_data(tmp_path / "train.jsonl", 3, seed=1)
+    with pytest.raises(SystemExit) as stopped:
+        main(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(train_file),
+                "--out",
+                str(tmp_path / "run"),
+                "--seq-len",
+                "64",
+            ]
+        )
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: no validation data: 3 examples are too few to split (4 at least); add data or pass --val-data"
+    )
+
+
 def test_bad_input_from_the_command_line(tiny_model_dir, data_files, tmp_path):
     """The same through a real process: status 2, one line on stderr, no traceback, nothing on stdout."""
     args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", "--method full --quant nf4")
