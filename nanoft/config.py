@@ -224,11 +224,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints usage and an error and exits 2; nanoft errors are one `error:` line instead."""
 
     def error(self, message):
-        raise UserError(f"{message} (see python {Path(sys.argv[0]).name} --help)")
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
+        prog=f"python {Path(sys.argv[0]).name}",
         description="Fine-tune a Llama-family model with LoRA, QLoRA or a full fine-tune.",
         argument_default=argparse.SUPPRESS,  # only flags actually given appear, so they can override a file
     )
