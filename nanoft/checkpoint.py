@@ -38,6 +38,8 @@ PREFIX = "step-"
 def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
     """The run directory, checked before any expensive work: a new run never mixes with an old one's files."""
     run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir}: is a file; --out names the run directory, choose another")
     if resume and latest_checkpoint(run_dir) is None:
         raise UserError(
             f"--resume: {run_dir} holds no checkpoint to resume from (one is saved every --save-every "
@@ -55,7 +57,10 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
     if dist.is_main:
         if holds_run and overwrite:  # only a run's directory: a typo in --out must not delete other files
             shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a read-only or missing mount, a file in the way of a parent
+            raise UserError(f"--out {run_dir}: cannot create it ({error.strerror}); choose another") from None
     return run_dir
 
 

@@ -117,3 +117,7 @@ def test_run_directory_rules(tmp_path):
     (tmp_path / "notes" / "thesis.tex").write_text("years of work")
     prepare_run_dir(tmp_path / "notes", resume=False, overwrite=True, dist=dist)  # not a run: nothing deleted
     assert (tmp_path / "notes" / "thesis.tex").is_file()
+    with pytest.raises(UserError, match="thesis.tex: is a file"):  # --out given a file by mistake
+        prepare_run_dir(tmp_path / "notes" / "thesis.tex", resume=False, overwrite=True, dist=dist)
+    with pytest.raises(UserError, match=r"thesis.tex/run: cannot create it \(Not a directory\)"):
+        prepare_run_dir(tmp_path / "notes" / "thesis.tex" / "run", resume=False, overwrite=False, dist=dist)
