@@ -200,10 +200,11 @@ def main(argv=None):
     )
     run_dir = prepare_run_dir(config.out, resume=config.resume, overwrite=config.overwrite, dist=dist)
     model_dir = resolve_model(config.model)
-    context = load_config(model_dir).max_position_embeddings
-    if config.seq_len > context:
+    model_config = load_config(model_dir)
+    if config.seq_len > model_config.max_position_embeddings:
         raise UserError(
-            f"--seq-len {config.seq_len} is longer than the model's context ({context}); lower it"
+            f"--seq-len {config.seq_len} is longer than the model's context "
+            f"({model_config.max_position_embeddings}); lower it"
         )
     precision = choose_precision(config.dtype, dist.device, config.method)
     config = replace(config, dtype=precision.name)
@@ -240,6 +241,14 @@ def main(argv=None):
             n = len(train_examples)
             why = f"{n} examples are too few to split (4 at least); add data or pass --val-data"
         raise UserError(f"no validation data: {why}")
+    # Tokens added to a tokenizer without resizing the model's embedding would fail deep in the first step.
+    largest_id = max(tokenizer.pad_id, *(int(e.input_ids.max()) for e in (train_examples, val_examples)))
+    if largest_id >= model_config.vocab_size:
+        raise UserError(
+            f"the tokenized data holds token id {largest_id}, but {model_dir}/config.json has vocab_size "
+            f"{model_config.vocab_size}: its tokenizer.json is not this model's, or tokens were added "
+            "without resizing the embeddings"
+        )
     # Each rank reads its own slice of every global batch; evaluation covers the whole val split once.
     shard = dict(rank=dist.rank, world_size=dist.world_size, pack=config.pack)
     train_batches = Batches(

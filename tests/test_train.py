@@ -404,6 +404,24 @@ def test_too_little_data_to_split_says_so(tiny_model_dir, tmp_path, capsys):
     )
 
 
+def test_tokenizer_larger_than_the_embedding_is_a_user_error(
+    tiny_tokenizer_dir, data_files, tmp_path, capsys
+):
+    """The 64-token tokenizer on a model with 32 embedding rows: one line before training, not an IndexError
+    from inside the first step."""
+    model_dir = tmp_path / "model"
+    config = ModelConfig(**{**TINY, "vocab_size": 32})
+    save_pretrained(Transformer(config).state_dict(), config, model_dir)
+    copy_tokenizer_files(tiny_tokenizer_dir, model_dir)
+    args = cli_args(model_dir, *data_files, tmp_path / "run", "")
+    with pytest.raises(SystemExit) as stopped:
+        main(args[2:])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: the tokenized data holds token id 6") and "vocab_size 32" in error, error
+    assert not (tmp_path / "run/config.json").exists()
+
+
 def test_bad_input_from_the_command_line(tiny_model_dir, data_files, tmp_path):
     """The same through a real process: status 2, one line on stderr, no traceback, nothing on stdout."""
     args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", "--method full --quant nf4")
