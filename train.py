@@ -30,6 +30,7 @@ from data import SPOT_CHECK_SAMPLES, Batches, prepare_data
 from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter
 from nanoft.checkpoint import (
     StopSignals,
+    check_resume_config,
     latest_checkpoint,
     load_checkpoint,
     new_progress,
@@ -199,6 +200,8 @@ def main(argv=None):
         config, lr=config.lr or DEFAULT_LR[config.method], out=config.out or default_out_dir(), quant=quant
     )
     run_dir = prepare_run_dir(config.out, resume=config.resume, overwrite=config.overwrite, dist=dist)
+    if config.resume:  # a failed resume must leave the run's config.json as it was
+        check_resume_config(run_dir, config.to_dict())
     model_dir = resolve_model(config.model)
     model_config = load_config(model_dir)
     if config.seq_len > model_config.max_position_embeddings:

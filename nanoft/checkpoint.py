@@ -64,6 +64,26 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
     return run_dir
 
 
+# What a resumed run must share with its checkpoint: the names and shapes of the trained tensors, and the data
+# stream the saved position points into. The rest (--max-steps, --eval-every, --lr ...) may change.
+RESUME_MUST_MATCH = (
+    "model method quant lora_r lora_alpha lora_targets data val_data data_format alpaca_style seq_len "
+    "val_frac pack group_by_length dedup near_dup_threshold train_on_everything seed batch_size"
+).split()
+
+
+def check_resume_config(run_dir, config: dict) -> None:
+    """Before anything is written: a resumed run's settings against its latest checkpoint's."""
+    checkpoint = latest_checkpoint(run_dir)
+    saved = json.loads((checkpoint / "config.json").read_text())
+    for name in RESUME_MUST_MATCH:
+        if saved.get(name, config[name]) != config[name]:
+            raise UserError(
+                f"--resume: {checkpoint} was made with {name} = {saved[name]!r}, this run has "
+                f"{config[name]!r}; resume with the run's setting, or start a new run with another --out"
+            )
+
+
 def new_progress() -> dict:
     """The run's progress: what a checkpoint's state.json carries besides the data position and scaler."""
     return {

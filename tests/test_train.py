@@ -167,6 +167,18 @@ def test_resume_continues_exactly(tiny_model_dir, data_files, tmp_path):
         torch.testing.assert_close(final_resumed[name], final_full[name], rtol=0, atol=1e-6)
 
 
+def test_resume_with_a_different_lora_rank_is_refused_and_the_run_kept(
+    tiny_model_dir, data_files, tmp_path, capsys
+):
+    train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "2")
+    saved = (tmp_path / "run/config.json").read_text()
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(tmp_path / "run"), "--resume", "--lora-r", "8"])
+    assert stopped.value.code == 2
+    assert "was made with lora_r = 16, this run has 8" in capsys.readouterr().err
+    assert (tmp_path / "run/config.json").read_text() == saved  # so a plain --resume still works
+
+
 def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path, capsys):
     """Validation answers follow another rule than training's, so after a first improvement (the format) the
     more the model learns the worse val gets: the best adapter is an early one, kept on disk (its checkpoint
