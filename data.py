@@ -457,8 +457,9 @@ def prepare_data(
     report.train_target_tokens, report.val_target_tokens = train.n_target_tokens, val.n_target_tokens
     if not len(train):
         raise UserError(
-            "no training examples are left after reading, deduplicating and truncating the data (raw text "
-            f"shorter than one --seq-len block gives none); data report: {report.to_dict()}"
+            f"no training examples are left: {report.dropped_examples} had nothing to learn within --seq-len "
+            f"{seq_len} (raise it), {report.exact_duplicates_removed + report.near_duplicates_removed} were "
+            f"duplicates, {len(val)} went to validation; raw text shorter than one --seq-len block gives none"
         )
     log_report(report, log)
     if run_dir is not None:

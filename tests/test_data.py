@@ -689,6 +689,12 @@ def test_bad_json_array_line_and_missing_file(chatml, tmp_path):
         prepare(tmp_path, chatml, tmp_path)
 
 
+def test_prompts_longer_than_seq_len_leave_nothing_to_train_and_say_so(chatml, tmp_path):
+    rows = [{"instruction": words(seed, 40), "output": "yes"} for seed in range(8)]
+    with pytest.raises(UserError, match=r"8 had nothing to learn within --seq-len 16 \(raise it\)"):
+        prepare(write_jsonl(tmp_path / "x.jsonl", rows), chatml, tmp_path, seq_len=16)
+
+
 def test_record_the_template_refuses(llama2, tmp_path):
     twice = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2
     rows = [{"messages": twice}, {"messages": twice[1:]}]  # the second opens with the assistant
