@@ -273,8 +273,6 @@ def main(argv=None):
             f"the training split has {len(train_examples)}: lower --grad-accum or --batch-size"
         )
     warmup_steps = round(config.warmup_frac * total_steps)
-    if dist.is_main:  # the input is checked: from here on the directory holds a run (resume needs this file)
-        save_config(config, run_dir / "config.json")
 
     # ---------------------------------------------------------------- model: quantized base for QLoRA
     if config.method == "qlora":
@@ -323,6 +321,11 @@ def main(argv=None):
         print0(dist, sweep_table(result))
         teardown(dist)
         return
+
+    # The input is checked and the model built (bad weights or LoRA targets fail above): from here on the
+    # directory holds a run, and resume needs this file.
+    if dist.is_main:
+        save_config(config, run_dir / "config.json")
 
     # ---------------------------------------------------------------- resume, and what to watch
     progress = new_progress()

@@ -377,6 +377,7 @@ BAD_INPUTS = {  # flags -> what the one-line error says
     "--seq-len 4096": "longer than the model's context",
     "--batch-size 500": "lower --batch-size",
     "--data no/such.jsonl": "not found",
+    "--lora-targets q_prj": "LoRA targets ['q_prj'] are not linear layers",
 }
 
 
