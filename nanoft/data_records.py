@@ -52,7 +52,7 @@ def read_records(path, format: str = "auto", skip_bad_records: bool = False) -> 
         raise UserError(f"{path}: is empty, there are no records in it (remove it from the data files)")
     if path.suffix == ".txt":
         if format not in ("auto", "text"):
-            raise UserError(f"{path}: a .txt file is raw text, it cannot be read as --format {format}")
+            raise UserError(f"{path}: a .txt file is raw text, it cannot be read as --data-format {format}")
         return [Record(f"{path}:1", "text", text)], file_report(path, "text", 1, [])
 
     records, skipped = [], []
@@ -154,7 +154,7 @@ def detect_format(value) -> str:
             return format
     raise BadRecord(
         f"cannot tell the data format from the keys {sorted(value)}: expected 'messages' (chat), "
-        "'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca) or 'text'; or pass --format"
+        "'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca) or 'text'; or pass --data-format"
     )
 
 

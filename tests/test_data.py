@@ -667,7 +667,7 @@ def test_cache_hit_and_invalidation(chatml, llama2, tmp_path):
             r"bad\.jsonl:1: message 0 has unknown from",
         ),
         ('["a", "b"]\n', r"bad\.jsonl:1: a record must be a JSON object"),
-        ('{"prompt": "a", "completion": "b"}\n', r"bad\.jsonl:1: cannot tell the data format"),
+        ('{"prompt": "a", "completion": "b"}\n', r"bad\.jsonl:1: cannot tell the data format.*--data-format"),
         ("\n  \n", r"bad\.jsonl: is empty"),
     ],
 )
@@ -687,6 +687,9 @@ def test_bad_json_array_line_and_missing_file(chatml, tmp_path):
         prepare(tmp_path / "nope.jsonl", chatml, tmp_path)
     with pytest.raises(UserError, match="is not a file"):  # a folder of data files, given as one
         prepare(tmp_path, chatml, tmp_path)
+    (tmp_path / "notes.txt").write_text("raw text")
+    with pytest.raises(UserError, match=r"notes\.txt: a \.txt file is raw text, .* --data-format alpaca"):
+        prepare(tmp_path / "notes.txt", chatml, tmp_path, format="alpaca")
 
 
 def test_prompts_longer_than_seq_len_leave_nothing_to_train_and_say_so(chatml, tmp_path):
