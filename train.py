@@ -265,7 +265,7 @@ def main(argv=None):
     val_batches = Batches(
         val_examples, config.batch_size, tokenizer.pad_id, shuffle=False, drop_last=False, **shard
     )
-    steps_per_epoch = len(train_batches) // config.grad_accum
+    steps_per_epoch = len(train_batches) / config.grad_accum  # under 1 when a step spans epochs
     total_steps = config.max_steps or math.floor(config.epochs * len(train_batches) / config.grad_accum)
     if total_steps == 0:
         raise UserError(

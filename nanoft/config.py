@@ -337,7 +337,7 @@ def hyperparameter_notes(
     config: TrainConfig,
     *,
     world_size: int,
-    steps_per_epoch: int,
+    steps_per_epoch: float,
     total_steps: int,
     warmup_steps: int,
     trainable: int,
@@ -355,8 +355,9 @@ def hyperparameter_notes(
         f"effective batch {batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
         f"{world_size} device(s): >= 32 keeps updates steady; out of memory -> halve --batch-size, double "
         "--grad-accum",
-        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch} steps: val "
-        "loss rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer epochs",
+        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch:.3g} steps: "
+        "val loss rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer "
+        "epochs",
     ]
     if config.method in ("lora", "qlora"):
         base = f" on a {config.quant} base" if config.method == "qlora" else ""

@@ -179,6 +179,15 @@ def test_resume_with_a_different_lora_rank_is_refused_and_the_run_kept(
     assert (tmp_path / "run/config.json").read_text() == saved  # so a plain --resume still works
 
 
+def test_a_step_longer_than_an_epoch_trains(tiny_model_dir, data_files, tmp_path, capsys):
+    """96 examples in micro-batches of 16 are 6 per epoch; a step of 8 spans two epochs (it crashed with a
+    ZeroDivisionError while printing the notes)."""
+    flags = "--batch-size 16 --grad-accum 8 --max-steps 1".split()
+    summary = train(tiny_model_dir, data_files, tmp_path / "run", *flags)
+    assert summary["steps"] == 1
+    assert "1 steps = 1.3 epochs of 0.75 steps" in capsys.readouterr().out
+
+
 def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path, capsys):
     """Validation answers follow another rule than training's, so after a first improvement (the format) the
     more the model learns the worse val gets: the best adapter is an early one, kept on disk (its checkpoint
