@@ -362,12 +362,14 @@ def main(argv=None):
             if dist.is_main and not is_fsdp(model):  # FSDP would need every rank to take part
                 progress["samples"] = generate_samples(unwrap(model), tokenizer, prompts)
             monitor.log_eval(step, val_loss, progress, warmup_steps)
-            if config.patience and progress["evals_since_best"] >= config.patience and not finished:
-                stop_reason = "early_stop"
-                monitor.print(
-                    f"early stop: no better val loss in {config.patience} evals (best at step "
-                    f"{progress['best_step']})"
-                )
+        # Checked outside the eval as well: a run resumed after its early stop stops again, at once.
+        patience_spent = config.patience and progress["evals_since_best"] >= config.patience
+        if patience_spent and not finished and stop_reason is None:
+            stop_reason = "early_stop"
+            monitor.print(
+                f"early stop: no better val loss in {config.patience} evals (best at step "
+                f"{progress['best_step']})"
+            )
         # Save a checkpoint to resume from: every --save-every steps, at the end, and when a signal stops us.
         finished = step == total_steps or stop_reason is not None
         if step > 0 and (step % config.save_every == 0 or finished) and stop_reason != "nan":

@@ -212,6 +212,10 @@ def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path, capsys
     for name, tensor in adapter.items():
         torch.testing.assert_close(tensor, at_best[name.removeprefix("base_model.model.")], rtol=0, atol=0)
 
+    # Resumed, the early-stopped run stops again at once: no step is trained past the stop.
+    resumed = train(tiny_model_dir, (train_file, val_file), tmp_path / "run", *flags, "--resume")
+    assert (resumed["steps"], resumed["val_curve"]) == (summary["steps"], curve)
+
 
 def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_tokenizer_dir, tmp_path, capsys):
     """A record holding a token whose embedding is inf makes its batch's loss NaN: the run stops without
