@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from nanoft.batches import Batches  # noqa: F401  (part of the public API: `from data import Batches`)
-from nanoft.data_records import FORMATS, BadRecord, Record, read_records
+from nanoft.data_records import FORMATS, BadRecord, Record, check_data_file, read_records
 from nanoft.data_report import (  # noqa: F401  (SPOT_CHECK_SAMPLES: public, for the run report)
     SPOT_CHECK_SAMPLES,
     DataReport,
@@ -418,9 +418,8 @@ def prepare_data(
     val_files = [Path(p) for p in ([val_paths] if isinstance(val_paths, str | Path) else val_paths or [])]
     if not train_files:
         raise UserError("no data files given; pass --data FILE")
-    for path in train_files + val_files:
-        if not path.is_file():
-            raise UserError(f"{path}: data file not found (check the path given to --data / --val-data)")
+    for path in train_files + val_files:  # before the cache key, which reads every file
+        check_data_file(path)
     settings = DataSettings(
         seq_len,
         format,
@@ -458,8 +457,9 @@ def prepare_data(
     report.train_target_tokens, report.val_target_tokens = train.n_target_tokens, val.n_target_tokens
     if not len(train):
         raise UserError(
-            "no training examples are left after reading, deduplicating and truncating the data (raw text "
-            f"shorter than one --seq-len block gives none); data report: {report.to_dict()}"
+            f"no training examples are left: {report.dropped_examples} had nothing to learn within --seq-len "
+            f"{seq_len} (raise it), {report.exact_duplicates_removed + report.near_duplicates_removed} were "
+            f"duplicates, {len(val)} went to validation; raw text shorter than one --seq-len block gives none"
         )
     log_report(report, log)
     if run_dir is not None:

@@ -30,6 +30,7 @@ from data import SPOT_CHECK_SAMPLES, Batches, prepare_data
 from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter
 from nanoft.checkpoint import (
     StopSignals,
+    check_resume_config,
     latest_checkpoint,
     load_checkpoint,
     new_progress,
@@ -199,11 +200,14 @@ def main(argv=None):
         config, lr=config.lr or DEFAULT_LR[config.method], out=config.out or default_out_dir(), quant=quant
     )
     run_dir = prepare_run_dir(config.out, resume=config.resume, overwrite=config.overwrite, dist=dist)
+    if config.resume:  # a failed resume must leave the run's config.json as it was
+        check_resume_config(run_dir, config.to_dict())
     model_dir = resolve_model(config.model)
-    context = load_config(model_dir).max_position_embeddings
-    if config.seq_len > context:
+    model_config = load_config(model_dir)
+    if config.seq_len > model_config.max_position_embeddings:
         raise UserError(
-            f"--seq-len {config.seq_len} is longer than the model's context ({context}); lower it"
+            f"--seq-len {config.seq_len} is longer than the model's context "
+            f"({model_config.max_position_embeddings}); lower it"
         )
     precision = choose_precision(config.dtype, dist.device, config.method)
     config = replace(config, dtype=precision.name)
@@ -231,10 +235,22 @@ def main(argv=None):
         run_dir=run_dir if dist.is_main else None,
         log=lambda text: print0(dist, text),
     )
-    if not len(val_examples):
+    if not len(val_examples):  # the best checkpoint is chosen by val loss
+        if config.val_data:
+            why = "no --val-data example has a target left (see the data report above); fix those files"
+        elif config.val_frac == 0:
+            why = "--val-frac 0 and no --val-data; pass --val-frac 0.05 or --val-data FILE"
+        else:  # the split holds out at most a quarter of the examples (data.py)
+            n = len(train_examples)
+            why = f"{n} examples are too few to split (4 at least); add data or pass --val-data"
+        raise UserError(f"no validation data: {why}")
+    # Tokens added to a tokenizer without resizing the model's embedding would fail deep in the first step.
+    largest_id = max(tokenizer.pad_id, *(int(e.input_ids.max()) for e in (train_examples, val_examples)))
+    if largest_id >= model_config.vocab_size:
         raise UserError(
-            "no validation data (--val-frac 0 and no --val-data): the best checkpoint is chosen by "
-            "val loss; pass --val-frac 0.05 or --val-data FILE"
+            f"the tokenized data holds token id {largest_id}, but {model_dir}/config.json has vocab_size "
+            f"{model_config.vocab_size}: its tokenizer.json is not this model's, or tokens were added "
+            "without resizing the embeddings"
         )
     # Each rank reads its own slice of every global batch; evaluation covers the whole val split once.
     shard = dict(rank=dist.rank, world_size=dist.world_size, pack=config.pack)
@@ -249,7 +265,7 @@ def main(argv=None):
     val_batches = Batches(
         val_examples, config.batch_size, tokenizer.pad_id, shuffle=False, drop_last=False, **shard
     )
-    steps_per_epoch = len(train_batches) // config.grad_accum
+    steps_per_epoch = len(train_batches) / config.grad_accum  # under 1 when a step spans epochs
     total_steps = config.max_steps or math.floor(config.epochs * len(train_batches) / config.grad_accum)
     if total_steps == 0:
         raise UserError(
@@ -257,8 +273,6 @@ def main(argv=None):
             f"the training split has {len(train_examples)}: lower --grad-accum or --batch-size"
         )
     warmup_steps = round(config.warmup_frac * total_steps)
-    if dist.is_main:  # the input is checked: from here on the directory holds a run (resume needs this file)
-        save_config(config, run_dir / "config.json")
 
     # ---------------------------------------------------------------- model: quantized base for QLoRA
     if config.method == "qlora":
@@ -308,6 +322,11 @@ def main(argv=None):
         teardown(dist)
         return
 
+    # The input is checked and the model built (bad weights or LoRA targets fail above): from here on the
+    # directory holds a run, and resume needs this file.
+    if dist.is_main:
+        save_config(config, run_dir / "config.json")
+
     # ---------------------------------------------------------------- resume, and what to watch
     progress = new_progress()
     if config.resume:
@@ -343,12 +362,14 @@ def main(argv=None):
             if dist.is_main and not is_fsdp(model):  # FSDP would need every rank to take part
                 progress["samples"] = generate_samples(unwrap(model), tokenizer, prompts)
             monitor.log_eval(step, val_loss, progress, warmup_steps)
-            if config.patience and progress["evals_since_best"] >= config.patience and not finished:
-                stop_reason = "early_stop"
-                monitor.print(
-                    f"early stop: no better val loss in {config.patience} evals (best at step "
-                    f"{progress['best_step']})"
-                )
+        # Checked outside the eval as well: a run resumed after its early stop stops again, at once.
+        patience_spent = config.patience and progress["evals_since_best"] >= config.patience
+        if patience_spent and not finished and stop_reason is None:
+            stop_reason = "early_stop"
+            monitor.print(
+                f"early stop: no better val loss in {config.patience} evals (best at step "
+                f"{progress['best_step']})"
+            )
         # Save a checkpoint to resume from: every --save-every steps, at the end, and when a signal stops us.
         finished = step == total_steps or stop_reason is not None
         if step > 0 and (step % config.save_every == 0 or finished) and stop_reason != "nan":

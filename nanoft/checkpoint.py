@@ -38,6 +38,8 @@ PREFIX = "step-"
 def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
     """The run directory, checked before any expensive work: a new run never mixes with an old one's files."""
     run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir}: is a file; --out names the run directory, choose another")
     if resume and latest_checkpoint(run_dir) is None:
         raise UserError(
             f"--resume: {run_dir} holds no checkpoint to resume from (one is saved every --save-every "
@@ -55,8 +57,31 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
     if dist.is_main:
         if holds_run and overwrite:  # only a run's directory: a typo in --out must not delete other files
             shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a read-only or missing mount, a file in the way of a parent
+            raise UserError(f"--out {run_dir}: cannot create it ({error.strerror}); choose another") from None
     return run_dir
+
+
+# What a resumed run must share with its checkpoint: the names and shapes of the trained tensors, and the data
+# stream the saved position points into. The rest (--max-steps, --eval-every, --lr ...) may change.
+RESUME_MUST_MATCH = (
+    "model method quant lora_r lora_alpha lora_targets data val_data data_format alpaca_style seq_len "
+    "val_frac pack group_by_length dedup near_dup_threshold train_on_everything seed batch_size"
+).split()
+
+
+def check_resume_config(run_dir, config: dict) -> None:
+    """Before anything is written: a resumed run's settings against its latest checkpoint's."""
+    checkpoint = latest_checkpoint(run_dir)
+    saved = json.loads((checkpoint / "config.json").read_text())
+    for name in RESUME_MUST_MATCH:
+        if saved.get(name, config[name]) != config[name]:
+            raise UserError(
+                f"--resume: {checkpoint} was made with {name} = {saved[name]!r}, this run has "
+                f"{config[name]!r}; resume with the run's setting, or start a new run with another --out"
+            )
 
 
 def new_progress() -> dict:

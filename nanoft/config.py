@@ -12,6 +12,7 @@ a one-line UserError (exit code 2), including argparse's own (unknown flags, bad
 
 import argparse
 import json
+import math
 import os
 import sys
 import tomllib
@@ -27,6 +28,7 @@ METHODS = ("lora", "qlora", "full", "auto")
 QUANT_TYPES = ("nf4", "fp4", "int8")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+DEVICES = ("auto", "cuda", "cpu")
 FSDP_MODES = ("none", "full_shard", "shard_grad_op")  # distributed: none = DDP under torchrun
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 ALPACA_STYLES = ("auto", "chat", "alpaca")
@@ -107,7 +109,7 @@ class TrainConfig:
     merge: bool = flag(False, "also export the best weights merged into the base model (merged/)")
 
     # hardware and speed
-    device: str = flag("auto", "cuda, cpu or auto")
+    device: str = flag("auto", "where to train (auto: cuda when torch sees a GPU, else cpu)", DEVICES)
     dtype: str = flag(
         "auto", "compute dtype: bf16 where the hardware has it, else fp16 on GPU, else fp32", DTYPES
     )
@@ -144,6 +146,9 @@ class TrainConfig:
             value, choices = getattr(self, f.name), f.metadata["choices"]
             if choices and value not in choices and not (f.name == "quant" and value == ""):
                 raise UserError(f"--{kebab(f.name)} {value}: unknown; choose from {', '.join(choices)}")
+            # argparse and TOML both read "nan" and "inf" as floats, and every comparison below passes nan.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{kebab(f.name)} {value}: must be a finite number")
         at_least_one = "batch_size grad_accum seq_len eval_every save_every keep_last lora_r dist_timeout"
         for name in at_least_one.split():
             if getattr(self, name) < 1:
@@ -219,11 +224,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints usage and an error and exits 2; nanoft errors are one `error:` line instead."""
 
     def error(self, message):
-        raise UserError(f"{message} (see python {Path(sys.argv[0]).name} --help)")
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
+        prog=f"python {Path(sys.argv[0]).name}",
         description="Fine-tune a Llama-family model with LoRA, QLoRA or a full fine-tune.",
         argument_default=argparse.SUPPRESS,  # only flags actually given appear, so they can override a file
     )
@@ -331,7 +337,7 @@ def hyperparameter_notes(
     config: TrainConfig,
     *,
     world_size: int,
-    steps_per_epoch: int,
+    steps_per_epoch: float,
     total_steps: int,
     warmup_steps: int,
     trainable: int,
@@ -349,8 +355,9 @@ def hyperparameter_notes(
         f"effective batch {batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
         f"{world_size} device(s): >= 32 keeps updates steady; out of memory -> halve --batch-size, double "
         "--grad-accum",
-        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch} steps: val "
-        "loss rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer epochs",
+        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch:.3g} steps: "
+        "val loss rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer "
+        "epochs",
     ]
     if config.method in ("lora", "qlora"):
         base = f" on a {config.quant} base" if config.method == "qlora" else ""

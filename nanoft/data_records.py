@@ -41,10 +41,7 @@ class BadRecord(Exception):
 def read_records(path, format: str = "auto", skip_bad_records: bool = False) -> tuple[list[Record], dict]:
     """All records of one file, and {path, format, records, skipped_bad_records, skipped_reasons}."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: data file not found (check the path given to --data / --val-data)")
-    if not path.is_file():
-        raise UserError(f"{path}: is not a file (give .jsonl, .json or .txt files)")
+    check_data_file(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the data
     except UnicodeDecodeError as error:
@@ -55,7 +52,7 @@ def read_records(path, format: str = "auto", skip_bad_records: bool = False) -> 
         raise UserError(f"{path}: is empty, there are no records in it (remove it from the data files)")
     if path.suffix == ".txt":
         if format not in ("auto", "text"):
-            raise UserError(f"{path}: a .txt file is raw text, it cannot be read as --format {format}")
+            raise UserError(f"{path}: a .txt file is raw text, it cannot be read as --data-format {format}")
         return [Record(f"{path}:1", "text", text)], file_report(path, "text", 1, [])
 
     records, skipped = [], []
@@ -72,6 +69,13 @@ def read_records(path, format: str = "auto", skip_bad_records: bool = False) -> 
     if not records:
         raise UserError(f"{path}: no usable records ({len(skipped)} bad); first problem: {skipped[0]}")
     return records, file_report(path, file_format, len(records), skipped)
+
+
+def check_data_file(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: data file not found (check the path given to --data / --val-data)")
+    if not path.is_file():
+        raise UserError(f"{path}: is not a file (give .jsonl, .json or .txt files)")
 
 
 def file_report(path: Path, format: str, n_records: int, skipped: list[str]) -> dict:
@@ -150,7 +154,7 @@ def detect_format(value) -> str:
             return format
     raise BadRecord(
         f"cannot tell the data format from the keys {sorted(value)}: expected 'messages' (chat), "
-        "'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca) or 'text'; or pass --format"
+        "'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca) or 'text'; or pass --data-format"
     )
 
 

@@ -61,6 +61,11 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"--device cuda: torch {torch.__version__} sees no GPU (a CPU build, or no driver); "
+            "use --device cpu, or install the CUDA build of torch"
+        )
     if "RANK" not in os.environ:
         return Dist(
             rank=0, local_rank=0, world_size=1, device=torch.device(device), is_main=True, backend=None
@@ -251,6 +256,11 @@ def optimizer_state_dict(model, optimizer, dist: Dist) -> dict:
 
     Keys are names rather than positions, so a checkpoint resumes under DDP, FSDP or one process alike.
     """
+    # shard_grad_op keeps the weights a forward gathered until its backward, and evaluation has none; the
+    # optimizer holds the sharded parameters, which torch matches by identity, so register them again.
+    for module in unwrap(model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     options = StateDictOptions(full_state_dict=True, cpu_offload=dist.backend is not None)
     state = get_optimizer_state_dict(unwrap(model), optimizer, options=options)
     return state if dist.is_main else {}

@@ -12,13 +12,13 @@ From Python:
 Decoding stops at any of the tokenizer's `eos_ids`; the stop token is not returned.
 """
 
-import argparse
 import contextlib
 import sys
 import time
 
 import torch
 
+from nanoft.config import OneLineErrorParser
 from nanoft.default_model import resolve_model
 from nanoft.errors import UserError, exit_on_user_error
 from nanoft.model import KVCache
@@ -124,8 +124,9 @@ def load_adapter_into(model, adapter_dir: str):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Generate text from a model; only the new text goes to stdout."
+    parser = OneLineErrorParser(
+        prog="python -m nanoft.generate",
+        description="Generate text from a model; only the new text goes to stdout.",
     )
     parser.add_argument(
         "--model", default="", help="Hugging Face model directory (default: built-in SmolLM2-135M)"

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -170,12 +171,14 @@ def prompt_tail(prompt: str, chars: int = 70) -> str:
 
 def val_prompts(examples, n: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, reference ids) of the first n val examples: the tokens before the first trained one,
-    and the trained ones (what the model should write)."""
+    and the first run of trained ones (what the model should write). A multi-turn chat's later answers
+    follow user turns the prompt does not hold, so they are not part of the reference."""
     prompts = []
     for index in range(min(n, len(examples))):
         ids, targets = examples.example(index)
         trained = (targets != IGNORE).nonzero()[0]  # targets[t] is the label of token t + 1
-        prompts.append((ids[: trained[0] + 1].tolist(), ids[trained[0] + 1 : trained[-1] + 2].tolist()))
+        first_run = np.split(trained, np.flatnonzero(np.diff(trained) > 1) + 1)[0]
+        prompts.append((ids[: first_run[0] + 1].tolist(), ids[first_run[0] + 1 : first_run[-1] + 2].tolist()))
     return prompts
 
 

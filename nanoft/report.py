@@ -51,6 +51,7 @@ def write_run_report(run_dir, config, progress: dict, data_report, facts: dict) 
         dedup_counts=dedup if data_report.dedup else None,
         samples_path=str(run_dir / "samples.txt"),
         samples_written=facts["samples_written"],
+        train_examples=data_report.train_examples,
         micro_batch=config.batch_size,
         grad_accum=config.grad_accum,
         world_size=facts["world_size"],

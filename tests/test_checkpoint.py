@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nanoft.checkpoint import (
+    check_resume_config,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
@@ -20,6 +21,7 @@ from nanoft.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from nanoft.config import TrainConfig
 from nanoft.distributed import setup_distributed
 from nanoft.errors import UserError
 
@@ -117,3 +119,17 @@ def test_run_directory_rules(tmp_path):
     (tmp_path / "notes" / "thesis.tex").write_text("years of work")
     prepare_run_dir(tmp_path / "notes", resume=False, overwrite=True, dist=dist)  # not a run: nothing deleted
     assert (tmp_path / "notes" / "thesis.tex").is_file()
+    with pytest.raises(UserError, match="thesis.tex: is a file"):  # --out given a file by mistake
+        prepare_run_dir(tmp_path / "notes" / "thesis.tex", resume=False, overwrite=True, dist=dist)
+    with pytest.raises(UserError, match=r"thesis.tex/run: cannot create it \(Not a directory\)"):
+        prepare_run_dir(tmp_path / "notes" / "thesis.tex" / "run", resume=False, overwrite=False, dist=dist)
+
+
+def test_resume_refuses_settings_that_change_the_trained_tensors_or_the_data(tmp_path):
+    config = TrainConfig(lr=2e-4).to_dict()
+    save_checkpoint(tmp_path, 4, {}, {}, [rng_state()], {"best_step": 4}, config)
+    check_resume_config(tmp_path, {**config, "max_steps": 99, "lr": 1e-4})  # a longer run, a lower lr: fine
+    for name, value in [("lora_r", 8), ("method", "full"), ("data", ["other.jsonl"]), ("seq_len", 32)]:
+        with pytest.raises(UserError, match=f"step-0000004 was made with {name} = ") as error:
+            check_resume_config(tmp_path, {**config, name: value})
+        assert repr(value) in str(error.value)

@@ -108,6 +108,11 @@ def test_saved_config_repeats_the_run_and_resume_reads_it(tmp_path):
         ("--dtype fp8", "invalid choice"),
         ("--nonsense", "unrecognized arguments"),
         ("--lora-targets ,", "--lora-targets is empty"),
+        ("--epochs nan", "--epochs nan: must be a finite number"),
+        ("--epochs inf", "--epochs inf: must be a finite number"),
+        ("--weight-decay inf", "--weight-decay inf: must be a finite number"),
+        ("--grad-clip nan", "--grad-clip nan: must be a finite number"),
+        ("--device tpu", "invalid choice: 'tpu'"),
     ],
 )
 def test_bad_settings_are_one_line_user_errors(argv, message):

@@ -667,7 +667,7 @@ def test_cache_hit_and_invalidation(chatml, llama2, tmp_path):
             r"bad\.jsonl:1: message 0 has unknown from",
         ),
         ('["a", "b"]\n', r"bad\.jsonl:1: a record must be a JSON object"),
-        ('{"prompt": "a", "completion": "b"}\n', r"bad\.jsonl:1: cannot tell the data format"),
+        ('{"prompt": "a", "completion": "b"}\n', r"bad\.jsonl:1: cannot tell the data format.*--data-format"),
         ("\n  \n", r"bad\.jsonl: is empty"),
     ],
 )
@@ -685,6 +685,17 @@ def test_bad_json_array_line_and_missing_file(chatml, tmp_path):
         prepare(path, chatml, tmp_path)
     with pytest.raises(UserError, match="not found"):
         prepare(tmp_path / "nope.jsonl", chatml, tmp_path)
+    with pytest.raises(UserError, match="is not a file"):  # a folder of data files, given as one
+        prepare(tmp_path, chatml, tmp_path)
+    (tmp_path / "notes.txt").write_text("raw text")
+    with pytest.raises(UserError, match=r"notes\.txt: a \.txt file is raw text, .* --data-format alpaca"):
+        prepare(tmp_path / "notes.txt", chatml, tmp_path, format="alpaca")
+
+
+def test_prompts_longer_than_seq_len_leave_nothing_to_train_and_say_so(chatml, tmp_path):
+    rows = [{"instruction": words(seed, 40), "output": "yes"} for seed in range(8)]
+    with pytest.raises(UserError, match=r"8 had nothing to learn within --seq-len 16 \(raise it\)"):
+        prepare(write_jsonl(tmp_path / "x.jsonl", rows), chatml, tmp_path, seq_len=16)
 
 
 def test_record_the_template_refuses(llama2, tmp_path):

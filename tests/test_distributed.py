@@ -256,6 +256,12 @@ def test_single_process_takes_no_distributed_path(monkeypatch):
         wrap_model(model, single, fsdp="full_shard")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_cuda_asked_for_without_a_gpu_is_a_user_error():
+    with pytest.raises(UserError, match="--device cuda: torch .* sees no GPU"):
+        setup_distributed(device="cuda")
+
+
 def test_fsdp_refuses_4bit_bytes_that_mixed_precision_would_cast():
     model = dist_worker.build_model(Run("bf16_storage", method="full"), seed=0)
     quantize_linears(model, QuantConfig(compute_dtype=torch.float32, quant_storage=torch.bfloat16))
@@ -305,6 +311,13 @@ def test_method_auto_under_torchrun_plans_for_both_ranks_and_says_so_once(tiny_m
     )
     assert output.count("--method auto:") == 1, output
     assert "--method auto: lora, ddp;" in output  # the model fits whole on each rank: DDP over the 2 ranks
+
+
+def test_shard_grad_op_saves_a_checkpoint_right_after_an_eval(tiny_model_dir, tmp_path):
+    """shard_grad_op leaves the weights an eval's forward gathered unsharded (no backward frees them); the
+    step-2 checkpoint, saved just after the step-2 eval, must find the optimizer's sharded parameters."""
+    run_train(tiny_model_dir, tmp_path / "run", "--fsdp", "shard_grad_op", "--max-steps", "2", torchrun=True)
+    assert (tmp_path / "run/checkpoints/step-0000002/optimizer.pt").is_file()
 
 
 def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_peft(

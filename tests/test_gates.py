@@ -34,6 +34,7 @@ def healthy_run(tmp_path, **overrides):
         dedup_counts={"exact": 3, "near": 2},
         samples_path=str(samples),
         samples_written=50,
+        train_examples=1000,
         micro_batch=4,
         grad_accum=8,
         world_size=1,
@@ -81,12 +82,13 @@ def test_utilisation_gate_pass_fail_and_not_applicable():
 def test_data_checks_gate(tmp_path):
     samples = tmp_path / "samples.txt"
     samples.write_text("x")
-    assert data_checks_gate({"exact": 0, "near": 0}, str(samples), 50).status == "PASS"
-    no_dedup = data_checks_gate(None, str(samples), 50)
+    assert data_checks_gate({"exact": 0, "near": 0}, str(samples), 50, 1000).status == "PASS"
+    no_dedup = data_checks_gate(None, str(samples), 50, 1000)
     assert no_dedup.status == "FAIL" and "dedup off" in no_dedup.evidence and "--no-dedup" in no_dedup.advice
-    few = data_checks_gate({"exact": 1}, str(samples), 10)
+    few = data_checks_gate({"exact": 1}, str(samples), 10, 1000)
     assert few.status == "FAIL" and "10 samples" in few.evidence and "50+" in few.advice
-    assert data_checks_gate({"exact": 1}, str(tmp_path / "missing.txt"), 50).status == "FAIL"
+    assert data_checks_gate({"exact": 1}, str(samples), 10, 10).status == "PASS"  # all there are
+    assert data_checks_gate({"exact": 1}, str(tmp_path / "missing.txt"), 50, 1000).status == "FAIL"
 
 
 def test_effective_batch_gate_names_the_accumulation_that_fixes_it():

@@ -124,9 +124,16 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
         main(["--model", str(tmp_path / "missing"), "--prompt", "hi"])
     stderr = capsys.readouterr().err
     assert exit_info.value.code == 2 and stderr.startswith("error: --model") and stderr.count("\n") == 1
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--prompt", "hi", "--top-p", "0.5"])  # top-p without sampling
-    assert exit_info.value.code == 2
+    for argv, message in [
+        (["--prompt", "hi", "--top-p", "0.5"], "error: --top-p needs --temperature > 0"),
+        (["--prompt", "hi", "--temperature", "-1"], "error: need --temperature >= 0"),
+        (["--prompt", "hi", "--bogus"], "error: unrecognized arguments: --bogus"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and stderr.startswith(message) and stderr.count("\n") == 1, stderr
+        assert stderr.endswith("(see python -m nanoft.generate --help)\n")
 
 
 def test_cli_adapter_answers_like_peft(tiny_model, tiny_tokenizer, tiny_tokenizer_dir, tmp_path, capsys):

@@ -97,3 +97,4 @@ def test_train_lr_sweep_prints_the_table_and_an_lr(tiny_tokenizer_dir, tmp_path,
         assert f"{lr:>10.2g}" in printed
     assert "recommended lr" in printed or "no recommendation" in printed
     assert not (tmp_path / "run" / "summary.json").exists()  # nothing was trained
+    assert not (tmp_path / "run" / "config.json").exists()  # so the run with the chosen lr may use this --out

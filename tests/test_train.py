@@ -167,6 +167,27 @@ def test_resume_continues_exactly(tiny_model_dir, data_files, tmp_path):
         torch.testing.assert_close(final_resumed[name], final_full[name], rtol=0, atol=1e-6)
 
 
+def test_resume_with_a_different_lora_rank_is_refused_and_the_run_kept(
+    tiny_model_dir, data_files, tmp_path, capsys
+):
+    train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "2")
+    saved = (tmp_path / "run/config.json").read_text()
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(tmp_path / "run"), "--resume", "--lora-r", "8"])
+    assert stopped.value.code == 2
+    assert "was made with lora_r = 16, this run has 8" in capsys.readouterr().err
+    assert (tmp_path / "run/config.json").read_text() == saved  # so a plain --resume still works
+
+
+def test_a_step_longer_than_an_epoch_trains(tiny_model_dir, data_files, tmp_path, capsys):
+    """96 examples in micro-batches of 16 are 6 per epoch; a step of 8 spans two epochs (it crashed with a
+    ZeroDivisionError while printing the notes)."""
+    flags = "--batch-size 16 --grad-accum 8 --max-steps 1".split()
+    summary = train(tiny_model_dir, data_files, tmp_path / "run", *flags)
+    assert summary["steps"] == 1
+    assert "1 steps = 1.3 epochs of 0.75 steps" in capsys.readouterr().out
+
+
 def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path, capsys):
     """Validation answers follow another rule than training's, so after a first improvement (the format) the
     more the model learns the worse val gets: the best adapter is an early one, kept on disk (its checkpoint
@@ -190,6 +211,10 @@ def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path, capsys
     assert {name.removeprefix("base_model.model.") for name in adapter} == set(at_best)
     for name, tensor in adapter.items():
         torch.testing.assert_close(tensor, at_best[name.removeprefix("base_model.model.")], rtol=0, atol=0)
+
+    # Resumed, the early-stopped run stops again at once: no step is trained past the stop.
+    resumed = train(tiny_model_dir, (train_file, val_file), tmp_path / "run", *flags, "--resume")
+    assert (resumed["steps"], resumed["val_curve"]) == (summary["steps"], curve)
 
 
 def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_tokenizer_dir, tmp_path, capsys):
@@ -365,6 +390,7 @@ BAD_INPUTS = {  # flags -> what the one-line error says
     "--seq-len 4096": "longer than the model's context",
     "--batch-size 500": "lower --batch-size",
     "--data no/such.jsonl": "not found",
+    "--lora-targets q_prj": "LoRA targets ['q_prj'] are not linear layers",
 }
 
 
@@ -380,6 +406,46 @@ def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_INPUTS[flags] in lines[0], lines
     assert not (tmp_path / "run/config.json").exists()  # so the corrected command needs no --overwrite
+
+
+def test_too_little_data_to_split_says_so(tiny_model_dir, tmp_path, capsys):
+    """Three records and no --val-data: the split holds none out, and the error must not blame --val-frac."""
+    train_file = write_data(tmp_path / "train.jsonl", 3, seed=1)
+    with pytest.raises(SystemExit) as stopped:
+        main(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(train_file),
+                "--out",
+                str(tmp_path / "run"),
+                "--seq-len",
+                "64",
+            ]
+        )
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: no validation data: 3 examples are too few to split (4 at least); add data or pass --val-data"
+    )
+
+
+def test_tokenizer_larger_than_the_embedding_is_a_user_error(
+    tiny_tokenizer_dir, data_files, tmp_path, capsys
+):
+    """The 64-token tokenizer on a model with 32 embedding rows: one line before training, not an IndexError
+    from inside the first step."""
+    model_dir = tmp_path / "model"
+    config = ModelConfig(**{**TINY, "vocab_size": 32})
+    save_pretrained(Transformer(config).state_dict(), config, model_dir)
+    copy_tokenizer_files(tiny_tokenizer_dir, model_dir)
+    args = cli_args(model_dir, *data_files, tmp_path / "run", "")
+    with pytest.raises(SystemExit) as stopped:
+        main(args[2:])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: the tokenized data holds token id 6") and "vocab_size 32" in error, error
+    assert not (tmp_path / "run/config.json").exists()
 
 
 def test_bad_input_from_the_command_line(tiny_model_dir, data_files, tmp_path):
