@@ -43,6 +43,7 @@ from nanoft.checkpoint import (
     write_directory_atomically,
 )
 from nanoft.config import DEFAULT_LR, default_out_dir, hyperparameter_notes, parse_config, save_config
+from nanoft.cpu_allocator import keep_freed_memory
 from nanoft.default_data import default_data_path
 from nanoft.default_model import resolve_model
 from nanoft.distributed import (
@@ -181,6 +182,8 @@ def main(argv=None):
         print(format_plan(plan_for_run(config, planning_only=True), config.model or "SmolLM2-135M-Instruct"))
         return
     dist = setup_distributed(config.device, timeout_s=config.dist_timeout)
+    if dist.device.type == "cpu":
+        keep_freed_memory()  # reuse what a step frees, not fault in fresh pages (nanoft/cpu_allocator.py)
     if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
         # Planned on rank 0 alone: free memory differs from rank to rank, and so could the plans.
         plan = plan_for_run(config, planning_only=False) if dist.is_main else None

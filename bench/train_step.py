@@ -24,6 +24,9 @@ target, i.e. labels=input_ids for transformers and the same ids shifted left for
   and train.py do (bf16 weights would round small updates away).
 - Optimizer: AdamW lr 1e-4 over the trainable weights. nanoft: quant.make_optimizer("adamw"), what train.py
   uses; transformers: torch.optim.AdamW(fused=True), Trainer's default optimizer for torch >= 2.8.
+- Memory: on CPU nanoft keeps the memory it frees for reuse, as train.py does (nanoft/cpu_allocator.py;
+  `--glibc-malloc` leaves glibc's defaults, bench/allocator.py measures the difference); transformers runs
+  with glibc's defaults.
 - transformers runs its default SDPA attention, use_cache=False, its own loss (fp32 logits of every position).
 MFU = model FLOPs per token x tokens/s / the matmul peak measured here at start-up in --dtype (best of the
 model's shapes and 2048^3). Model FLOPs: 2 per weight per token forward, +2 for the input gradient, +2 for the
@@ -36,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +53,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from nanoft.cpu_allocator import keep_freed_memory  # noqa: E402
 
 LORA_TARGETS = {
     "lora-qv": ["q_proj", "v_proj"],
@@ -159,6 +165,8 @@ def worker(args) -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.side == "nanoft" and device.type == "cpu" and not args.glibc_malloc:
+        keep_freed_memory()  # as train.py does on CPU
     batch, seq_len = map(int, args.shape.split("x"))
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -175,13 +183,21 @@ def worker(args) -> None:
     def step() -> dict:
         synchronize(device)
         wall_started, cpu_started = time.perf_counter(), time.process_time()
+        usage_before = resource.getrusage(resource.RUSAGE_SELF)
         loss = loss_fn(input_ids, input_ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         seconds = time.perf_counter() - wall_started
-        return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu_started, "loss": loss.item()}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu_started,
+            "system_seconds": usage.ru_stime - usage_before.ru_stime,  # e.g. the kernel zeroing fresh pages
+            "page_faults": usage.ru_minflt - usage_before.ru_minflt,
+            "loss": loss.item(),
+        }
 
     for _ in range(WARMUP_STEPS):
         step()
@@ -226,6 +242,7 @@ class Worker:
         command = [sys.executable, __file__, "--worker", side, "--case", case, "--shape", shape]
         command += ["--dtype", dtype, "--device", args.device, "--model", str(args.model)]
         command += ["--compile"] if args.compile and side == "nanoft" else []
+        command += ["--glibc-malloc"] if args.glibc_malloc else []
         command += ["--threads", str(args.threads)] if args.threads else []
         self.side = side
         self.log = open(Path(args.log_dir) / f"{side}-{case}-{shape}-{dtype}.log", "w")
@@ -370,6 +387,9 @@ def main() -> None:
         "--model", default=None, help="Hugging Face model dir (default: the built-in SmolLM2)"
     )
     parser.add_argument("--compile", action="store_true", help="nanoft: torch.compile each decoder layer")
+    parser.add_argument(
+        "--glibc-malloc", action="store_true", help="nanoft: leave glibc's malloc settings as they are"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's)")
     parser.add_argument("--profile", type=int, default=0, help="profile this many extra steps per side")
     parser.add_argument("--json", default=None, help="write the results here")

@@ -1,0 +1,43 @@
+"""nanoft/cpu_allocator.py: a training step reuses the memory the last one freed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nanoft.cpu_allocator import keep_freed_memory
+
+# Four training steps of a small model (its embedding and activations are blocks of several MiB, which glibc
+# maps and unmaps one by one); prints the pages faulted in during the last step.
+FAULTS_PER_STEP = """
+import resource, sys, torch
+from nanoft.cpu_allocator import keep_freed_memory
+from nanoft.model import ModelConfig, Transformer
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.manual_seed(0)
+config = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+model = Transformer(config)
+optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+input_ids = torch.randint(0, 8192, (4, 128))
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    loss_sum, n_targets = model(input_ids, input_ids)
+    (loss_sum / n_targets).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def faults_per_step(variant: str) -> int:
+    command = [sys.executable, "-c", FAULTS_PER_STEP, variant]
+    return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+@pytest.mark.skipif(not keep_freed_memory(), reason="malloc is not glibc's")
+def test_a_training_step_reuses_freed_memory():
+    default, kept = faults_per_step("default"), faults_per_step("keep")
+    assert default > 1000  # glibc's defaults: every large block is faulted in again, step after step
+    assert kept < default / 10
