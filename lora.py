@@ -229,10 +229,14 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for module in saved:  # trained in place: on a tied model, embed_tokens and lm_head move together
         module.requires_grad_(True)
     model.lora_config = cfg  # save_adapter writes it
+    return model
+
+
+def trainable_parameters_line(model: nn.Module) -> str:
+    """PEFT's print_trainable_parameters line, word for word."""
     trainable, total = count_parameters(model)
     percent = 100 * trainable / total
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
-    return model
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from data import SPOT_CHECK_SAMPLES, Batches, prepare_data
-from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter
+from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter, trainable_parameters_line
 from nanoft.checkpoint import (
     StopSignals,
     check_resume_config,
@@ -290,6 +290,7 @@ def main(argv=None):
         targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
         lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
         model = inject_lora(model, lora_config)  # freezes the base; adapters are fp32
+        print0(dist, trainable_parameters_line(model))
     model.activation_checkpointing = config.activation_checkpointing
     if config.compile:
         for layer in model.model.layers:

@@ -102,6 +102,11 @@ class ModelConfig:
                 f"model_type '{hf.get('model_type')}' is not supported; "
                 f"nanoft supports {', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3, Mistral, Qwen2, SmolLM)"
             )
+        # The MLP here is SwiGLU without biases: anything else would load and quietly compute the wrong thing.
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise UserError(f"hidden_act '{hf['hidden_act']}' is not supported; nanoft's MLP uses silu")
+        if hf.get("mlp_bias", False):
+            raise UserError("mlp_bias: true is not supported; nanoft's MLP has no biases")
         return cls(**values)
 
     def to_hf(self) -> dict:

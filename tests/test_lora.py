@@ -24,6 +24,7 @@ from lora import (
     lora_state_dict,
     merge_lora,
     save_adapter,
+    trainable_parameters_line,
     unmerge_lora,
 )
 from nanoft.errors import UserError
@@ -281,9 +282,10 @@ def test_only_adapters_train_and_base_weights_stay_bit_identical(base_dir, case)
     assert all(t.dtype == torch.float32 for t in lora_state_dict(model).values())
 
 
-def test_prints_trainable_parameters_like_peft(base_dir, capsys):
-    inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, use_dora=True))
-    ours = capsys.readouterr().out.strip()
+def test_counts_trainable_parameters_like_peft(base_dir, capsys):
+    ours = trainable_parameters_line(
+        inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, use_dora=True))
+    )
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"
     )

@@ -170,5 +170,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_unsupported_architecture_is_named():
     with pytest.raises(UserError, match="model_type 'gpt2' is not supported; nanoft supports llama"):
         ModelConfig.from_hf({"model_type": "gpt2"})
+    with pytest.raises(UserError, match="hidden_act 'gelu_pytorch_tanh' is not supported"):
+        ModelConfig.from_hf({"model_type": "llama", "hidden_act": "gelu_pytorch_tanh"})
+    with pytest.raises(UserError, match="mlp_bias: true is not supported"):
+        ModelConfig.from_hf({"model_type": "llama", "mlp_bias": True})
     with pytest.raises(UserError, match="rope scaling 'yarn' is not supported"):
         tiny_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})
