@@ -8,6 +8,8 @@ variant in turn, so that a noisy machine slows all of them alike; the table give
 ratio to the default (nanoft as it ships). Variants:
 - sdpa attention: SDPA's flash kernel for every sequence instead of grouped_attention's batched matmuls
   (nanoft.model.CPU_ATTENTION_SCORES = 0);
+- attention over the whole square: grouped_attention's matmuls over every (query, key) pair, masked
+  ones included, instead of skipping the masked quarter;
 - rmsnorm by autograd: the reference's seven small ops instead of _RMSNormFunction;
 - swiglu by autograd: F.silu(gate) * up instead of _SwiGLUFunction;
 - fp32 logits loss: logits of every position cast to fp32 and F.cross_entropy (what transformers does)
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lora  # noqa: E402
 import nanoft.loss  # noqa: E402
 import nanoft.model  # noqa: E402
+from nanoft.cpu_allocator import keep_freed_memory  # noqa: E402
 from nanoft.default_model import default_model_dir  # noqa: E402
 from nanoft.weights import from_pretrained  # noqa: E402
 from quant import make_optimizer  # noqa: E402
@@ -57,6 +60,7 @@ def fp32_logits_loss(hidden, weight, targets):
 
 PATCHES = {  # variant -> (object, attribute, replacement)
     "sdpa attention": (nanoft.model, "CPU_ATTENTION_SCORES", 0),
+    "attention over the whole square": (nanoft.model, "grouped_attention", nanoft.model._grouped_attention),
     "rmsnorm by autograd": (nanoft.model.RMSNorm, "forward", rmsnorm_by_autograd),
     "swiglu by autograd": (nanoft.model.MLP, "forward", swiglu_by_autograd),
     "fp32 logits loss": (nanoft.model, "chunked_cross_entropy", fp32_logits_loss),
@@ -92,6 +96,7 @@ def main():
     args = parser.parse_args()
 
     batch, seq_len = map(int, args.shape.split("x"))
+    keep_freed_memory()  # as train.py does on CPU (bench/allocator.py measures that lever)
     model_dir = default_model_dir()
     torch.manual_seed(0)
     bf16 = build(model_dir, torch.bfloat16)

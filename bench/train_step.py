@@ -1,7 +1,7 @@
 """A training step, nanoft against transformers + PEFT, alternating in one run: tokens/s, MFU, peak memory.
 
     python bench/train_step.py --cases lora-qv --shapes 4x256 --dtypes bf16 --steps 8   # ~3 min on 2 cores
-    python bench/train_step.py --steps 6 --json bench/results/train_step.json           # every case (long)
+    python bench/train_step.py --dtypes bf16 --steps 6 --json bench/train_step_bf16.json  # 8 cases, ~17 min
     python bench/train_step.py --device cuda --cases lora-qv qlora-nf4 full
     python bench/train_step.py --cases lora-qv --profile 1 --log-dir /tmp/logs          # + profiler tables
     python bench/train_step.py --threads 1                                               # busy shared machine
