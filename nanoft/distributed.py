@@ -15,6 +15,7 @@ no-op. FSDP over bitsandbytes 4-bit layers (QLoRA) is prepared by nanoft/fsdp_ql
 """
 
 import os
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -98,12 +99,18 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
 def teardown(dist: Dist) -> None:
     """Wait for every rank, then leave the process group.
 
-    The barrier is not a formality: gloo's worker threads free finished work (e.g. the last checkpoint's
-    gather) and need the GIL for it, and without a wait a rank that exits at once destroys the group (when DDP
-    lets go of it) while holding the GIL: a deadlock at exit, seen about one run in ten.
+    Not a formality: gloo's worker thread frees finished work (e.g. the last gather's tensors) and needs the
+    GIL for it, while a rank that leaves destroys the group (when DDP lets go of it) in the main thread,
+    holding the GIL and joining that worker: a deadlock at exit (py-spy: ~ProcessGroupGloo in thread::join,
+    the worker in gil_scoped_acquire). A plain barrier made it rarer, not impossible: the worker then freed
+    the barrier's work, which holds the gather's. So this rank keeps the barrier's work itself, gives the
+    worker time to let go of it (sleep releases the GIL), and frees it here, holding the GIL.
     """
     if dist.backend is not None and torch_dist.is_initialized():
-        torch_dist.barrier()
+        barrier = torch_dist.barrier(async_op=True)
+        barrier.wait()
+        time.sleep(0.1)
+        del barrier
         torch_dist.destroy_process_group()
 
 
