@@ -71,11 +71,20 @@ def read_records(path, format: str = "auto", skip_bad_records: bool = False) -> 
     return records, file_report(path, file_format, len(records), skipped)
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".xlsx")
+
+
 def check_data_file(path: Path) -> None:
     if not path.exists():
         raise UserError(f"{path}: data file not found (check the path given to --data / --val-data)")
     if not path.is_file():
         raise UserError(f"{path}: is not a file (give .jsonl, .json or .txt files)")
+    # Read as text these would fail with a JSON or UTF-8 error that hides the real problem.
+    if path.suffix in COMPRESSED_SUFFIXES:
+        raise UserError(f"{path}: is compressed; decompress it first (nanoft reads .jsonl, .json and .txt)")
+    if path.suffix in TABLE_SUFFIXES:
+        raise UserError(f"{path}: {path.suffix} is not supported; convert it to JSON Lines, a record a line")
 
 
 def file_report(path: Path, format: str, n_records: int, skipped: list[str]) -> dict:

@@ -690,6 +690,12 @@ def test_bad_json_array_line_and_missing_file(chatml, tmp_path):
     (tmp_path / "notes.txt").write_text("raw text")
     with pytest.raises(UserError, match=r"notes\.txt: a \.txt file is raw text, .* --data-format alpaca"):
         prepare(tmp_path / "notes.txt", chatml, tmp_path, format="alpaca")
+    (tmp_path / "train.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    with pytest.raises(UserError, match=r"train\.jsonl\.gz: is compressed; decompress it first"):
+        prepare(tmp_path / "train.jsonl.gz", chatml, tmp_path)
+    (tmp_path / "train.csv").write_text("instruction,output\na,b\n")
+    with pytest.raises(UserError, match=r"train\.csv: \.csv is not supported; convert it to JSON Lines"):
+        prepare(tmp_path / "train.csv", chatml, tmp_path)
 
 
 def test_prompts_longer_than_seq_len_leave_nothing_to_train_and_say_so(chatml, tmp_path):
