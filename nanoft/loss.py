@@ -37,6 +37,15 @@ def chunked_cross_entropy(hidden, weight, targets):
     return _ChunkedCrossEntropy.apply(hidden, weight, targets[keep], wanted), n_targets
 
 
+def rows_per_chunk(vocab_size: int, want_grad_weight: bool) -> int:
+    """Positions whose logits are computed at once (nanoft/memory.py counts one such chunk).
+
+    With the weight's gradient wanted (a full fine-tune), every chunk adds a whole (V, C) product to the fp32
+    gradient: 45 ms of casting and adding per chunk at SmolLM2's size, so fewer, larger chunks."""
+    logits_per_chunk = LOGITS_PER_CHUNK * (WEIGHT_GRAD_CHUNK_FACTOR if want_grad_weight else 1)
+    return max(1, logits_per_chunk // vocab_size)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, wanted):
@@ -51,13 +60,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # it caches only casts of the parameter itself, not of views such as weight.t().
             compute_dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
-        # With the weight's gradient wanted (a full fine-tune), every chunk adds a whole (V, C) product to the
-        # fp32 gradient: 45 ms of casting and adding per chunk at SmolLM2's size, so fewer, larger chunks.
-        logits_per_chunk = LOGITS_PER_CHUNK * (WEIGHT_GRAD_CHUNK_FACTOR if want_grad_weight else 1)
-        rows_per_chunk = max(1, logits_per_chunk // weight.shape[0])
-        for start in range(0, hidden.shape[0], rows_per_chunk):
-            h = hidden[start : start + rows_per_chunk]  # (n, C)
-            t = targets[start : start + rows_per_chunk]  # (n,)
+        chunk_rows = rows_per_chunk(weight.shape[0], want_grad_weight)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows]  # (n, C)
+            t = targets[start : start + chunk_rows]  # (n,)
             rows = torch.arange(len(t), device=t.device)
             logits = h @ weight.t()  # (n, V) in the compute dtype, like the reference's matmul
             matmul_dtype = logits.dtype  # bf16 under autocast even when the weights are fp32
@@ -72,7 +78,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             probs[rows, t] -= 1.0  # d loss / d logits = softmax - one_hot
             grad_logits = probs.to(matmul_dtype)
             if want_grad_hidden:
-                grad_hidden[start : start + rows_per_chunk] = grad_logits @ weight
+                grad_hidden[start : start + chunk_rows] = grad_logits @ weight
             if want_grad_weight:
                 chunk = (grad_logits.t() @ h).float()
                 grad_weight = chunk if grad_weight is None else grad_weight.add_(chunk)

@@ -17,7 +17,7 @@ QLoRA's block linears) and fp32 adapters; a full fine-tune keeps fp32 master wei
 import math
 from dataclasses import dataclass
 
-from nanoft.loss import LOGITS_PER_CHUNK, WEIGHT_GRAD_CHUNK_FACTOR
+from nanoft.loss import rows_per_chunk
 from nanoft.model import ModelConfig, uses_matmul_attention
 
 GiB = 2**30
@@ -265,8 +265,7 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
     # 2 c bytes per logit at the peak (measured; fp16 keeps fp32 logits, ~10 bytes, not modelled). A trained
     # lm_head adds its fp32 gradient, built in the forward, and the compute-dtype + fp32 copies of each
     # chunk's contribution to it.
-    per_chunk = LOGITS_PER_CHUNK * (WEIGHT_GRAD_CHUNK_FACTOR if shape.method == "full" else 1)
-    chunk_logits = min(tokens, max(1, per_chunk // config.vocab_size)) * config.vocab_size
+    chunk_logits = min(tokens, rows_per_chunk(config.vocab_size, shape.method == "full")) * config.vocab_size
     logits_loss = 2 * c * chunk_logits
     if shape.method == "full":
         lm_head = params.lm_head or params.embedding

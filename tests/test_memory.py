@@ -7,8 +7,8 @@ import torch
 import lora
 import quant
 from bench.memory_estimate import measure, write_measured_model
+from nanoft.loss import LOGITS_PER_CHUNK
 from nanoft.memory import (
-    LOGITS_PER_CHUNK,
     TrainingShape,
     count_parameters,
     estimate_memory,
