@@ -305,6 +305,37 @@ def run_train(model_dir: Path, out_dir: Path, *flags, torchrun: bool):
     return finished.stdout
 
 
+def test_a_bad_flag_under_torchrun_is_reported_once(tiny_model_dir, tmp_path):
+    """Every rank meets the missing file; the user reads its one line once, from rank 0, with no traceback of
+    ours (torchrun's own failure summary follows it)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}"]
+    missing = tmp_path / "missing.jsonl"
+    command = [
+        *launch,
+        "train.py",
+        "--model",
+        tiny_model_dir,
+        "--seq-len",
+        "32",
+        "--data",
+        missing,
+        "--out",
+        tmp_path / "run",
+    ]
+    finished = subprocess.run(
+        [str(arg) for arg in command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment(),
+    )
+    assert finished.returncode != 0
+    errors = [line for line in finished.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and str(missing) in errors[0], finished.stderr[-3000:]
+    assert 'train.py", line' not in finished.stderr  # no Python traceback from train.py
+
+
 def test_method_auto_under_torchrun_plans_for_both_ranks_and_says_so_once(tiny_model_dir, tmp_path):
     output = run_train(
         tiny_model_dir, tmp_path / "run", "--method", "auto", "--max-steps", "1", torchrun=True
