@@ -173,6 +173,14 @@ def main(argv=None):
         prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     else:
         prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
+    context = model.config.max_position_embeddings
+    if len(prompt_ids) + args.max_new_tokens > context:
+        print(
+            f"nanoft: warning: the prompt ({len(prompt_ids)} tokens) + --max-new-tokens "
+            f"{args.max_new_tokens} exceeds the model's context of {context} positions; "
+            f"text past position {context} is unreliable",
+            file=sys.stderr,
+        )
     generator = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
     new_ids = generate(

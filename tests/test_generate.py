@@ -163,3 +163,7 @@ def test_cli_adapter_answers_like_peft(tiny_model, tiny_tokenizer, tiny_tokenize
 
     assert cli_answer("--adapter", str(adapter_dir)) == expected
     assert cli_answer() != expected  # the adapter changed the answer, so the comparison above means something
+
+    # Past the model's 128 positions RoPE meets angles it never trained on: the CLI says so, still answering.
+    main(["--model", str(model_dir), "--prompt", prompt, "--max-new-tokens=126"])
+    assert "exceeds the model's context of 128 positions" in capsys.readouterr().err
