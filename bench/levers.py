@@ -6,8 +6,9 @@
 One process, one model. Every round runs one training step (forward, backward, AdamW, zero_grad) of each
 variant in turn, so that a noisy machine slows all of them alike; the table gives the median step time and its
 ratio to the default (nanoft as it ships). Variants:
-- sdpa attention: SDPA's flash kernel for every sequence instead of grouped_attention's batched matmuls
-  (nanoft.model.CPU_ATTENTION_SCORES = 0);
+- sdpa attention: SDPA's flash kernel (is_causal) instead of nanoft/cpu_attention.py's batched matmuls;
+- attention probabilities recomputed: cpu_attention's blocks of queries, which recompute the probabilities
+  in backward (what longer sequences get), instead of keeping them;
 - attention over the whole square: grouped_attention's matmuls over every (query, key) pair, masked
   ones included, instead of skipping the masked quarter;
 - rmsnorm by autograd: the reference's seven small ops instead of _RMSNormFunction;
@@ -34,12 +35,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lora  # noqa: E402
+import nanoft.cpu_attention  # noqa: E402
 import nanoft.loss  # noqa: E402
 import nanoft.model  # noqa: E402
 from nanoft.cpu_allocator import keep_freed_memory  # noqa: E402
 from nanoft.default_model import default_model_dir  # noqa: E402
 from nanoft.weights import from_pretrained  # noqa: E402
 from quant import make_optimizer  # noqa: E402
+
+
+def sdpa_causal(q, k, v, bias):  # the lever's steps are plain causal: no cache, no packing
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def rmsnorm_by_autograd(self, x):
@@ -59,8 +65,13 @@ def fp32_logits_loss(hidden, weight, targets):
 
 
 PATCHES = {  # variant -> (object, attribute, replacement)
-    "sdpa attention": (nanoft.model, "CPU_ATTENTION_SCORES", 0),
-    "attention over the whole square": (nanoft.model, "grouped_attention", nanoft.model._grouped_attention),
+    "sdpa attention": (nanoft.model, "grouped_attention", sdpa_causal),
+    "attention probabilities recomputed": (nanoft.cpu_attention, "CPU_ATTENTION_SCORES", 0),
+    "attention over the whole square": (
+        nanoft.model,
+        "grouped_attention",
+        nanoft.cpu_attention._grouped_attention,
+    ),
     "rmsnorm by autograd": (nanoft.model.RMSNorm, "forward", rmsnorm_by_autograd),
     "swiglu by autograd": (nanoft.model.MLP, "forward", swiglu_by_autograd),
     "fp32 logits loss": (nanoft.model, "chunked_cross_entropy", fp32_logits_loss),

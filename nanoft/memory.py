@@ -17,8 +17,9 @@ QLoRA's block linears) and fp32 adapters; a full fine-tune keeps fp32 master wei
 import math
 from dataclasses import dataclass
 
+from nanoft.cpu_attention import keeps_attention_probabilities, uses_matmul_attention
 from nanoft.loss import rows_per_chunk
-from nanoft.model import ModelConfig, uses_matmul_attention
+from nanoft.model import ModelConfig
 
 GiB = 2**30
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -26,9 +27,9 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # 256 absmax values. Without double quantization the absmax is fp32: 0.5 + 4/64.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}  # m and v: fp32 or 8-bit
-# Buffers the kernels keep between steps once they have run: on CPU, SDPA's per-thread blocks and oneDNN's
-# matmul scratch (measured ~25 MiB after one forward and backward of the 34M model in bench/); on CUDA the
-# cuBLAS workspaces, which come from the same caching allocator as tensors.
+# Buffers the kernels keep between steps once they have run: on CPU, oneDNN's matmul scratch (measured
+# ~25 MiB after one forward and backward of the 34M model in bench/); on CUDA the cuBLAS workspaces, which
+# come from the same caching allocator as tensors.
 RUNTIME_WORKSPACE = 32 * 2**20
 
 
@@ -167,25 +168,40 @@ def residual_bytes(shape: TrainingShape) -> int:
     return 4 if shape.method == "full" else shape.compute_bytes
 
 
-def uses_grouped_attention(config: ModelConfig, shape: TrainingShape) -> bool:
-    """nanoft/model.py computes attention with plain matmuls on CPU when the scores are small."""
-    return uses_matmul_attention(
-        shape.device_type, shape.micro_batch, config.num_attention_heads, shape.seq_len, shape.seq_len
-    )
+def matmul_attention(config: ModelConfig, shape: TrainingShape) -> bool:
+    """Whether the model computes attention with nanoft/cpu_attention.py's matmuls rather than SDPA."""
+    sizes = (shape.micro_batch, config.num_attention_heads, shape.seq_len, shape.seq_len)
+    return uses_matmul_attention(shape.device_type, shape.compute_bytes, *sizes)
+
+
+def keeps_probabilities(config: ModelConfig, shape: TrainingShape) -> bool:
+    """nanoft/cpu_attention.py keeps the softmax probabilities of short sequences for backward."""
+    sizes = (shape.micro_batch, config.num_attention_heads, shape.seq_len, shape.seq_len)
+    return matmul_attention(config, shape) and keeps_attention_probabilities(*sizes)
 
 
 def attention_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
-    """SDPA keeps q, k, v after RoPE, its output and an fp32 logsumexp per head: c (2 H D + 2 KV D) + 4 H.
-    nanoft's CPU attention for short sequences (model.grouped_attention) keeps the scaled q, k, v and the
-    softmax probabilities, c H 3S/4 per token for S keys (it skips the masked quarter). o_proj reads the
-    output through a reshape: a view of CUDA flash attention's (B, T, H, D) output, a copy on CPU, kept when
-    o_proj's weight or a dropout-free adapter on it trains."""
+    """SDPA (on GPUs, and for long fp32 sequences on CPU) keeps q, k, v after RoPE, its output and an fp32
+    logsumexp per head: c (2 H D + 2 KV D) + 4 H. nanoft's CPU attention keeps q (scaled, for short
+    sequences), k and v, and for short sequences the softmax probabilities too, c H 3S/4 per token for S keys
+    (it skips the masked quarter); long ones recompute them, keeping the bias (`attention_bias_bytes`).
+    o_proj reads the output through a reshape: a view of CUDA flash attention's (B, T, H, D) output, a copy
+    on CPU, kept when o_proj's weight or a dropout-free adapter on it trains."""
     H, KV, D, c = config.num_attention_heads, config.num_key_value_heads, config.head_dim, shape.compute_bytes
     o_input_kept = shape.method == "full" or ("o_proj" in shape.lora_targets and shape.lora_dropout == 0)
     o_input = c * H * D if o_input_kept and shape.device_type == "cpu" else 0
-    if not uses_grouped_attention(config, shape):
+    if not matmul_attention(config, shape):
         return c * (2 * H * D + 2 * KV * D) + 4 * H + o_input
-    return c * (H * D + 2 * KV * D) + c * H * shape.seq_len * 3 / 4 + o_input
+    probabilities = c * H * shape.seq_len * 3 / 4 if keeps_probabilities(config, shape) else 0
+    return c * (H * D + 2 * KV * D) + probabilities + o_input
+
+
+def attention_bias_bytes(config: ModelConfig, shape: TrainingShape) -> int:
+    """CPU attention over long sequences keeps its (1, 1, T, T) causal bias, shared by the layers (packed
+    batches have one per row: B x this)."""
+    if not matmul_attention(config, shape) or keeps_probabilities(config, shape):
+        return 0
+    return shape.compute_bytes * shape.seq_len * shape.seq_len
 
 
 def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
@@ -221,19 +237,21 @@ def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: b
         layer_bytes = layers * residual * C + per_layer
     else:
         layer_bytes = layers * per_layer - first_layer_saving(config, shape)
-    return math.ceil((layer_bytes + final_norm + rope + loss + embedding_indices) * tokens)
+    per_token = layer_bytes + final_norm + rope + loss + embedding_indices
+    return math.ceil(per_token * tokens) + attention_bias_bytes(config, shape)
 
 
 def first_layer_saving(config: ModelConfig, shape: TrainingShape) -> int:
     """With a frozen embedding the first layer's input needs no gradient, so what serves only that gradient
     is not kept there: the input norm's input, the dropout masks of adapters on q/k/v and, in the CPU
-    attention, the scaled q when k has no adapter (it serves k's gradient). For targets that adapt q or k."""
+    attention that keeps probabilities, the scaled q when k has no adapter (it serves k's gradient). For
+    targets that adapt q or k."""
     if shape.method == "full":
         return 0
     C, c = config.hidden_size, shape.compute_bytes
     attention_targets = [t for t in shape.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
     saving = c * C + 4 + dropout_mask_bytes(shape) * C * len(attention_targets)
-    if uses_grouped_attention(config, shape) and "k_proj" not in shape.lora_targets:
+    if keeps_probabilities(config, shape) and "k_proj" not in shape.lora_targets:
         saving += c * config.num_attention_heads * config.head_dim
     return saving
 

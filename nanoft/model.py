@@ -18,19 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nanoft.cpu_attention import grouped_attention, uses_matmul_attention
 from nanoft.errors import UserError
 from nanoft.loss import chunked_cross_entropy
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# On CPU, attention with matmuls (grouped_attention) when B x heads x T x S is at most this: 8 MB of bf16
-# probabilities per layer, kept for backward. Longer sequences use SDPA's flash kernel, whose memory is O(T).
-CPU_ATTENTION_SCORES = 2**22
-
-
-def uses_matmul_attention(device_type: str, batch: int, heads: int, queries: int, keys: int) -> bool:
-    """Whether the model computes attention with grouped_attention's matmuls rather than SDPA."""
-    return device_type == "cpu" and batch * heads * queries * keys <= CPU_ATTENTION_SCORES
 
 
 @dataclass
@@ -252,40 +245,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def grouped_attention(q, k, v, bias):
-    """softmax(q k^T / sqrt(D) + bias) v with plain batched matmuls: q (B, H, T, D), k and v (B, KVH, S, D),
-    bias (B or 1, 1, T, S) of 0 (may look) and -inf (may not), at least causal (`_attention_bias`'s are).
-    Returns (B, H, T, D).
-
-    On CPU, SDPA's flash kernel took a fifth of a LoRA step at 4 x 256 tokens (its backward is far from matmul
-    speed); these matmuls do the same in about half the time, at the price of keeping the (B, H, T, S)
-    probabilities for backward, so the model uses this only when they are small (see `_attention_bias`).
-    Without a cache (S = T) the first half of the queries may not look at the second half of the keys:
-    computing the two halves apart skips that masked quarter of the matmuls, softmax and saved probabilities.
-    """
-    T, S = q.shape[2], k.shape[2]
-    if S != T or T < 2:
-        return _grouped_attention(q, k, v, bias)
-    half = T // 2
-    v = v.contiguous()  # then both halves read it through views, not copies
-    first = _grouped_attention(q[:, :, :half], k[:, :, :half], v[:, :, :half], bias[..., :half, :half])
-    second = _grouped_attention(q[:, :, half:], k, v, bias[..., half:, :])
-    return torch.cat((first, second), dim=2)
-
-
-def _grouped_attention(q, k, v, bias):
-    """The query heads that share a key/value head are stacked along time: one (G*T, D) x (D, S) matmul per
-    key/value head instead of G, and no copies of k and v."""
-    B, H, T, D = q.shape
-    n_kv_heads, S = k.shape[1], k.shape[2]
-    group = H // n_kv_heads
-    q = (q * D**-0.5).reshape(B * n_kv_heads, group * T, D)
-    scores = (q @ k.reshape(B * n_kv_heads, S, D).transpose(1, 2)).view(B, n_kv_heads, group, T, S)
-    probs = torch.softmax(scores + bias[:, :, None], dim=-1)  # bf16 in and out, summed in fp32
-    y = probs.view(B * n_kv_heads, group * T, S) @ v.reshape(B * n_kv_heads, S, D)
-    return y.view(B, H, T, D)
-
-
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -372,7 +331,8 @@ class Transformer(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         cos, sin = self._rope(position_ids, dtype)
         mask = self._attention_mask(B, T, past, attention_mask, document_ids, input_ids.device)
-        if uses_matmul_attention(device_type, B, self.config.num_attention_heads, T, past + T):
+        heads = self.config.num_attention_heads
+        if uses_matmul_attention(device_type, dtype.itemsize, B, heads, T, past + T):  # faster than SDPA here
             mask = self._attention_bias(mask, T, past, dtype, x.device)
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
