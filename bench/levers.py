@@ -18,7 +18,10 @@ ratio to the default (nanoft as it ships). Variants:
 - loss chunks 4x larger: nanoft.loss.LOGITS_PER_CHUNK x 4;
 - torch dropout: nn.Dropout's bernoulli_ mask for the LoRA inputs instead of lora.CPUFriendlyDropout's;
 - frozen base in fp32 + autocast: the base weights kept in fp32 and cast to bf16 by autocast in every matmul
-  (a second model, built the same way).
+  (a second model, built the same way);
+- activation checkpointing: each decoder layer recomputed in backward (`--activation-checkpointing`), a lever
+  for memory: its activation bytes, from nanoft.memory's estimate (tests/test_memory.py holds it to within 1%
+  of what autograd keeps), are printed under the table.
 """
 
 import argparse
@@ -40,6 +43,7 @@ import nanoft.loss  # noqa: E402
 import nanoft.model  # noqa: E402
 from nanoft.cpu_allocator import keep_freed_memory  # noqa: E402
 from nanoft.default_model import default_model_dir  # noqa: E402
+from nanoft.memory import TrainingShape, estimate_memory  # noqa: E402
 from nanoft.weights import from_pretrained  # noqa: E402
 from quant import make_optimizer  # noqa: E402
 
@@ -79,6 +83,7 @@ PATCHES = {  # variant -> (object, attribute, replacement)
     "torch dropout": (lora.CPUFriendlyDropout, "forward", torch.nn.Dropout.forward),
 }
 FP32_BASE = "frozen base in fp32 + autocast"
+CHECKPOINTED = "activation checkpointing"
 
 
 def build(model_dir, base_dtype):
@@ -121,6 +126,12 @@ def main():
             return timed_step(*fp32, input_ids, targets, torch.autocast("cpu", dtype=torch.bfloat16))
         if variant == "default":
             return timed_step(*bf16, input_ids, targets, nullcontext())
+        if variant == CHECKPOINTED:
+            bf16[0].activation_checkpointing = True
+            try:
+                return timed_step(*bf16, input_ids, targets, nullcontext())
+            finally:
+                bf16[0].activation_checkpointing = False
         owner, name, replacement = PATCHES[variant]
         original = getattr(owner, name)
         setattr(owner, name, replacement)
@@ -129,7 +140,7 @@ def main():
         finally:
             setattr(owner, name, original)
 
-    variants = ["default", *PATCHES, FP32_BASE]
+    variants = ["default", *PATCHES, FP32_BASE, CHECKPOINTED]
     times = {variant: [] for variant in variants}
     for round_index in range(2 + args.rounds):
         for variant in variants:
@@ -145,8 +156,16 @@ def main():
         median = statistics.median(times[variant])
         results.append({"variant": variant, "seconds": median, "tokens_per_second": tokens / median})
         print(f"| {variant} | {median * 1000:.0f} | {tokens / median:.0f} | {median / default:.2f}x |")
+    shape = TrainingShape("lora", batch, seq_len, device_type="cpu")
+    estimate = estimate_memory(bf16[0].config, shape)
+    activations = {"plain": estimate.activations_full, "checkpointed": estimate.activations_checkpointed}
+    print(
+        f"\nactivations kept for backward: {activations['plain'] / 2**20:.0f} MiB, checkpointed "
+        f"{activations['checkpointed'] / 2**20:.0f} MiB (nanoft.memory's estimate)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"shape": args.shape, "results": results}, indent=2) + "\n")
+        summary = {"shape": args.shape, "results": results, "activation_bytes": activations}
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
