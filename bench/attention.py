@@ -55,9 +55,9 @@ def forward_backward(attention, inputs, bias, grad_y):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         y = attention(*leaves, bias)
-    inputs_bytes = {t.untyped_storage().data_ptr() for t in leaves}
+    input_storages = {t.untyped_storage().data_ptr() for t in leaves}
     y.backward(grad_y)
-    return [t.grad for t in leaves], sum(n for ptr, n in kept.items() if ptr not in inputs_bytes)
+    return [t.grad for t in leaves], sum(n for ptr, n in kept.items() if ptr not in input_storages)
 
 
 def main():

@@ -168,15 +168,19 @@ def residual_bytes(shape: TrainingShape) -> int:
     return 4 if shape.method == "full" else shape.compute_bytes
 
 
+def attention_sizes(config: ModelConfig, shape: TrainingShape) -> tuple[int, int, int, int]:
+    """(batch, heads, queries, keys) of a training step's attention."""
+    return shape.micro_batch, config.num_attention_heads, shape.seq_len, shape.seq_len
+
+
 def matmul_attention(config: ModelConfig, shape: TrainingShape) -> bool:
     """Whether the model computes attention with nanoft/cpu_attention.py's matmuls rather than SDPA."""
-    sizes = (shape.micro_batch, config.num_attention_heads, shape.seq_len, shape.seq_len)
-    return uses_matmul_attention(shape.device_type, shape.compute_bytes, *sizes)
+    return uses_matmul_attention(shape.device_type, shape.compute_bytes, *attention_sizes(config, shape))
 
 
 def keeps_probabilities(config: ModelConfig, shape: TrainingShape) -> bool:
     """nanoft/cpu_attention.py keeps the softmax probabilities of short sequences for backward."""
-    sizes = (shape.micro_batch, config.num_attention_heads, shape.seq_len, shape.seq_len)
+    sizes = attention_sizes(config, shape)
     return matmul_attention(config, shape) and keeps_attention_probabilities(*sizes)
 
 

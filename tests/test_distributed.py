@@ -288,11 +288,13 @@ TRAIN_FLAGS = (
 ).split()
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}"]
+
+
 def run_train(model_dir: Path, out_dir: Path, *flags, torchrun: bool):
     """train.py on the tiny model (under torchrun with 2 processes, or as one process)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}"]
     data = ["--data", model_dir / "train.jsonl", "--val-data", model_dir / "val.jsonl"]
-    command = [*(launch if torchrun else [sys.executable]), "train.py", "--model", model_dir, *data]
+    command = [*(TORCHRUN if torchrun else [sys.executable]), "train.py", "--model", model_dir, *data]
     finished = subprocess.run(
         [str(arg) for arg in [*command, "--out", out_dir, *TRAIN_FLAGS, *flags]],
         cwd=REPO,
@@ -308,10 +310,9 @@ def run_train(model_dir: Path, out_dir: Path, *flags, torchrun: bool):
 def test_a_bad_flag_under_torchrun_is_reported_once(tiny_model_dir, tmp_path):
     """Every rank meets the missing file; the user reads its one line once, from rank 0, with no traceback of
     ours (torchrun's own failure summary follows it)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}"]
     missing = tmp_path / "missing.jsonl"
     command = [
-        *launch,
+        *TORCHRUN,
         "train.py",
         "--model",
         tiny_model_dir,
