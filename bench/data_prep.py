@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import Batches, prepare_data  # noqa: E402
-from nanoft.dedup import SHINGLE_WORDS, WORD, normalise  # noqa: E402
+from nanoft.dedup import jaccard, normalise, shingle_set  # noqa: E402
 from nanoft.default_model import resolve_model  # noqa: E402
 from nanoft.tokenizer import Tokenizer  # noqa: E402
 
@@ -112,19 +112,11 @@ def synthetic_alpaca(n_records: int, seed: int) -> tuple[list[dict], int, list[t
     return records, exact, near
 
 
-def shingle_set(record: dict) -> set[tuple[str, ...]]:
-    """The word shingles nanoft/dedup.py hashes, as a set (for the exact Jaccard similarity)."""
-    words = WORD.findall(normalise("\n".join((record["instruction"], record["input"], record["output"]))))
-    return {tuple(words[i : i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1))}
-
-
 def similar_enough(records: list[dict], pairs: list[tuple[int, int]], threshold: float) -> int:
     """How many planted near copies really have Jaccard >= threshold with their original."""
-    count = 0
-    for copy, original in pairs:
-        a, b = shingle_set(records[copy]), shingle_set(records[original])
-        count += len(a & b) / len(a | b) >= threshold
-    return count
+    text = lambda record: normalise("\n".join((record["instruction"], record["input"], record["output"])))
+    similarity = lambda a, b: jaccard(shingle_set(text(records[a])), shingle_set(text(records[b])))
+    return sum(similarity(copy, original) >= threshold for copy, original in pairs)
 
 
 def main():

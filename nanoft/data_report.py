@@ -62,7 +62,7 @@ def log_report(report: DataReport, log) -> None:
         log(
             f"data: dedup removed {report.exact_duplicates_removed} exact and "
             f"{report.near_duplicates_removed} near duplicates "
-            f"(MinHash Jaccard >= {report.near_dup_threshold})"
+            f"(word 3-shingle Jaccard >= {report.near_dup_threshold})"
         )
     else:
         log("data: deduplication is OFF (--no-dedup): repeated records may leak from train into val")

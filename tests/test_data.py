@@ -32,6 +32,7 @@ from nanoft.batches import pack_examples
 from nanoft.data_records import Record
 from nanoft.dataset_cache import TokenizedExamples
 from nanoft.dedup import WordHashes, find_duplicates, minhash_signatures, shingle_hashes
+from nanoft.default_data import default_data_path
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
 from nanoft.model import ModelConfig, Transformer
@@ -582,6 +583,43 @@ def test_find_duplicates_exact_and_near():
     found = {(d.removed, d.kept, d.method) for d in find_duplicates(texts)}
     assert found == {(1, 0, "exact"), (2, 0, "near")}
     assert {(d.removed, d.method) for d in find_duplicates(texts, near_dup_threshold=None)} == {(1, "exact")}
+
+
+def test_near_duplicates_are_removed_exactly_at_their_true_similarity():
+    """Real records (the built-in set's questions and docstrings) with planted copies, each with 1-4 words
+    replaced: every copy at true word-3-shingle Jaccard >= 0.8 with its original is removed, none below.
+    MinHash estimates alone (0.035 standard error at 0.8) and LSH banded for 0.8 got this wrong both ways."""
+    records = [json.loads(line) for line in default_data_path().read_text().splitlines()]
+    texts = ["\n".join(record.values()) for record in records]
+
+    def true_jaccard(a: str, b: str) -> float:  # written out here, independently of nanoft/dedup.py
+        shingles = lambda text: {
+            tuple(w[i : i + 3]) for w in [re.findall(r"\w+", text.lower())] for i in range(len(w) - 2)
+        }
+        return len(shingles(a) & shingles(b)) / len(shingles(a) | shingles(b))
+
+    rng = np.random.default_rng(0)
+    long_enough = [i for i, text in enumerate(texts) if 20 <= len(text.split()) <= 80]
+    originals = rng.choice(long_enough, size=150, replace=False)
+    copies, similarities = [], []
+    for original in originals:
+        words = texts[original].split()
+        for position in rng.choice(len(words), size=rng.integers(1, 5), replace=False):
+            words[position] = f"planted{rng.integers(10**6)}"
+        copies.append(" ".join(words))
+        similarities.append(true_jaccard(texts[original], copies[-1]))
+    similarities = np.array(similarities)
+    assert ((similarities >= 0.75) & (similarities < 0.8)).sum() >= 10  # pairs close on both sides
+    assert ((similarities >= 0.8) & (similarities < 0.85)).sum() >= 10
+
+    duplicates = find_duplicates(texts + copies, near_dup_threshold=0.8)
+    removed = {d.removed - len(texts): d for d in duplicates}
+    assert all(0 <= copy < len(copies) for copy in removed)  # the built-in set has no near duplicates itself
+    expected = {copy for copy, similarity in enumerate(similarities) if similarity >= 0.8}
+    assert set(removed) == expected
+    for copy, duplicate in removed.items():  # kept: the copy's own original, at the exact similarity
+        assert duplicate.kept == originals[copy]
+        assert duplicate.similarity == pytest.approx(similarities[copy])
 
 
 def test_dedup_before_split_and_val_files_win(chatml, tmp_path):
