@@ -347,7 +347,9 @@ def main(argv=None):
         precision=precision.reason,
     ):
         print0(dist, "  " + line)
-    monitor = Monitor(run_dir, dist, total_steps, progress["step"], unwrap(model), precision.compute_dtype)
+    monitor = Monitor(
+        run_dir, dist, total_steps, progress["step"], unwrap(model), precision.compute_dtype, config
+    )
     prompts = val_prompts(val_examples, n=3)  # generated from at every eval, to see what the model writes
     micro_batches = itertools.chain.from_iterable(itertools.repeat(train_batches))  # epoch after epoch
     signals = StopSignals()  # SIGINT / SIGTERM: finish this step, save a checkpoint, exit
@@ -435,7 +437,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- final report
     signals.restore()
     if stop_reason == "signal":
-        monitor.close()
+        monitor.close(stop_reason)
         saved = f"checkpoint saved; continue with: python train.py --out {run_dir} --resume"
         print0(
             dist, f"stopped by {signals.name} at step {step}: " + (saved if step else "nothing to save yet")
@@ -470,10 +472,10 @@ def main(argv=None):
             samples_written=min(SPOT_CHECK_SAMPLES, len(train_examples)),
         )
         summary = write_run_report(run_dir, config, progress, data_report, facts)
-        monitor.log_hparams(config.to_dict(), {"best_val_loss": summary["best_val_loss"]})
+        monitor.finish(config, summary)
         for line in summary_lines(summary):
             print(line)
-    monitor.close()
+    monitor.close(stop_reason)
     teardown(dist)
     if stop_reason == "nan":
         sys.exit(f"error: loss is NaN or inf at step {step + 1}; stopped, best weights kept in {best_dir}")

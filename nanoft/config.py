@@ -22,6 +22,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
+from nanoft import tracking
 from nanoft.errors import UserError
 
 METHODS = ("lora", "qlora", "full", "auto")
@@ -32,6 +33,7 @@ DEVICES = ("auto", "cuda", "cpu")
 FSDP_MODES = ("none", "full_shard", "shard_grad_op")  # distributed: none = DDP under torchrun
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 ALPACA_STYLES = ("auto", "chat", "alpaca")
+TRACKERS = ("tensorboard", "mlflow", "none")  # nanoft/tracking.py
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # the playbook's starting points
 
 
@@ -84,7 +86,7 @@ class TrainConfig:
     group_by_length: bool = flag(False, "batch examples of similar length together (less padding)")
     dedup: bool = flag(True, "remove exact and near-duplicate records before the split")
     near_dup_threshold: float = flag(
-        0.8, "MinHash Jaccard similarity above which records are near-duplicates"
+        0.8, "records whose word 3-shingle sets have at least this Jaccard similarity are near-duplicates"
     )
     train_on_everything: bool = flag(False, "train on prompts too, not only on the responses")
     skip_bad_records: bool = flag(False, "skip (and count) malformed records instead of stopping")
@@ -118,6 +120,14 @@ class TrainConfig:
     )
     compile: bool = flag(False, "torch.compile each decoder layer")
 
+    # watching the run (nanoft/monitor.py, nanoft/tracking.py)
+    report_to: list[str] = flag(
+        ["tensorboard"],
+        "where metrics go besides metrics.jsonl: tensorboard, mlflow (MLFLOW_TRACKING_URI, "
+        "MLFLOW_EXPERIMENT_NAME; pip install mlflow), both, or none",
+        TRACKERS,
+    )
+
     # distributed, under torchrun (nanoft/distributed.py)
     fsdp: str = flag(
         "none",
@@ -144,8 +154,9 @@ class TrainConfig:
     def __post_init__(self):
         for f in fields(self):
             value, choices = getattr(self, f.name), f.metadata["choices"]
-            if choices and value not in choices and not (f.name == "quant" and value == ""):
-                raise UserError(f"--{kebab(f.name)} {value}: unknown; choose from {', '.join(choices)}")
+            for item in value if isinstance(value, list) else [value]:
+                if choices and item not in choices and not (f.name == "quant" and item == ""):
+                    raise UserError(f"--{kebab(f.name)} {item}: unknown; choose from {', '.join(choices)}")
             # argparse and TOML both read "nan" and "inf" as floats, and every comparison below passes nan.
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{kebab(f.name)} {value}: must be a finite number")
@@ -189,6 +200,7 @@ class TrainConfig:
             raise UserError("--resume needs --out: the run directory to continue")
         if not self.lora_targets:
             raise UserError("--lora-targets is empty; name linear layers (e.g. q_proj,v_proj) or all-linear")
+        tracking.check_trackers(self.report_to)
         # distributed (nanoft/distributed.py, nanoft/fsdp_qlora.py)
         if self.fsdp_cpu_offload and self.fsdp == "none":
             raise UserError(
@@ -319,12 +331,16 @@ def parse_config(argv=None) -> TrainConfig:
     return TrainConfig(**split_commas(values))
 
 
-def save_config(config: TrainConfig, path) -> None:
-    """The resolved config as JSON, readable back with --config (resume/overwrite are per invocation)."""
-    values = {
+def run_settings(config: TrainConfig) -> dict:
+    """What defines the run: every field but those that only say how this invocation reads it."""
+    return {
         key: value for key, value in config.to_dict().items() if key not in ("config", "resume", "overwrite")
     }
-    Path(path).write_text(json.dumps(values, indent=2) + "\n")
+
+
+def save_config(config: TrainConfig, path) -> None:
+    """The resolved config as JSON, readable back with --config (resume/overwrite are per invocation)."""
+    Path(path).write_text(json.dumps(run_settings(config), indent=2) + "\n")
 
 
 def default_out_dir() -> str:

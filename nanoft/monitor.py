@@ -1,15 +1,18 @@
-"""Watching a run: the progress bar, TensorBoard, metrics.jsonl, tokens/s, model FLOPs utilisation, memory.
+"""Watching a run: the progress bar, metrics.jsonl, the trackers, tokens/s, model FLOPs utilisation, memory.
 
-    monitor = Monitor(run_dir, dist, total_steps=1000, start_step=0, model=model, dtype=torch.bfloat16)
+    monitor = Monitor(run_dir, dist, total_steps=1000, start_step=0, model=model, dtype=torch.bfloat16,
+                      config=config)
     monitor.log_step(step, loss=1.9, lr=2e-4, grad_norm=0.4, tokens=4096, seconds=7.1, context=256)
     monitor.log_eval(step, val_loss, progress, warmup_steps)   # + warnings and a generated sample
     monitor.print("a line above the bar")
-    monitor.close()
+    monitor.finish(config, summary)   # the end of a run that wrote its report: hyperparameters, artifacts
+    monitor.close(stop_reason)
 
-Only rank 0 is enabled; elsewhere every call does nothing. TensorBoard files go to run_dir/tensorboard
-(`tensorboard --logdir runs/`): train loss, lr, grad norm, tokens/s, MFU, memory, val loss, generated samples
-and, at the end, the hyperparameters. Every logged step and eval is also a line of run_dir/metrics.jsonl, for
-plotting without TensorBoard and for comparing runs step by step.
+Only rank 0 is enabled; elsewhere every call does nothing. Every logged step and eval is a line of
+run_dir/metrics.jsonl (for plotting without a tracker, `python -m nanoft.report RUN_DIR`, and for comparing
+runs step by step) and goes to the trackers of --report-to (nanoft/tracking.py: TensorBoard, MLflow): train
+loss, lr, grad norm, tokens/s, MFU, memory; val loss, best val loss, generated samples; at the end the
+hyperparameters and the report's files.
 
 Model FLOPs utilisation (MFU) = the FLOPs the model needs for the tokens processed per second / the peak
 matmul FLOP/s of this device in the compute dtype. FLOPs per token, as in the PaLM paper's appendix B and
@@ -34,26 +37,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanoft import tracking
+from nanoft.config import run_settings
 from nanoft.gates import UtilisationSampler, flat_val_loss_advice
 from nanoft.generate import generate
 
 BYTES_PER_KIB = 1024
 IGNORE = -100
+ARTIFACTS = ("report.md", "config.json", "summary.json", "loss.png")  # what the trackers keep of a run
 
 
 class Monitor:
-    def __init__(self, run_dir, dist, total_steps: int, start_step: int, model, dtype: torch.dtype):
+    def __init__(self, run_dir, dist, total_steps: int, start_step: int, model, dtype: torch.dtype, config):
         self.enabled = dist.is_main
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
-
-        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir, self.metrics_path = Path(run_dir), Path(run_dir) / "metrics.jsonl"
         keep_metrics_until(self.metrics_path, start_step)  # a resumed run redoes what followed its checkpoint
-        # purge_step hides events a crashed run logged after the checkpoint we resume from.
-        self.writer = SummaryWriter(
-            Path(run_dir) / "tensorboard", purge_step=start_step + 1 if start_step else None
-        )
+        settings = run_settings(config)  # the resolved config, as config.json holds it
+        self.trackers = tracking.open_trackers(config.report_to, run_dir, settings, start_step)
         # A live bar in a terminal; in a log file (not a TTY) a plain line every 5% of the run instead.
         self.live = sys.stderr.isatty()
         self.bar = tqdm(
@@ -88,8 +90,8 @@ class Monitor:
             mfu=mfu,
             memory_bytes=memory_bytes(self.device),
         )
-        for name, value in metrics.items():
-            self.writer.add_scalar(f"train/{name}", value, step)
+        for tracker in self.trackers:
+            tracker.log_metrics({f"train/{name}": value for name, value in metrics.items()}, step)
         self.append_metrics({"step": step, **metrics})
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
@@ -106,14 +108,14 @@ class Monitor:
         warmup (try the lr range test); the first generated sample (the untuned model's at step 0)."""
         if not self.enabled:
             return
-        self.writer.add_scalar("val/loss", val_loss, step)
         samples = progress["samples"]
         text = [
             f"**prompt** {prompt}\n\n**model** {generated}\n\n**reference** {reference}"
             for prompt, generated, reference in samples
         ]
-        self.writer.add_text("val/samples", "\n\n---\n\n".join(text), step)
-        self.writer.flush()
+        for tracker in self.trackers:
+            tracker.log_metrics({"val/loss": val_loss, "val/best_loss": progress["best_val_loss"]}, step)
+            tracker.log_text("val/samples", "\n\n---\n\n".join(text), step)
         self.append_metrics({"step": step, "val_loss": val_loss})
 
         train = sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
@@ -138,16 +140,14 @@ class Monitor:
         for prompt, generated, _ in samples[:1]:
             self.print(f"  sample: {prompt_tail(prompt)!r} -> {generated[:100]!r}")
 
-    def log_hparams(self, config: dict, results: dict) -> None:
+    def finish(self, config, summary: dict) -> None:
+        """The end of a run whose report is written: the trackers get the hyperparameters beside the best val
+        loss, and the report's files."""
         if not self.enabled:
             return
-        plain = {
-            key: value if isinstance(value, int | float | str | bool) else str(value)
-            for key, value in config.items()
-        }
-        self.writer.add_hparams(
-            plain, {f"hparams/{key}": value for key, value in results.items()}, run_name="hparams"
-        )
+        artifacts = [self.run_dir / name for name in ARTIFACTS if (self.run_dir / name).is_file()]
+        for tracker in self.trackers:
+            tracker.finish(run_settings(config), {"best_val_loss": summary["best_val_loss"]}, artifacts)
 
     def print(self, text: str) -> None:
         if self.enabled:
@@ -157,10 +157,12 @@ class Monitor:
         with open(self.metrics_path, "a") as file:
             file.write(json.dumps(row) + "\n")
 
-    def close(self) -> None:
+    def close(self, stop_reason: str | None) -> None:
+        """stop_reason: None (finished), "early_stop", "nan" or "signal" (the run can be resumed)."""
         if self.enabled:
             self.bar.close()
-            self.writer.close()
+            for tracker in self.trackers:
+                tracker.close(stop_reason)
 
 
 def prompt_tail(prompt: str, chars: int = 70) -> str:

@@ -2,6 +2,7 @@
 
     summary = write_run_report(run_dir, config, progress, data_report, run_facts)
     for line in summary_lines(summary): print(line)
+    python -m nanoft.report RUN_DIR     # loss.png of a run still going (or finished), and where it stands
 
 summary.json holds at least: stop_reason, baseline_val_loss (step 0, the untuned model), best_val_loss,
 best_step, final_val_loss, steps, tokens_seen, train_tokens_per_s, peak_memory_bytes, wall_s, val_curve,
@@ -9,11 +10,14 @@ samples (prompt, generated, reference at the last eval), best_dir, data (the dat
 config (resolved) and gates (nanoft/gates.py: each PASS / FAIL / N-A with evidence and what to do).
 """
 
+import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
 
+from nanoft.errors import UserError, exit_on_user_error
 from nanoft.gates import evaluate_gates, gates_markdown
+from nanoft.loss_plot import read_metrics, write_loss_plot
 from nanoft.monitor import prompt_tail
 
 STOP_REASONS = {None: "finished", "early_stop": "early stop (patience)", "nan": "NaN loss"}
@@ -59,6 +63,7 @@ def write_run_report(run_dir, config, progress: dict, data_report, facts: dict) 
     )
     summary["gates"] = [asdict(gate) for gate in gates]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_loss_plot(run_dir)
     (run_dir / "report.md").write_text(report_markdown(run_dir, summary, gates_markdown(gates)))
     return summary
 
@@ -93,6 +98,8 @@ def report_markdown(run_dir: Path, summary: dict, gates_table: str) -> str:
         f"| best weights | {summary['best_dir']} |",
         "",
         "## Val loss",
+        "",
+        "![train and val loss](loss.png)",
         "",
         "| step | val loss |",
         "| --- | --- |",
@@ -140,3 +147,28 @@ def nan_advice(step: int, lr: float, sources: list[str]) -> str:
         "  - --dtype bf16 instead of fp16 (fp16 overflows), or fp32 to rule precision out\n"
         f"  - check the data: the batch held {', '.join(sources)}"
     )
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m nanoft.report", description="Draw a run's loss.png from its metrics.jsonl."
+    )
+    parser.add_argument("run_dir", help="the run directory (train.py's --out)")
+    run_dir = Path(parser.parse_args(argv).run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl; give a run directory of train.py after its first step")
+    train, val = read_metrics(run_dir / "metrics.jsonl")
+    path = write_loss_plot(run_dir)
+    line = f"{path}: {len(train)} steps"
+    if train:
+        line += f", train loss {train[-1][1]:.4f} at step {train[-1][0]}"
+    if val:
+        best_step, best_loss = min(val, key=lambda point: point[1])
+        line += f"; val loss: baseline {val[0][1]:.4f}, best {best_loss:.4f} at step {best_step}"
+        line += f", last {val[-1][1]:.4f} at step {val[-1][0]}"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
