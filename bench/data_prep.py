@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import Batches, prepare_data  # noqa: E402
-from nanoft.dedup import jaccard, normalise, shingle_set  # noqa: E402
+from data import prepare_data  # noqa: E402
+from nanoft.data_batches import Batches  # noqa: E402
+from nanoft.data_dedup import jaccard, normalise, shingle_set  # noqa: E402
 from nanoft.default_model import resolve_model  # noqa: E402
 from nanoft.tokenizer import Tokenizer  # noqa: E402
 

@@ -23,15 +23,14 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from data import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_WITH_INPUT,
-    Batches,
     prepare_data,
     record_tokens,
     split_train_val,
 )
-from nanoft.batches import pack_examples
+from nanoft.data_batches import Batches, pack_examples
+from nanoft.data_cache import TokenizedExamples
+from nanoft.data_dedup import WordHashes, find_duplicates, minhash_signatures, shingle_hashes
 from nanoft.data_records import Record
-from nanoft.dataset_cache import TokenizedExamples
-from nanoft.dedup import WordHashes, find_duplicates, minhash_signatures, shingle_hashes
 from nanoft.default_data import default_data_path
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
@@ -592,7 +591,7 @@ def test_near_duplicates_are_removed_exactly_at_their_true_similarity():
     records = [json.loads(line) for line in default_data_path().read_text().splitlines()]
     texts = ["\n".join(record.values()) for record in records]
 
-    def true_jaccard(a: str, b: str) -> float:  # written out here, independently of nanoft/dedup.py
+    def true_jaccard(a: str, b: str) -> float:  # written out here, independently of nanoft/data_dedup.py
         shingles = lambda text: {
             tuple(w[i : i + 3]) for w in [re.findall(r"\w+", text.lower())] for i in range(len(w) - 2)
         }
