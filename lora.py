@@ -75,6 +75,12 @@ def dense_weight(layer: nn.Linear) -> torch.Tensor:
             unpacked = bnb._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
             weight.data, weight.quant_state = unpacked
         return bnb.dequantize_4bit(weight.data, weight.quant_state)
+    if (
+        type(layer).__name__ == "Linear4bit"
+    ):  # under FSDP: plain packed bytes, gathered (nanoft/fsdp_qlora.py)
+        import bitsandbytes.functional as bnb
+
+        return bnb.dequantize_4bit(weight, layer.quant_state)
     if type(weight).__name__ == "Int8Params":
         import bitsandbytes.functional as bnb
 
@@ -105,15 +111,16 @@ class LoRALinear(nn.Module):
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.use_dora = use_dora
         if use_dora:  # B = 0, so m = ||W||: the layer starts as the base
-            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(dense_weight(base_layer).float()))
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(dense_weight(base_layer)))
         self.merged = False
         self.dequantized_by_merge = False
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W + scale B A|| per output row, detached: the DoRA paper (sec. 4.3) treats it as a constant."""
+        """||W + scale B A|| per output row in fp32, detached: the DoRA paper (sec. 4.3) treats it as a
+        constant. One (out, in) fp32 temporary: scale B A, with W added in place."""
         with torch.no_grad():
-            delta = self.lora_B.weight @ self.lora_A.weight  # (out, in)
-            return torch.linalg.norm(weight + self.scale * delta.to(weight.dtype), dim=1)
+            combined = (self.lora_B.weight @ self.lora_A.weight).mul_(self.scale).add_(weight)  # (out, in)
+            return torch.linalg.norm(combined, dim=1)
 
     def forward(self, x):
         result = self.base_layer(x)  # (..., out), in the base's compute dtype
@@ -127,7 +134,9 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(x, lora_A) * self.scale, lora_B)  # scale (..., r), cheaper than (..., out)
         if self.use_dora:
             # m / ||W + scale B A|| (W + scale B A) x, written as a correction on top of the base output.
-            weight = dense_weight(self.base_layer).float()
+            # W is the base's own weight (dequantized for a 4/8-bit base), not a copy: the matmul below keeps
+            # it for backward, and a copy per layer would stay alive until then.
+            weight = dense_weight(self.base_layer)
             magnitude_scale = (self.lora_magnitude_vector / self.weight_norm(weight)).to(x.dtype)  # (out,)
             if self.training and isinstance(self.dropout, nn.Dropout):
                 base_without_bias = F.linear(x, weight.to(x.dtype))  # W dropout(x), exactly as PEFT
@@ -206,6 +215,8 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise UserError(f"modules_to_save {missing} are not in the model; its modules: {', '.join(names)}")
     if any(id(inner) in targeted for module in saved for inner in module.modules()):
         raise UserError("modules_to_save must not hold LoRA targets; name whole layers such as embed_tokens")
+    if any(is_quantized(inner) for module in saved for inner in module.modules()):
+        raise UserError("modules_to_save holds 4/8-bit layers, which cannot train; load them unquantized")
     model.requires_grad_(False)
     for name, linear in linears:
         if id(linear) in targeted:

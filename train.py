@@ -173,6 +173,11 @@ def restore_training_state(run_dir, model, optimizer, scaler, train_batches, dis
     return {**new_progress(), **state}
 
 
+def unquantized(config) -> tuple[str, ...]:
+    """What QLoRA keeps in 16 bits: lm_head (the loss multiplies by it) and the modules_to_save it trains."""
+    return ("lm_head", *config.modules_to_save)
+
+
 @exit_on_user_error
 def main(argv=None):
     started = time.perf_counter()
@@ -280,7 +285,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- model: quantized base for QLoRA
     if config.method == "qlora":
         model = load_quantized(
-            model_dir, quant=config.quant, compute_dtype=precision.compute_dtype, device=dist.device
+            model_dir, config.quant, precision.compute_dtype, device=dist.device, skip=unquantized(config)
         )
     else:
         model = from_pretrained(model_dir, dtype=precision.base_dtype, device=dist.device)
@@ -288,7 +293,15 @@ def main(argv=None):
     # ---------------------------------------------------------------- LoRA adapters, or every weight trains
     if config.method in ("lora", "qlora"):
         targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
-        lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+        lora_config = LoRAConfig(
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            targets=targets,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            modules_to_save=tuple(config.modules_to_save),
+        )
         model = inject_lora(model, lora_config)  # freezes the base; adapters are fp32
         print0(dist, trainable_parameters_line(model))
     model.activation_checkpointing = config.activation_checkpointing
@@ -451,7 +464,7 @@ def main(argv=None):
         merge_into = unwrap(model)
         if is_fsdp(model):  # the shards cannot be merged in place: rank 0 loads a whole base into CPU memory
             merge_into = inject_lora(
-                load_quantized(model_dir, quant=config.quant, compute_dtype=precision.compute_dtype)
+                load_quantized(model_dir, config.quant, precision.compute_dtype, skip=unquantized(config))
                 if config.method == "qlora"
                 else from_pretrained(model_dir, dtype=precision.base_dtype),
                 lora_config,

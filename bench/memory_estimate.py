@@ -4,8 +4,9 @@
     python bench/memory_estimate.py --table     # the table only
 
 Measured: a ~34M-parameter Llama (vocab 32000, random weights written to disk) trains two optimizer steps of
-2 micro-batches x 2 sequences x 256 tokens with LoRA, QLoRA and a full fine-tune, each in a fresh process
-(`--child`), set up the way train.py sets up a run (nanoft/precision.py's dtypes, lora.py, quant.py, AdamW).
+2 micro-batches x 2 sequences x 256 tokens with LoRA, QLoRA and a full fine-tune, and LoRA's variants (DoRA,
+modules_to_save: VARIANTS), each in a fresh process (`--child`), set up the way train.py sets up a run
+(nanoft/precision.py's dtypes, lora.py, quant.py, AdamW).
 "Peak memory" is the same quantity on both sides: the process's peak RSS while it trains (VmHWM, reset after
 loading with /proc/self/clear_refs so loading's own peak is not counted) minus its RSS after importing torch,
 bitsandbytes and nanoft; on CUDA it is torch.cuda.max_memory_allocated. The estimate is
@@ -80,13 +81,18 @@ TABLE_SHAPES = {  # micro-batch x seq len and checkpointing for the table's colu
     "4 x 1024": (4, 1024, False),
 }
 TABLE_ROWS = (("lora", "adamw"), ("qlora", "adamw"), ("full", "adamw"), ("full", "adamw8bit"))
+VARIANTS = {  # LoRAConfig and TrainingShape fields of the measured LoRA variants
+    "plain": {},
+    "dora": {"use_dora": True},
+    "modules_to_save": {"modules_to_save": ("embed_tokens", "lm_head")},
+}
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
-def child(model_dir: str, method: str, checkpointing: bool) -> dict:
+def child(model_dir: str, method: str, checkpointing: bool, variant: str) -> dict:
     """One measured run, in its own process: set up like train.py, train STEPS steps, report peak bytes."""
     import bitsandbytes  # noqa: F401  imported before the baseline: its import is not training memory
 
@@ -104,7 +110,7 @@ def child(model_dir: str, method: str, checkpointing: bool) -> dict:
     else:
         model = from_pretrained(model_dir, dtype=precision.base_dtype, device=device)
     if method != "full":
-        model = lora.inject_lora(model, lora.LoRAConfig())
+        model = lora.inject_lora(model, lora.LoRAConfig(**VARIANTS[variant]))
     model.activation_checkpointing = checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = quant.make_optimizer(trainable, "adamw", lr=1e-4)
@@ -136,9 +142,11 @@ def write_measured_model(path: Path) -> None:
     save_pretrained(model.state_dict(), MEASURED_MODEL, path)
 
 
-def measure(model_dir: Path, method: str, checkpointing: bool = False, default_malloc: bool = False) -> dict:
+def measure(
+    model_dir: Path, method: str, checkpointing: bool = False, default_malloc: bool = False, variant="plain"
+) -> dict:
     """Run `child` in a fresh process; return its report plus the planner's estimate for the same run."""
-    command = [sys.executable, __file__, "--child", str(model_dir), method]
+    command = [sys.executable, __file__, "--child", str(model_dir), method, "--variant", variant]
     command += ["--ckpt"] if checkpointing else []
     # glibc hands freed blocks of 64 KiB and more straight back to the system, so RSS follows live tensors
     # (what the estimate counts, and what torch.cuda.max_memory_allocated counts on a GPU) rather than what
@@ -155,6 +163,7 @@ def measure(model_dir: Path, method: str, checkpointing: bool = False, default_m
         activation_checkpointing=checkpointing,
         compute_bytes=report["compute_bytes"],
         device_type=report["device"],
+        **VARIANTS[variant],
     )
     report["estimate_bytes"] = estimate_memory(MEASURED_MODEL, shape).total
     report["ratio"] = report["estimate_bytes"] / report["peak_bytes"]
@@ -170,11 +179,14 @@ def measured_table(model_dir: Path) -> str:
         "| method | estimated | measured | estimate / measured | measured, glibc's default caching |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    runs = (("lora", False), ("qlora", False), ("full", False), ("lora", True), ("full", True))
-    for method, checkpointing in runs:
-        report = measure(model_dir, method, checkpointing)
-        cached = measure(model_dir, method, checkpointing, default_malloc=True)
+    runs = [(method, False, "plain") for method in ("lora", "qlora", "full")]
+    runs += [("lora", True, "plain"), ("full", True, "plain")]
+    runs += [("lora", False, "dora"), ("qlora", False, "dora"), ("lora", False, "modules_to_save")]
+    for method, checkpointing, variant in runs:
+        report = measure(model_dir, method, checkpointing, variant=variant)
+        cached = measure(model_dir, method, checkpointing, default_malloc=True, variant=variant)
         name = method + (" + checkpointing" if checkpointing else "")
+        name += {"plain": "", "dora": " + DoRA", "modules_to_save": " + embed_tokens, lm_head"}[variant]
         lines.append(
             f"| {name} | {report['estimate_bytes'] / 2**20:.0f} | {report['peak_bytes'] / 2**20:.0f} | "
             f"{report['ratio']:.2f} | {cached['peak_bytes'] / 2**20:.0f} |"
@@ -204,9 +216,10 @@ def main():
     parser.add_argument("--table", action="store_true", help="print only the 7B/13B/34B table")
     parser.add_argument("--child", nargs=2, metavar=("MODEL_DIR", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, default="plain", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.ckpt)))
+        print(json.dumps(child(args.child[0], args.child[1], args.ckpt, args.variant)))
         return
     print("Estimated peak GiB per GPU: bf16, LoRA r=16 on q_proj,v_proj; micro-batch x seq len, ckpt =")
     print("activation checkpointing; folklore: the figures users quote (GB as tools print GiB)\n")

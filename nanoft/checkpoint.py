@@ -65,8 +65,9 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
 # What a resumed run must share with its checkpoint: the names and shapes of the trained tensors, and the data
 # stream the saved position points into. The rest (--max-steps, --eval-every, --lr ...) may change.
 RESUME_MUST_MATCH = (
-    "model method quant lora_r lora_alpha lora_targets data val_data data_format alpaca_style seq_len "
-    "val_frac pack group_by_length dedup near_dup_threshold train_on_everything seed batch_size"
+    "model method quant lora_r lora_alpha lora_targets use_rslora use_dora modules_to_save data val_data "
+    "data_format alpaca_style seq_len val_frac pack group_by_length dedup near_dup_threshold "
+    "train_on_everything seed batch_size"
 ).split()
 
 

@@ -41,11 +41,13 @@ TRACKERS = ("tensorboard", "mlflow", "none")  # nanoft/tracking.py
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # the playbook's starting points
 
 
-def flag(default, help, choices=None):
-    """A config field: its default, its --help text and, optionally, the values it accepts."""
+def flag(default, help, choices=None, bare=None):
+    """A config field: its default, its --help text and, optionally, the values it accepts and the value
+    the flag means given alone (`--fsdp` is `--fsdp full_shard`)."""
+    metadata = {"help": help, "choices": choices, "bare": bare}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -75,6 +77,15 @@ class TrainConfig:
     lora_alpha: float = flag(32.0, "LoRA alpha: the update is scaled by alpha / r (keep alpha = 2r)")
     lora_dropout: float = flag(0.05, "dropout on the LoRA input")
     lora_targets: list[str] = flag(["q_proj", "v_proj"], "linear layers that get adapters, or all-linear")
+    use_rslora: bool = flag(False, "rsLoRA: scale the update by alpha / sqrt(r), so a large r still learns")
+    use_dora: bool = flag(
+        False, "DoRA: also learn each output row's length (closer to a full fine-tune; slower steps)"
+    )
+    modules_to_save: list[str] = flag(
+        [],
+        "modules trained whole beside the adapters and saved with them, by PEFT's name "
+        "(e.g. embed_tokens lm_head, for tokens the data adds)",
+    )
 
     # data
     data_format: str = flag("auto", "data format (auto detects it from the records)", DATA_FORMATS)
@@ -141,6 +152,7 @@ class TrainConfig:
         "weights after its forward (ZeRO-3-like, least memory), shard_grad_op keeps them until backward "
         "(ZeRO-2-like, less communication); none: DDP, a full copy per process",
         FSDP_MODES,
+        bare="full_shard",
     )
     fsdp_cpu_offload: bool = flag(
         False, "with --fsdp: keep parameter shards, gradients and optimizer state in CPU RAM"
@@ -192,6 +204,16 @@ class TrainConfig:
             raise UserError(
                 f"--quant {self.quant} quantizes the base under LoRA, which is --method qlora; "
                 "pass --method qlora"
+            )
+        lora_variants = [
+            f"--{kebab(name)}"
+            for name in ("use_rslora", "use_dora", "modules_to_save")
+            if getattr(self, name)
+        ]
+        if lora_variants and self.method == "full":
+            raise UserError(
+                f"{' and '.join(lora_variants)} shape LoRA adapters; --method full trains every weight: drop "
+                f"{'it' if len(lora_variants) == 1 else 'them'}, or use --method lora"
             )
         if self.merge and self.method == "full":
             raise UserError(
@@ -263,9 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         elif kind is list:
             parser.add_argument(name, nargs="+", metavar=f.name.upper(), help=help_text)
         else:
-            parser.add_argument(
-                name, type=kind, choices=choices, metavar=None if choices else f.name.upper(), help=help_text
-            )
+            bare = f.metadata["bare"]
+            optional = dict(nargs="?", const=bare) if bare is not None else {}
+            if bare is not None:
+                help_text += f"; {name} alone means {name} {bare}"
+            metavar = None if choices else f.name.upper()
+            parser.add_argument(name, type=kind, choices=choices, metavar=metavar, help=help_text, **optional)
     return parser
 
 

@@ -12,6 +12,8 @@ torch, with glibc returning freed blocks at once (bench/memory_estimate.py, test
 
 Precision follows nanoft/precision.py: LoRA and QLoRA keep the frozen base in the compute dtype (NF4 for
 QLoRA's block linears) and fp32 adapters; a full fine-tune keeps fp32 master weights and runs under autocast.
+LoRA's modules_to_save train in place, in the base's compute dtype (as PEFT's copies do in a bf16 model), so
+their gradients and AdamW moments are in that dtype too; DoRA's magnitudes are fp32 adapters.
 """
 
 import math
@@ -82,9 +84,42 @@ def lora_targets(targets) -> tuple[str, ...]:
     return tuple(targets)
 
 
-def lora_parameter_count(config: ModelConfig, targets, r: int) -> int:
+def lora_parameter_count(config: ModelConfig, targets, r: int, use_dora: bool = False) -> int:
+    """A and B of every adapted layer, and with DoRA its magnitude vector (one number per output row)."""
     shapes = linear_shapes(config)
-    return config.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in lora_targets(targets))
+    per_layer = sum(
+        r * (shapes[t][0] + shapes[t][1]) + use_dora * shapes[t][1] for t in lora_targets(targets)
+    )
+    return config.num_hidden_layers * per_layer
+
+
+@dataclass
+class SavedModules:
+    """What LoRA's modules_to_save (trained whole) hold, and whether the embedding and lm_head train."""
+
+    parameters: int  # a tied embedding / lm_head pair counted once
+    block_linear: int  # of those, weights of block linears (a 4-bit base keeps them unquantized)
+    embedding: bool  # embed_tokens trains (or lm_head tied to it)
+    lm_head: bool  # lm_head trains (or embed_tokens tied to it)
+
+
+def saved_modules(config: ModelConfig, names) -> SavedModules:
+    """Count modules_to_save by PEFT's names (lora.matches' rule: a module's name or its last part)."""
+    C, layers, shapes = config.hidden_size, config.num_hidden_layers, linear_shapes(config)
+    biases = (
+        {name: shapes[name][1] for name in ("q_proj", "k_proj", "v_proj")} if config.attention_bias else {}
+    )
+    linear = {name: n_in * n_out + biases.get(name, 0) for name, (n_in, n_out) in shapes.items()}
+    linear["self_attn"] = sum(linear[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    linear["mlp"] = sum(linear[name] for name in ("gate_proj", "up_proj", "down_proj"))
+    names = {name.rpartition(".")[2] for name in names}
+    tied = config.tie_word_embeddings
+    embedding = "embed_tokens" in names or (tied and "lm_head" in names)
+    lm_head = "lm_head" in names or (tied and "embed_tokens" in names)
+    vocabulary = config.vocab_size * C * (embedding + lm_head if not tied else embedding)
+    block_linear = layers * sum(linear[name] for name in names if name in linear)
+    norms = C * ("norm" in names) + layers * C * len(names & {"input_layernorm", "post_attention_layernorm"})
+    return SavedModules(vocabulary + block_linear + norms, block_linear, embedding, lm_head)
 
 
 @dataclass
@@ -99,6 +134,8 @@ class TrainingShape:
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_dropout: float = 0.05
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()  # trained whole beside the adapters (LoRA / QLoRA)
     optim: str = "adamw"
     shards: int = 1  # FSDP: weights, gradients and optimizer states divided over this many devices
     cpu_offload: bool = False  # FSDP: the shards live in host memory; the device holds gathered layers
@@ -121,6 +158,7 @@ class MemoryEstimate:
     activations_checkpointed: int  # the same micro-batch with activation checkpointing
     activations_full: int  # ... and without
     logits_loss: int
+    dora_norm: int = 0  # DoRA's fp32 W + s B A of one adapted layer, while it computes the rows' norms
     workspace: int = RUNTIME_WORKSPACE
     host_offload: int = 0  # bytes in host memory under FSDP CPU offload (not in the total)
 
@@ -133,6 +171,7 @@ class MemoryEstimate:
             self.optimizer,
             self.activations,
             self.logits_loss,
+            self.dora_norm,
         )
         return sum(parts) + self.workspace
 
@@ -160,7 +199,31 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
         if c < 4:
             return norms + 5 * c * C + attention + mlp + c * M
         return norms + 2 * 4 * C + attention + mlp + 4 * M
-    return norms + attention + mlp + lora_activation_bytes_per_token(config, shape)
+    return (
+        norms
+        + attention
+        + mlp
+        + lora_activation_bytes_per_token(config, shape)
+        + dora_bytes_per_token(config, shape)
+    )
+
+
+def dora_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
+    """DoRA (lora.py) scales the base output and the update by m / ||W + s B A||: both (out wide) are kept for
+    the magnitudes' gradient."""
+    if not shape.use_dora or shape.method == "full":
+        return 0
+    shapes = linear_shapes(config)
+    return sum(2 * shape.compute_bytes * shapes[t][1] for t in shape.lora_targets)
+
+
+def dora_dequantized_weight_bytes(config: ModelConfig, shape: TrainingShape) -> int:
+    """DoRA with dropout on a 4-bit base multiplies dropout(x) by the dequantized weight, which autograd keeps
+    for backward: per adapted layer, the whole weight in the compute dtype (as PEFT does)."""
+    if not (shape.use_dora and shape.method == "qlora" and shape.lora_dropout > 0):
+        return 0
+    shapes = linear_shapes(config)
+    return sum(shape.compute_bytes * shapes[t][0] * shapes[t][1] for t in shape.lora_targets)
 
 
 def residual_bytes(shape: TrainingShape) -> int:
@@ -236,13 +299,23 @@ def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: b
     final_norm = residual * C + 4
     rope = 2 * shape.compute_bytes * config.head_dim  # cos and sin, shared by the layers
     loss = residual * C + 1  # the loss keeps dL/dhidden (computed in its forward) and the target mask
-    embedding_indices = 8 if shape.method == "full" else 0
+    embedding_indices = 8 if trains_embedding(config, shape) else 0
+    dequantized = dora_dequantized_weight_bytes(config, shape)  # per layer, whatever the tokens
     if checkpointing:  # only each layer's input is kept; backward recomputes one layer at a time
         layer_bytes = layers * residual * C + per_layer
     else:
         layer_bytes = layers * per_layer - first_layer_saving(config, shape)
+        dequantized *= layers - (not trains_embedding(config, shape))  # the first layer's input needs no grad
     per_token = layer_bytes + final_norm + rope + loss + embedding_indices
-    return math.ceil(per_token * tokens) + attention_bias_bytes(config, shape)
+    return math.ceil(per_token * tokens) + attention_bias_bytes(config, shape) + dequantized
+
+
+def trains_embedding(config: ModelConfig, shape: TrainingShape) -> bool:
+    return shape.method == "full" or saved_modules(config, shape.modules_to_save).embedding
+
+
+def trains_lm_head(config: ModelConfig, shape: TrainingShape) -> bool:
+    return shape.method == "full" or saved_modules(config, shape.modules_to_save).lm_head
 
 
 def first_layer_saving(config: ModelConfig, shape: TrainingShape) -> int:
@@ -250,7 +323,7 @@ def first_layer_saving(config: ModelConfig, shape: TrainingShape) -> int:
     is not kept there: the input norm's input, the dropout masks of adapters on q/k/v and, in the CPU
     attention that keeps probabilities, the scaled q when k has no adapter (it serves k's gradient). For
     targets that adapt q or k."""
-    if shape.method == "full":
+    if trains_embedding(config, shape):  # the first layer's input needs its gradient after all
         return 0
     C, c = config.hidden_size, shape.compute_bytes
     attention_targets = [t for t in shape.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
@@ -265,6 +338,9 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
     params = count_parameters(config)
     c, tokens, layers = shape.compute_bytes, shape.micro_batch * shape.seq_len, config.num_hidden_layers
     matmul_params = params.block_linear + (params.lm_head or params.embedding)
+    saved = saved_modules(
+        config, shape.modules_to_save
+    )  # LoRA's: trained whole, in place, in the compute dtype
     if shape.method == "full":
         # fp32 master weights, plus the compute-dtype copies autocast caches for every matmul weight until
         # backward has used them.
@@ -272,12 +348,17 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
         trainable, adapters = params.total, 0
     else:
         linear_bytes = NF4_BYTES_PER_PARAM if shape.method == "qlora" else c
-        weights = math.ceil(linear_bytes * params.block_linear) + c * (params.total - params.block_linear)
-        trainable = lora_parameter_count(config, shape.lora_targets, shape.lora_r)
+        quantized = params.block_linear - saved.block_linear  # train.py keeps modules_to_save unquantized
+        weights = math.ceil(linear_bytes * quantized) + c * (params.total - quantized)
+        trainable = lora_parameter_count(config, shape.lora_targets, shape.lora_r, shape.use_dora)
         # fp32 adapters, and the compute-dtype copies lora.py casts them to for each forward.
         adapters = (4 + (c if c < 4 else 0)) * trainable
     gradients = 4 * trainable * (2 if shape.ddp else 1)
     optimizer = OPTIMIZER_BYTES_PER_PARAM[shape.optim] * trainable
+    if shape.method != "full":  # modules_to_save: gradients and AdamW moments in the weights' dtype
+        gradients += c * saved.parameters * (2 if shape.ddp else 1)
+        moments = 2 * c if shape.optim == "adamw" else OPTIMIZER_BYTES_PER_PARAM[shape.optim]
+        optimizer += moments * saved.parameters
 
     activations_full = activation_bytes(config, shape, checkpointing=False)
     activations_checkpointed = activation_bytes(config, shape, checkpointing=True)
@@ -287,11 +368,17 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
     # 2 c bytes per logit at the peak (measured; fp16 keeps fp32 logits, ~10 bytes, not modelled). A trained
     # lm_head adds its fp32 gradient, built in the forward, and the compute-dtype + fp32 copies of each
     # chunk's contribution to it.
-    chunk_logits = min(tokens, rows_per_chunk(config.vocab_size, shape.method == "full")) * config.vocab_size
+    lm_head_trains = trains_lm_head(config, shape)
+    chunk_logits = min(tokens, rows_per_chunk(config.vocab_size, lm_head_trains)) * config.vocab_size
     logits_loss = 2 * c * chunk_logits
-    if shape.method == "full":
+    if lm_head_trains:
         lm_head = params.lm_head or params.embedding
         logits_loss += 4 * lm_head + (c + 4 if c < 4 else 4) * lm_head
+
+    # DoRA's row norms (lora.py's weight_norm): one (out, in) fp32 matrix, of one adapted layer at a time.
+    shapes = linear_shapes(config)
+    adapted = [shapes[t][0] * shapes[t][1] for t in shape.lora_targets]
+    dora_norm = 4 * max(adapted) if shape.use_dora and shape.method != "full" else 0
 
     host_offload = 0
     if shape.shards > 1 or shape.cpu_offload:
@@ -317,5 +404,6 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
         activations_checkpointed=activations_checkpointed,
         activations_full=activations_full,
         logits_loss=logits_loss,
+        dora_norm=dora_norm,
         host_offload=host_offload,
     )

@@ -69,19 +69,25 @@ def saved_activation_bytes(model, autocast, micro_batch, seq_len):
 
 
 @pytest.mark.parametrize(
-    "method, targets, dropout, seq_len",
+    "method, targets, dropout, seq_len, variant",
     [  # 96 tokens: nanoft's own CPU attention; 1024: SDPA (the scores would be too big to keep)
-        ("full", ("q_proj",), 0.05, 96),
-        ("full", ("q_proj",), 0.05, 1024),
-        ("lora", ("q_proj", "v_proj"), 0.05, 96),
-        ("lora", ("q_proj", "v_proj"), 0.05, 1024),
-        ("lora", "all-linear", 0.05, 96),
-        ("lora", "all-linear", 0.0, 96),
-        ("lora", "all-linear", 0.0, 1024),
-        ("qlora", ("q_proj", "v_proj"), 0.05, 96),
+        ("full", ("q_proj",), 0.05, 96, {}),
+        ("full", ("q_proj",), 0.05, 1024, {}),
+        ("lora", ("q_proj", "v_proj"), 0.05, 96, {}),
+        ("lora", ("q_proj", "v_proj"), 0.05, 1024, {}),
+        ("lora", "all-linear", 0.05, 96, {}),
+        ("lora", "all-linear", 0.0, 96, {}),
+        ("lora", "all-linear", 0.0, 1024, {}),
+        ("qlora", ("q_proj", "v_proj"), 0.05, 96, {}),
+        ("lora", ("q_proj", "v_proj"), 0.05, 96, {"use_dora": True}),
+        ("lora", "all-linear", 0.0, 96, {"use_dora": True}),
+        ("qlora", ("q_proj", "v_proj"), 0.05, 96, {"use_dora": True}),
+        ("qlora", ("q_proj", "v_proj"), 0.0, 96, {"use_dora": True}),
+        ("lora", ("q_proj", "v_proj"), 0.05, 96, {"modules_to_save": ("embed_tokens", "lm_head")}),
+        ("lora", ("q_proj", "v_proj"), 0.05, 96, {"modules_to_save": ("lm_head", "norm")}),
     ],
 )
-def test_activation_estimate_matches_what_autograd_saves(method, targets, dropout, seq_len):
+def test_activation_estimate_matches_what_autograd_saves(method, targets, dropout, seq_len, variant):
     torch.manual_seed(0)
     if method == "full":
         model = Transformer(SMALL)  # fp32 master weights under bf16 autocast, as nanoft/precision.py does it
@@ -89,14 +95,18 @@ def test_activation_estimate_matches_what_autograd_saves(method, targets, dropou
         model = Transformer(SMALL).to(torch.bfloat16)
         if method == "qlora":
             quant.quantize_linears(model, quant.QuantConfig())
-        model = lora.inject_lora(model, lora.LoRAConfig(targets=targets, dropout=dropout))
+        model = lora.inject_lora(model, lora.LoRAConfig(targets=targets, dropout=dropout, **variant))
     measured = saved_activation_bytes(model, autocast=method == "full", micro_batch=2, seq_len=seq_len)
-    shape = TrainingShape(method, 2, seq_len, lora_targets=targets, lora_dropout=dropout, device_type="cpu")
+    shape = TrainingShape(
+        method, 2, seq_len, lora_targets=targets, lora_dropout=dropout, device_type="cpu", **variant
+    )
     estimate = estimate_memory(SMALL, shape)
     parameters = count_parameters(SMALL)
     expected = estimate.activations_full
-    if method == "full":  # autograd also keeps the bf16 weight copies and the loss's fp32 lm_head gradient
-        expected += 2 * parameters.block_linear + 4 * parameters.lm_head
+    if method == "full" or "lm_head" in variant.get("modules_to_save", ()):
+        expected += 4 * parameters.lm_head  # the loss's fp32 lm_head gradient (in logits_loss)
+    if method == "full":  # autograd also keeps the bf16 weight copies
+        expected += 2 * parameters.block_linear
     else:  # ... and the bf16 copies of the adapters
         expected += 2 * lora_parameter_count(SMALL, shape.lora_targets, shape.lora_r)
     assert abs(expected / measured - 1) < 0.01, (expected, measured)
@@ -130,11 +140,15 @@ def measured_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method, checkpointing", [("lora", False), ("qlora", False), ("full", False)])
-def test_estimate_within_25_percent_of_a_measured_training_step(measured_model_dir, method, checkpointing):
+@pytest.mark.parametrize(
+    "method, variant",
+    [("lora", "plain"), ("qlora", "plain"), ("full", "plain"), ("lora", "dora"), ("qlora", "dora")]
+    + [("lora", "modules_to_save")],
+)
+def test_estimate_within_25_percent_of_a_measured_training_step(measured_model_dir, method, variant):
     """Two optimizer steps of 2 micro-batches x 2 x 256 tokens of a 34M Llama, each method in a fresh process:
     its peak RSS above its RSS after imports (glibc returning freed blocks at once, so RSS follows live
     tensors) against the estimate for the same run."""
-    report = measure(measured_model_dir, method, checkpointing)
-    print(method, report)
+    report = measure(measured_model_dir, method, variant=variant)
+    print(method, variant, report)
     assert 0.75 <= report["ratio"] <= 1.25, report

@@ -322,6 +322,51 @@ def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_f
         torch.testing.assert_close(merged(ids).logits, ours, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("flags", ["--use-rslora", "--use-dora", "--modules-to-save embed_tokens"])
+def test_lora_variants_from_the_command_line_resume_exactly_and_load_in_peft(
+    tiny_model_dir, data_files, tmp_path, flags
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora import load_adapter
+    from nanoft.weights import from_pretrained
+
+    run = tmp_path / "run"
+    steps = "--max-steps 4 --save-every 2 --keep-last 10 --merge".split()
+    train(tiny_model_dir, data_files, run, *steps, *flags.split())
+    peft_config = json.loads((run / "adapter/adapter_config.json").read_text())  # says what the flags said
+    assert peft_config["use_rslora"] == ("--use-rslora" in flags)
+    assert peft_config["use_dora"] == ("--use-dora" in flags)
+    assert peft_config["modules_to_save"] == (["embed_tokens"] if "embed_tokens" in flags else None)
+    ids = torch.tensor([[1, 3, 10, 11, 12, 5, 4]])
+    with torch.no_grad():
+        ours = load_adapter(from_pretrained(tiny_model_dir), run / "adapter").eval()(ids)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(reference, run / "adapter").eval()
+        torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)
+        merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
+        torch.testing.assert_close(merged(ids).logits, ours, rtol=0.05, atol=0.05)  # bf16 weights
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        assert (base(ids).logits - ours).abs().max() > 1e-3  # the variant trained something
+
+    # The step-2 checkpoint holds every trained tensor (magnitudes, the saved module) and their optimizer
+    # state: resumed from it, the run reaches step 4 bit for bit as before.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints/step-0000004")
+    train(tiny_model_dir, data_files, resumed, *steps, *flags.split(), "--resume")
+    before = load_file(run / "checkpoints/step-0000004/trainable.safetensors")
+    after = load_file(resumed / "checkpoints/step-0000004/trainable.safetensors")
+    assert before.keys() == after.keys()
+    assert any("magnitude" in name for name in before) == ("--use-dora" in flags)
+    assert ("model.embed_tokens.weight" in before) == ("embed_tokens" in flags)
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    with pytest.raises(SystemExit):  # a resume that would change the variant is refused
+        main(["--out", str(resumed), "--resume", "--no-use-dora" if "dora" in flags else "--use-dora"])
+
+
 def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir, data_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
