@@ -75,9 +75,7 @@ def dense_weight(layer: nn.Linear) -> torch.Tensor:
             unpacked = bnb._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
             weight.data, weight.quant_state = unpacked
         return bnb.dequantize_4bit(weight.data, weight.quant_state)
-    if (
-        type(layer).__name__ == "Linear4bit"
-    ):  # under FSDP: plain packed bytes, gathered (nanoft/fsdp_qlora.py)
+    if type(layer).__name__ == "Linear4bit":  # FSDP gathered its packed bytes (nanoft/fsdp_qlora.py)
         import bitsandbytes.functional as bnb
 
         return bnb.dequantize_4bit(weight, layer.quant_state)
@@ -248,13 +246,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors (adapters and modules_to_save) under PEFT's on-disk names."""
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+def lora_state_dict(model: nn.Module, gathered: dict | None = None) -> dict[str, torch.Tensor]:
+    """The trainable tensors (adapters and modules_to_save) under PEFT's on-disk names: the model's own, or
+    `gathered` ones (by parameter name, a tied weight once: distributed.full_state_dict under FSDP)."""
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     # keep_vars keeps Parameters, whose identity tells trainable ones apart; a tied lm_head is listed too,
     # as PEFT's files with ensure_weight_tying carry both names.
     return {
-        PEFT_PREFIX + name: tensor.detach()
+        PEFT_PREFIX + name: tensor.detach() if gathered is None else gathered[trainable[id(tensor)]]
         for name, tensor in model.state_dict(keep_vars=True).items()
         if id(tensor) in trainable
     }
@@ -318,9 +317,8 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path="", tensors: di
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    state = lora_state_dict(model) if tensors is None else {PEFT_PREFIX + n: t for n, t in tensors.items()}
     # clone: safetensors refuses tensors that share memory (a tied embed_tokens / lm_head pair).
-    tensors = {name: t.to("cpu").clone().contiguous() for name, t in state.items()}
+    tensors = {name: t.to("cpu").clone().contiguous() for name, t in lora_state_dict(model, tensors).items()}
     config_json = json.dumps(peft_config, indent=2)
     write_atomically(path / "adapter_config.json", lambda tmp: Path(tmp).write_text(config_json))
     write_atomically(

@@ -388,3 +388,37 @@ def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_
     input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids), reference(input_ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["--use-dora --use-rslora --modules-to-save embed_tokens", "--method qlora --use-dora"],
+    ids=["lora-dora-rslora-embed_tokens", "qlora-dora"],
+)
+def test_lora_variants_under_fsdp_match_one_process_and_load_in_peft(tiny_model_dir, tmp_path, variant):
+    """`--fsdp` alone shards fully. DoRA (its norms need each layer's whole weight, which FSDP gathers; a
+    4-bit one dequantized from the gathered bytes), rsLoRA and a trained embedding (tied to lm_head: the
+    adapter file names both) shard and train as one process does."""
+    fsdp_dir, one_dir = tmp_path / "fsdp", tmp_path / "one"
+    run_train(tiny_model_dir, fsdp_dir, "--fsdp", "--batch-size", "2", *variant.split(), torchrun=True)
+    run_train(tiny_model_dir, one_dir, "--batch-size", "4", *variant.split(), torchrun=False)
+    assert json.loads((fsdp_dir / "config.json").read_text())["fsdp"] == "full_shard"
+    fsdp_summary, one_summary = (json.loads((d / "summary.json").read_text()) for d in (fsdp_dir, one_dir))
+    torch.testing.assert_close(
+        torch.tensor(fsdp_summary["val_curve"]), torch.tensor(one_summary["val_curve"]), rtol=1e-5, atol=0
+    )
+    fsdp_adapter, one_adapter = (
+        load_file(d / "adapter" / "adapter_model.safetensors") for d in (fsdp_dir, one_dir)
+    )
+    assert fsdp_adapter.keys() == one_adapter.keys()
+    assert any("lora_magnitude_vector" in name for name in fsdp_adapter)
+    for name, tensor in one_adapter.items():
+        torch.testing.assert_close(fsdp_adapter[name], tensor, rtol=0, atol=1e-5, msg=name)
+    if "qlora" in variant:  # a 4-bit base's adapter is checked against PEFT in tests/test_lora.py
+        return
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(reference, fsdp_dir / "adapter").eval()
+    ours = load_adapter(from_pretrained(tiny_model_dir), fsdp_dir / "adapter").eval()
+    input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids), reference(input_ids).logits, rtol=1e-4, atol=1e-4)
