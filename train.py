@@ -27,7 +27,15 @@ import torch
 from safetensors.torch import load_file
 
 from data import prepare_data
-from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter, trainable_parameters_line
+from lora import (
+    PEFT_PREFIX,
+    LoRAConfig,
+    export_merged,
+    inject_lora,
+    lora_scale,
+    save_adapter,
+    trainable_parameters_line,
+)
 from nanoft.checkpoint import (
     check_resume_config,
     latest_checkpoint,
@@ -358,6 +366,7 @@ def main(argv=None):
         trainable=n_trainable,
         total=n_total,
         precision=precision.reason,
+        lora_scale=lora_scale(config.lora_alpha, config.lora_r, config.use_rslora),
     ):
         print0(dist, "  " + line)
     monitor = Monitor(

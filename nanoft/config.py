@@ -390,8 +390,10 @@ def hyperparameter_notes(
     trainable: int,
     total: int,
     precision: str,
+    lora_scale: float,
 ) -> list[str]:
-    """One line per key hyperparameter: its value and what to watch to know it is working."""
+    """One line per key hyperparameter: its value and what to watch to know it is working. lora_scale: what
+    lora.py multiplies the update by (lora.lora_scale)."""
     lr_source = f"default for {config.method}" if config.lr == DEFAULT_LR.get(config.method) else "set"
     batch = config.batch_size * config.grad_accum * world_size
     lines = [
@@ -408,12 +410,12 @@ def hyperparameter_notes(
     ]
     if config.method in ("lora", "qlora"):
         base = f" on a {config.quant} base" if config.method == "qlora" else ""
-        scale = config.lora_alpha / config.lora_r
         lines.append(
-            f"LoRA r={config.lora_r} alpha={config.lora_alpha:g} (scale {scale:g}) "
+            f"LoRA r={config.lora_r} alpha={config.lora_alpha:g} (scale {lora_scale:.3g}) "
             f"on {','.join(config.lora_targets)}{base}: {trainable:,} of {total:,} weights train "
             f"({trainable / total:.2%}); train loss stalls high -> raise r or use all-linear"
         )
+        lines += [f"{variant}: {watch}" for variant, watch in lora_variant_notes(config)]
     else:
         lines.append(
             f"full fine-tune: all {trainable:,} weights train; watch for forgetting (val on general data)"
@@ -427,3 +429,41 @@ def hyperparameter_notes(
         f"precision {precision}",
     ]
     return lines
+
+
+def lora_variant_notes(config) -> list[tuple[str, str]]:
+    """(variant, what to watch) for the LoRA variants a run uses: in the run's notes and in --plan."""
+    notes = []
+    if config.use_rslora:
+        notes.append(
+            (
+                "rsLoRA (scale alpha / sqrt(r))",
+                f"the update is sqrt(r) = {math.sqrt(config.lora_r):.3g}x plain LoRA's at this r and "
+                "alpha: a loss spike early -> lower the lr; a larger r adds capacity without shrinking the "
+                "update",
+            )
+        )
+    if config.use_dora:
+        dequantized = (
+            "; on a 4-bit base with dropout each adapted layer's dequantized weight is kept until backward: "
+            "--lora-dropout 0 or --activation-checkpointing frees it"
+            if config.method == "qlora" and config.lora_dropout > 0
+            else ""
+        )
+        notes.append(
+            (
+                "DoRA (each adapted layer also learns its rows' lengths)",
+                "slower steps (the rows' norms of W + s B A at every forward) for a val loss that should "
+                f"beat plain LoRA's at the same r: if it does not, drop --use-dora{dequantized}",
+            )
+        )
+    if config.modules_to_save:
+        notes.append(
+            (
+                f"modules_to_save {','.join(config.modules_to_save)} (trained whole, in the base's dtype, "
+                "saved in the adapter)",
+                "far more weights than the adapters: val loss rising while train falls comes sooner -> fewer "
+                "epochs; needed for tokens the data adds (their rows start untrained), rarely otherwise",
+            )
+        )
+    return notes

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nanoft.config import DEFAULT_LR
+from nanoft.config import DEFAULT_LR, lora_variant_notes
 from nanoft.errors import UserError
 from nanoft.memory import (
     GiB,
@@ -115,6 +115,9 @@ class PlanRequest:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
     optim: str = "adamw"
     lr: float | None = None
     warmup_frac: float = 0.03
@@ -168,6 +171,9 @@ def plan_request(config, compute_bytes: int = 2) -> PlanRequest:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         lora_targets=tuple(config.lora_targets),
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        modules_to_save=tuple(config.modules_to_save),
         optim=config.optim,
         lr=config.lr,
         warmup_frac=config.warmup_frac,
@@ -244,6 +250,8 @@ def training_shape(method, layout, micro_batch, checkpointing, hardware, request
         lora_r=request.lora_r,
         lora_targets=request.lora_targets,
         lora_dropout=request.lora_dropout,
+        use_dora=request.use_dora,
+        modules_to_save=request.modules_to_save,
         optim=request.optim,
         shards=hardware.device_count if layout.startswith("fsdp") else 1,
         cpu_offload=layout == "fsdp_offload",
@@ -366,6 +374,8 @@ def watch_list(plan: Plan) -> list[tuple[str, str]]:
                 "while train falls: fewer epochs or more dropout",
             ),
         )
+    if plan.method != "full":
+        watch += lora_variant_notes(replace(request, method=plan.method))
     if plan.method == "qlora":
         watch.append(
             (
@@ -399,7 +409,7 @@ def format_plan(plan: Plan, model_name: str = "") -> str:
     rows = [
         (f"weights ({weights[plan.method]})", e.weights),
         ("adapters (fp32 + compute-dtype copies)", e.adapters),
-        ("gradients (fp32, trainable only)", e.gradients),
+        ("gradients (trainable only)", e.gradients),
         (f"optimizer states ({plan.request.optim})", e.optimizer),
         (
             "activations without checkpointing" + ("" if plan.activation_checkpointing else "  <- used"),
@@ -410,6 +420,7 @@ def format_plan(plan: Plan, model_name: str = "") -> str:
             e.activations_checkpointed,
         ),
         ("logits / loss (chunks of 2^25 logits, never all)", e.logits_loss),
+        *([("DoRA row norms (one layer's fp32 W + s B A)", e.dora_norm)] if e.dora_norm else []),
         ("kernel workspace", e.workspace),
     ]
     lines += [f"  {name:<52}{value / GiB:>8.2f}" for name, value in rows]

@@ -62,6 +62,16 @@ def test_flag_types_lists_and_booleans():
     assert config.lora_targets == ["q_proj", "k_proj", "v_proj"]
     assert config.dedup is False and config.pack is True
     assert parse_config(["--data", "a.jsonl", "b.jsonl"]).data == ["a.jsonl", "b.jsonl"]
+    variants = parse_config("--use-dora --use-rslora --modules-to-save embed_tokens lm_head".split())
+    assert (
+        variants.use_dora and variants.use_rslora and variants.modules_to_save == ["embed_tokens", "lm_head"]
+    )
+    assert parse_config(["--fsdp", "--use-dora"]).fsdp == "full_shard"  # --fsdp alone: the default mode
+    assert (
+        parse_config(["--fsdp", "shard_grad_op"]).fsdp == "shard_grad_op" and parse_config([]).fsdp == "none"
+    )
+    assert parse_config([]).report_to == ["tensorboard"]
+    assert parse_config("--report-to none".split()).report_to == ["none"]
 
 
 def test_toml_sets_fields_and_flags_override(tmp_path):
@@ -108,6 +118,10 @@ def test_saved_config_repeats_the_run_and_resume_reads_it(tmp_path):
         ("--dtype fp8", "invalid choice"),
         ("--nonsense", "unrecognized arguments"),
         ("--lora-targets ,", "--lora-targets is empty"),
+        ("--method full --use-dora", "--use-dora shape LoRA adapters"),
+        ("--method full --modules-to-save embed_tokens", "--modules-to-save shape LoRA adapters"),
+        ("--report-to wandb", "--report-to wandb: unknown"),
+        ("--report-to none mlflow", "'none' turns tracking off"),
         ("--epochs nan", "--epochs nan: must be a finite number"),
         ("--epochs inf", "--epochs inf: must be a finite number"),
         ("--weight-decay inf", "--weight-decay inf: must be a finite number"),

@@ -151,6 +151,30 @@ def test_full_fine_tune_lr_and_qlora_watch_item():
     assert [format_lr(lr) for lr in (2e-4, 5e-5, 1.5e-4, 1e-3)] == ["2e-4", "5e-5", "1.5e-4", "1e-3"]
 
 
+def test_lora_variants_cost_what_they_keep_and_are_watched():
+    all_linear = dict(lora_targets=("all-linear",), seq_len=512)
+    plain = plan(LLAMA_2_7B, 80, method="qlora", **all_linear)
+    dora = plan(LLAMA_2_7B, 80, method="qlora", use_dora=True, **all_linear)
+    # DoRA keeps the base output and the update of every adapted layer (bf16, out wide) per token, and with
+    # dropout on a 4-bit base every adapted layer's dequantized bf16 weight until backward (but the first's).
+    out_widths = 5 * 4096 + 2 * 11008  # q, k, v, o and down write 4096 wide, gate and up 11008
+    layer_weights = 4 * 4096 * 4096 + 3 * 4096 * 11008
+    per_token = 32 * 2 * 2 * out_widths
+    kept = dora.estimate.activations_full - plain.estimate.activations_full
+    assert kept == 4 * 512 * per_token + 31 * 2 * layer_weights
+    assert dora.estimate.dora_norm == 4 * 4096 * 11008  # one MLP projection's fp32 W + s B A
+    watched = dict(watch_list(dora))
+    dora_watch = next(what for name, what in watched.items() if name.startswith("DoRA"))
+    assert "--lora-dropout 0 or --activation-checkpointing" in dora_watch
+    saved = plan(LLAMA_2_7B, 80, method="lora", modules_to_save=("embed_tokens", "lm_head"))
+    base = plan(LLAMA_2_7B, 80, method="lora")
+    embeddings = 2 * 32000 * 4096  # untied: embed_tokens and lm_head, trained in place in bf16
+    assert saved.estimate.optimizer - base.estimate.optimizer == 2 * 2 * embeddings  # bf16 AdamW m and v
+    assert saved.estimate.gradients - base.estimate.gradients == 2 * embeddings
+    assert any(name.startswith("modules_to_save embed_tokens,lm_head") for name, _ in watch_list(saved))
+    assert not any(name.startswith(("DoRA", "rsLoRA", "modules_to_save")) for name, _ in watch_list(base))
+
+
 def test_detects_this_machine(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     hardware = detect_hardware()
