@@ -63,8 +63,8 @@ class LoRAConfig:
         self.modules_to_save = tuple(self.modules_to_save)
 
 
-def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
-    """What the update B A x is multiplied by: alpha / r, or rsLoRA's alpha / sqrt(r)."""
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """What B A is multiplied by: alpha / r, or rsLoRA's alpha / sqrt(r)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
@@ -111,7 +111,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = CPUFriendlyDropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale = lora_scale(alpha, r, use_rslora)
+        self.scale = lora_scale(r, alpha, use_rslora)
         self.use_dora = use_dora
         if use_dora:  # B = 0, so m = ||W||: the layer starts as the base
             self.lora_magnitude_vector = nn.Parameter(self.weight_norm(dense_weight(base_layer)))

@@ -366,7 +366,7 @@ def main(argv=None):
         trainable=n_trainable,
         total=n_total,
         precision=precision.reason,
-        lora_scale=lora_scale(config.lora_alpha, config.lora_r, config.use_rslora),
+        lora_scale=lora_scale(config.lora_r, config.lora_alpha, config.use_rslora),
     ):
         print0(dist, "  " + line)
     monitor = Monitor(

@@ -358,17 +358,7 @@ def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_
     fsdp_dir, one_dir = tmp_path / "fsdp", tmp_path / "one"
     run_train(tiny_model_dir, fsdp_dir, "--fsdp", "full_shard", "--batch-size", "2", torchrun=True)
     run_train(tiny_model_dir, one_dir, "--batch-size", "4", torchrun=False)
-
-    fsdp_summary, one_summary = (json.loads((d / "summary.json").read_text()) for d in (fsdp_dir, one_dir))
-    torch.testing.assert_close(
-        torch.tensor(fsdp_summary["val_curve"]), torch.tensor(one_summary["val_curve"]), rtol=1e-6, atol=0
-    )
-    fsdp_adapter, one_adapter = (
-        load_file(d / "adapter" / "adapter_model.safetensors") for d in (fsdp_dir, one_dir)
-    )
-    assert fsdp_adapter.keys() == one_adapter.keys()
-    for name, tensor in one_adapter.items():
-        torch.testing.assert_close(fsdp_adapter[name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert_same_run(fsdp_dir, one_dir, val_rtol=1e-6)
 
     # Resume under FSDP from the step-2 checkpoint: the step-3 checkpoint comes out bit for bit the same.
     resumed_dir = tmp_path / "resumed"
@@ -382,9 +372,27 @@ def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_
         assert torch.equal(resumed[name], tensor), name
 
     # The adapter rank 0 wrote from the gathered shards is one PEFT loads onto transformers' model.
-    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    reference = peft.PeftModel.from_pretrained(reference, fsdp_dir / "adapter").eval()
-    ours = load_adapter(from_pretrained(tiny_model_dir), fsdp_dir / "adapter").eval()
+    assert_peft_loads_with_our_logits(tiny_model_dir, fsdp_dir / "adapter")
+
+
+def assert_same_run(fsdp_dir: Path, one_dir: Path, val_rtol: float) -> None:
+    """The FSDP run's val curve and best adapter are the one-process run's."""
+    fsdp_summary, one_summary = (json.loads((d / "summary.json").read_text()) for d in (fsdp_dir, one_dir))
+    torch.testing.assert_close(
+        torch.tensor(fsdp_summary["val_curve"]), torch.tensor(one_summary["val_curve"]), rtol=val_rtol, atol=0
+    )
+    fsdp_adapter, one_adapter = (
+        load_file(d / "adapter" / "adapter_model.safetensors") for d in (fsdp_dir, one_dir)
+    )
+    assert fsdp_adapter.keys() == one_adapter.keys()
+    for name, tensor in one_adapter.items():
+        torch.testing.assert_close(fsdp_adapter[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def assert_peft_loads_with_our_logits(model_dir: Path, adapter_dir: Path) -> None:
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(reference, adapter_dir).eval()
+    ours = load_adapter(from_pretrained(model_dir), adapter_dir).eval()
     input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids), reference(input_ids).logits, rtol=1e-4, atol=1e-4)
@@ -403,22 +411,9 @@ def test_lora_variants_under_fsdp_match_one_process_and_load_in_peft(tiny_model_
     run_train(tiny_model_dir, fsdp_dir, "--fsdp", "--batch-size", "2", *variant.split(), torchrun=True)
     run_train(tiny_model_dir, one_dir, "--batch-size", "4", *variant.split(), torchrun=False)
     assert json.loads((fsdp_dir / "config.json").read_text())["fsdp"] == "full_shard"
-    fsdp_summary, one_summary = (json.loads((d / "summary.json").read_text()) for d in (fsdp_dir, one_dir))
-    torch.testing.assert_close(
-        torch.tensor(fsdp_summary["val_curve"]), torch.tensor(one_summary["val_curve"]), rtol=1e-5, atol=0
+    assert_same_run(fsdp_dir, one_dir, val_rtol=1e-5)
+    assert any(
+        "lora_magnitude_vector" in name for name in load_file(fsdp_dir / "adapter/adapter_model.safetensors")
     )
-    fsdp_adapter, one_adapter = (
-        load_file(d / "adapter" / "adapter_model.safetensors") for d in (fsdp_dir, one_dir)
-    )
-    assert fsdp_adapter.keys() == one_adapter.keys()
-    assert any("lora_magnitude_vector" in name for name in fsdp_adapter)
-    for name, tensor in one_adapter.items():
-        torch.testing.assert_close(fsdp_adapter[name], tensor, rtol=0, atol=1e-5, msg=name)
-    if "qlora" in variant:  # a 4-bit base's adapter is checked against PEFT in tests/test_lora.py
-        return
-    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    reference = peft.PeftModel.from_pretrained(reference, fsdp_dir / "adapter").eval()
-    ours = load_adapter(from_pretrained(tiny_model_dir), fsdp_dir / "adapter").eval()
-    input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids), reference(input_ids).logits, rtol=1e-4, atol=1e-4)
+    if "qlora" not in variant:  # a 4-bit base's adapter is checked against PEFT in tests/test_lora.py
+        assert_peft_loads_with_our_logits(tiny_model_dir, fsdp_dir / "adapter")

@@ -281,12 +281,6 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_file
 
 
 def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_files, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from lora import load_adapter
-    from nanoft.weights import from_pretrained
-
     summary = train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "12", "--merge")
     for key in (
         "baseline_val_loss",
@@ -310,27 +304,34 @@ def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_f
     assert "## Quality gates" in (tmp_path / "run/report.md").read_text()
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
 
-    # The best adapter, loaded by PEFT onto the transformers model, gives our model's logits.
+    assert_peft_and_merged_give_our_logits(tiny_model_dir, tmp_path / "run")
+
+
+def assert_peft_and_merged_give_our_logits(model_dir: Path, run: Path) -> torch.Tensor:
+    """The best adapter, loaded by PEFT onto the transformers model, gives our model's logits, and so does the
+    merged export (a plain model; bf16 weights: a looser tolerance). Returns our logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora import load_adapter
+    from nanoft.weights import from_pretrained
+
     ids = torch.tensor([[1, 3, 10, 11, 12, 5, 4]])
     with torch.no_grad():
-        ours = load_adapter(from_pretrained(tiny_model_dir), tmp_path / "run/adapter").eval()(ids)
-        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        peft_model = PeftModel.from_pretrained(reference, tmp_path / "run/adapter").eval()
+        ours = load_adapter(from_pretrained(model_dir), run / "adapter").eval()(ids)
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(reference, run / "adapter").eval()
         torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)
-        # The merged export is a plain model with the same logits (bf16 weights: a looser tolerance).
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run/merged", dtype=torch.float32)
+        merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
         torch.testing.assert_close(merged(ids).logits, ours, rtol=0.05, atol=0.05)
+    return ours
 
 
 @pytest.mark.parametrize("flags", ["--use-rslora", "--use-dora", "--modules-to-save embed_tokens"])
 def test_lora_variants_from_the_command_line_resume_exactly_and_load_in_peft(
     tiny_model_dir, data_files, tmp_path, flags
 ):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from lora import load_adapter
-    from nanoft.weights import from_pretrained
 
     run = tmp_path / "run"
     steps = "--max-steps 4 --save-every 2 --keep-last 10 --merge".split()
@@ -339,16 +340,10 @@ def test_lora_variants_from_the_command_line_resume_exactly_and_load_in_peft(
     assert peft_config["use_rslora"] == ("--use-rslora" in flags)
     assert peft_config["use_dora"] == ("--use-dora" in flags)
     assert peft_config["modules_to_save"] == (["embed_tokens"] if "embed_tokens" in flags else None)
-    ids = torch.tensor([[1, 3, 10, 11, 12, 5, 4]])
+    ours = assert_peft_and_merged_give_our_logits(tiny_model_dir, run)
     with torch.no_grad():
-        ours = load_adapter(from_pretrained(tiny_model_dir), run / "adapter").eval()(ids)
-        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        peft_model = PeftModel.from_pretrained(reference, run / "adapter").eval()
-        torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)
-        merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
-        torch.testing.assert_close(merged(ids).logits, ours, rtol=0.05, atol=0.05)  # bf16 weights
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        assert (base(ids).logits - ours).abs().max() > 1e-3  # the variant trained something
+        assert (base(torch.tensor([[1, 3, 10, 11, 12, 5, 4]])).logits - ours).abs().max() > 1e-3  # it trained
 
     # The step-2 checkpoint holds every trained tensor (magnitudes, the saved module) and their optimizer
     # state: resumed from it, the run reaches step 4 bit for bit as before.
