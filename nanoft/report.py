@@ -123,7 +123,7 @@ def report_markdown(run_dir: Path, summary: dict, gates_table: str) -> str:
 
 def summary_lines(summary: dict) -> list[str]:
     """What the run prints at its end."""
-    run_dir = Path(summary["best_dir"]).parent
+    run_dir, trackers = Path(summary["best_dir"]).parent, summary["config"]["report_to"]
     gates = summary["gates"]
     failed = [gate["name"] for gate in gates if gate["status"] == "FAIL"]
     return [
@@ -134,8 +134,9 @@ def summary_lines(summary: dict) -> list[str]:
         f"at step {summary['best_step']} -> final {summary['final_val_loss']:.4f}",
         f"quality gates: {len(gates) - len(failed)} of {len(gates)} pass or do not apply"
         + (f"; failed: {', '.join(failed)} (see report.md)" if failed else ""),
-        f"best weights: {summary['best_dir']}; report: {run_dir / 'report.md'}; "
-        f"tensorboard --logdir {run_dir / 'tensorboard'}",
+        f"best weights: {summary['best_dir']}; report: {run_dir / 'report.md'}"
+        + (f"; tensorboard --logdir {run_dir / 'tensorboard'}" if "tensorboard" in trackers else "")
+        + (f"; MLflow run {run_dir.resolve().name}" if "mlflow" in trackers else ""),
     ]
 
 

@@ -4,7 +4,7 @@
 
 The server is `mlflow server` on 127.0.0.1 at a free port, in a subprocess (it takes ~16 s to answer
 /health), with a SQLite store and proxied artifacts in a temporary directory, stopped after the module.
-Skipped when mlflow is not installed (requirements-dev.txt installs it).
+The MLflow tests are skipped when mlflow is not installed (requirements-dev.txt installs it).
 """
 
 import json
@@ -23,7 +23,6 @@ from test_train import metrics, save_tiny_model, write_data
 
 from train import main
 
-mlflow = pytest.importorskip("mlflow")
 EXPERIMENT = "nanoft-tracking-test"
 
 
@@ -36,6 +35,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """The tracking URI of a running `mlflow server`."""
+    pytest.importorskip("mlflow")
     folder, port = tmp_path_factory.mktemp("mlflow"), free_port()
     command = [
         *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
@@ -98,13 +98,20 @@ def train(inputs, out: Path, *flags: str) -> None:
     main([*paths, *defaults.split(), *flags])
 
 
-def test_a_run_and_its_resume_log_to_one_mlflow_run(mlflow_server, tiny_run_inputs, tmp_path, monkeypatch):
+def test_a_run_and_its_resume_log_to_one_mlflow_run(
+    mlflow_server, tiny_run_inputs, tmp_path, monkeypatch, capsys
+):
+    import mlflow
+
     monkeypatch.setenv("NANOFT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     out = tmp_path / "tracked-run"
     train(tiny_run_inputs, out, "--max-steps", "6", "--report-to", "mlflow", "tensorboard")
 
+    output = capsys.readouterr().out.splitlines()
+    where = next(line for line in output if line.startswith("best weights:"))  # what the run prints last
+    assert "; tensorboard --logdir" in where and where.endswith("; MLflow run tracked-run")
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     [run] = client.search_runs(
@@ -168,3 +175,13 @@ def test_mlflow_asked_for_but_not_installed_is_one_line(monkeypatch, tmp_path, c
     assert stopped.value.code == 2 and error.count("\n") == 1
     assert "--report-to mlflow: mlflow is not installed; pip install mlflow" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_report_to_none_writes_metrics_jsonl_only(tiny_run_inputs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOFT_CACHE", str(tmp_path / "cache"))
+    train(tiny_run_inputs, tmp_path / "run", "--max-steps", "2", "--report-to", "none")
+    assert not (tmp_path / "run/tensorboard").exists() and not (tmp_path / "run/mlflow_run.json").exists()
+    assert [row["step"] for row in metrics(tmp_path / "run") if "loss" in row] == [1, 2]
+    assert (tmp_path / "run/loss.png").stat().st_size > 0
+    where = capsys.readouterr().out.splitlines()[-1]
+    assert where.startswith("best weights:") and "tensorboard" not in where
