@@ -1,10 +1,10 @@
 """Where a run's numbers go besides metrics.jsonl: TensorBoard and MLflow, behind the same four calls.
 
-    trackers = open_trackers(["tensorboard", "mlflow"], run_dir, config.to_dict(), start_step)   # rank 0
+    trackers = open_trackers(["tensorboard", "mlflow"], run_dir, run_settings(config), start_step)  # rank 0
     for tracker in trackers:
         tracker.log_metrics({"train/loss": 1.9, "train/lr": 2e-4}, step)
         tracker.log_text("val/samples", markdown, step)
-        tracker.finish(config.to_dict(), {"best_val_loss": 1.7}, [run_dir / "report.md", ...])  # at the end
+        tracker.finish(run_settings(config), {"best_val_loss": 1.7}, [run_dir / "report.md"])  # at the end
         tracker.close(stop_reason)   # None (finished), "early_stop", "nan" or "signal" (resumable)
 
 TensorBoard writes run_dir/tensorboard (`tensorboard --logdir runs/`); the hyperparameters go in at the end,
