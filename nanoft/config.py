@@ -33,6 +33,7 @@ FSDP_MODES = ("none", "full_shard", "shard_grad_op")  # distributed: none = DDP 
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 ALPACA_STYLES = ("auto", "chat", "alpaca")
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # the playbook's starting points
+GGUF_OUTTYPES = ("q8_0", "f16", "bf16", "f32")  # llama.cpp tensor types nanoft/export.py writes
 
 
 def flag(default, help, choices=None):

@@ -76,9 +76,31 @@ def iter_checkpoint_tensors(path):
         except UserError:
             raise
         except Exception as error:  # a bad header, an unknown dtype, a file shorter than its header says
-            raise UserError(
-                f"{file}: corrupt or truncated safetensors file ({error}); re-download it"
-            ) from None
+            raise corrupt_file_error(file, error) from None
+
+
+def corrupt_file_error(file, error) -> UserError:
+    return UserError(f"{file}: corrupt or truncated safetensors file ({error}); re-download it")
+
+
+def checkpoint_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, in the order iter_checkpoint_tensors yields them, read from the headers alone."""
+    shapes = {}
+    for file in checkpoint_files(path):
+        try:
+            with open(file, "rb") as f:
+                shapes.update((name, tuple(entry["shape"])) for name, entry in read_header(f)[1])
+        except (OSError, ValueError, KeyError) as error:
+            raise corrupt_file_error(file, error) from None
+    return shapes
+
+
+def read_header(f) -> tuple[int, list[tuple[str, dict]]]:
+    """(header size, [(name, {"dtype", "shape", "data_offsets"})] in the order the data lies in the file)."""
+    header_size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(header_size))
+    header.pop("__metadata__", None)
+    return header_size, sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
 
 
 def read_safetensors(file):
@@ -89,10 +111,8 @@ def read_safetensors(file):
     loader that converts tensor by tensor (4-bit, bf16 from fp32) would still peak at the whole shard.
     """
     with open(file, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-        header.pop("__metadata__", None)
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        header_size, entries = read_header(f)
+        for name, entry in entries:
             begin, end = entry["data_offsets"]
             data = torch.empty(end - begin, dtype=torch.uint8)
             f.seek(8 + header_size + begin)

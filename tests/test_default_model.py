@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -13,7 +12,6 @@ import transformers
 from nanoft.default_model import default_gguf_path, default_model_dir, resolve_model
 from nanoft.errors import UserError
 from nanoft.generate import generate
-from nanoft.gguf_convert import hf_tensor_name, unpermute_rope_rows
 from nanoft.tokenizer import Tokenizer
 from nanoft.weights import from_pretrained
 
@@ -27,12 +25,6 @@ TEXTS = [
     "don't I'll we've a1b2c3 1,000,000.50",
     "<|im_start|>user\nHi<|im_end|>\n<|endoftext|><repo_name>a/b<file_sep>",
 ]
-
-
-def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """What llama.cpp's convert_hf_to_gguf.py does to q_proj and k_proj rows."""
-    half = weight.shape[0] // n_heads // 2
-    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +44,6 @@ def chat_prompt_ids(smollm2_dir):
     return Tokenizer.from_pretrained(smollm2_dir).apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True
     )
-
-
-def test_unpermute_undoes_llama_cpp_rope_permutation():
-    weight = np.arange(192 * 5, dtype=np.float32).reshape(192, 5)
-    for n_heads in (1, 3, 6):
-        assert np.array_equal(unpermute_rope_rows(llama_cpp_permute(weight, n_heads), n_heads), weight)
-
-
-def test_tensor_names_map_to_hugging_face():
-    assert hf_tensor_name("token_embd.weight") == "model.embed_tokens.weight"
-    assert hf_tensor_name("blk.12.attn_output.weight") == "model.layers.12.self_attn.o_proj.weight"
-    assert hf_tensor_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
-    assert hf_tensor_name("output.weight") == "lm_head.weight"
-    with pytest.raises(UserError, match="blk.0.ssm_conv1d.weight"):
-        hf_tensor_name("blk.0.ssm_conv1d.weight")
 
 
 def test_weights_and_logits_equal_transformers_gguf_loader(smollm2_dir, gguf_reference, chat_prompt_ids):
