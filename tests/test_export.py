@@ -21,6 +21,7 @@ from peft import PeftModel
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 from transformers.convert_slow_tokenizer import TikTokenConverter
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
 from lora import LoRAConfig, inject_lora, save_adapter
 from nanoft.default_data import default_data_path
@@ -66,12 +67,31 @@ CASES = {
 ROUNDING_TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 5e-2}
 
 
-def train_byte_level_bpe() -> BackendTokenizer:
-    """A 512-token byte-level BPE trained on nanoft's built-in data (transformers' GGUF reader takes half a
-    minute for a 49k vocabulary; SmolLM2's own tokenizer is tested once, below)."""
+# Each tokenizer's split, as the tokenizer.json of its models has it: SmolLM's (every digit alone, then
+# GPT-2's byte-level split), Llama 3's (what transformers' tiktoken converter writes) and Qwen2's.
+SPLITS = {
+    "smollm": [
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ],
+    "llama-bpe": [
+        pre_tokenizers.Split(Regex(TikTokenConverter().pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ],
+    "qwen2": [
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ],
+}
+
+
+def train_byte_level_bpe(kind: str) -> BackendTokenizer:
+    """A 512-token byte-level BPE trained with the kind's split on nanoft's built-in data and the test texts,
+    so that it has merges (digits, runs of spaces and newlines) that tell the splits apart. Small because
+    transformers' GGUF reader takes half a minute for a 49k vocabulary; SmolLM2's own is tested below."""
     records = [json.loads(line) for line in default_data_path().read_text().splitlines()]
     tokenizer = BackendTokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(SPLITS[kind])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=512,
@@ -79,33 +99,23 @@ def train_byte_level_bpe() -> BackendTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(
-        [record["instruction"] + " " + record["output"] for record in records], trainer
-    )
+    texts = [record["instruction"] + " " + record["output"] for record in records]
+    tokenizer.train_from_iterator(texts + TEXTS * 1000, trainer)
     return tokenizer
 
 
 def write_tokenizer(kind: str, path) -> int:
-    """The trained tokenizer split as SmolLM, Llama 3 or Qwen2 tokenizers split, saved by transformers into
-    `path`; returns its number of tokens."""
-    backend = train_byte_level_bpe()
+    """A tokenizer of the kind saved by transformers into `path`; returns its number of tokens."""
+    backend = train_byte_level_bpe(kind)
     specials = dict(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
     if kind == "qwen2":
         vocab, merges = backend.get_vocab(), json.loads(backend.to_str())["model"]["merges"]
         tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[tuple(m) for m in merges], **specials)
     elif kind == "llama-bpe":
-        # What transformers' tiktoken converter writes for Llama 3: its split, bytes, a BOS before every text.
-        split = TikTokenConverter().pattern
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
         backend.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
         backend.add_tokens([AddedToken("<think>", special=False, normalized=False)])  # USER_DEFINED
         bos_id = backend.token_to_id("<|begin_of_text|>")
-        backend.post_processor = processors.Sequence(
+        backend.post_processor = processors.Sequence(  # a BOS before every text
             [
                 processors.ByteLevel(trim_offsets=False),
                 processors.TemplateProcessing(
@@ -117,10 +127,7 @@ def write_tokenizer(kind: str, path) -> int:
         specials = dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
         tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
         tokenizer.chat_template = CHATML.replace("<|im_end|>", "<|eot_id|>")
-    else:  # SmolLM's tokenizer.json: every digit on its own, then GPT-2's byte-level split
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
+    else:
         tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
     tokenizer.chat_template = tokenizer.chat_template or CHATML
     tokenizer.save_pretrained(path)
