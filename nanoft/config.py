@@ -112,6 +112,12 @@ class TrainConfig:
     keep_last: int = flag(2, "resumable checkpoints kept (plus the best one)")
     patience: int = flag(5, "stop after this many evaluations without a better val loss (0: never)")
     merge: bool = flag(False, "also export the best weights merged into the base model (merged/)")
+    gguf: str = flag(
+        "",
+        "also write the best weights as <out>/model-<type>.gguf for llama.cpp, Ollama, LM Studio "
+        "(q8_0: 8.5 bits a weight; f16, bf16, f32)",
+        GGUF_OUTTYPES,
+    )
 
     # hardware and speed
     device: str = flag("auto", "where to train (auto: cuda when torch sees a GPU, else cpu)", DEVICES)
@@ -151,7 +157,8 @@ class TrainConfig:
     def __post_init__(self):
         for f in fields(self):
             value, choices = getattr(self, f.name), f.metadata["choices"]
-            if choices and value not in choices and not (f.name == "quant" and value == ""):
+            # A choice whose default is "" (--quant, --gguf) is off when left empty.
+            if choices and value not in choices and not (value == "" and f.default == ""):
                 raise UserError(f"--{kebab(f.name)} {value}: unknown; choose from {', '.join(choices)}")
             # argparse and TOML both read "nan" and "inf" as floats, and every comparison below passes nan.
             if isinstance(value, float) and not math.isfinite(value):

@@ -78,47 +78,68 @@ def weights_to_export(model_dir: Path, adapter_dir: Path | None) -> ExportWeight
     return ExportWeights({name: tuple(t.shape) for name, t in merged.items()}, lambda: iter(merged.items()))
 
 
-def export_gguf(model_dir, out_path, outtype: str = "q8_0", adapter_dir=None) -> Path:
-    """Write `out_path` (atomically) and return it."""
-    model_dir, out_path = Path(model_dir), Path(out_path)
+@dataclass
+class Vocabulary:
+    """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) model holds it."""
+
+    pre: str  # tokenizer.ggml.pre: llama.cpp's name for the split before BPE
+    tokens: list[str]  # one per embedding row
+    token_types: list[TokenType]
+    merges: list[str]  # "a b", in priority order
+
+
+@dataclass
+class Exportable:
+    """What a GGUF export needs besides the weights, read and checked before anything is written."""
+
+    config: ModelConfig
+    family: GGUFFamily
+    tokenizer: Tokenizer
+    vocabulary: Vocabulary
+
+
+def read_exportable(model_dir: Path) -> Exportable:
+    """Raise a UserError for anything llama.cpp cannot run as it is (train.py --gguf asks before training)."""
     config = load_config(model_dir)
     family = gguf_family(config.model_type)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    check_rope_and_window(config, family)
-    weights = weights_to_export(model_dir, Path(adapter_dir) if adapter_dir else None)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    write = lambda tmp: write_gguf(tmp, model_dir, config, family, tokenizer, weights, outtype)
-    write_atomically(out_path, write)
-    return out_path
-
-
-def check_rope_and_window(config: ModelConfig, family: GGUFFamily) -> None:
-    rope_type = (config.rope_scaling or {}).get("rope_type")
-    if rope_type == "llama3" and not family.per_dimension_rope_factors:
+    if (config.rope_scaling or {}).get("rope_type") == "llama3" and not family.per_dimension_rope_factors:
         raise UserError(
             f"rope_scaling llama3 on a {config.model_type} model: llama.cpp's {family.architecture} graph "
             "has no per-dimension RoPE factors, so the GGUF would compute something else; cannot export"
         )
-    if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    return Exportable(config, family, tokenizer, gguf_vocabulary(model_dir, tokenizer, config.vocab_size))
+
+
+def export_gguf(model_dir, out_path, outtype: str = "q8_0", adapter_dir=None) -> Path:
+    """Write `out_path` (atomically) and return it."""
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    exportable = read_exportable(model_dir)
+    window, context = exportable.config.sliding_window, exportable.config.max_position_embeddings
+    if window is not None and window < context:
         print(
-            f"nanoft: note: sliding_window {config.sliding_window}: llama.cpp's {family.architecture} graph "
-            f"attends to the whole context, so outputs agree up to {config.sliding_window} tokens "
-            f"(run llama.cpp with -c {config.sliding_window} to stay within it)",
+            f"nanoft: note: sliding_window {window}: llama.cpp's {exportable.family.architecture} graph "
+            f"attends to the whole context, so outputs agree up to {window} tokens (llama.cpp -c {window})",
             file=sys.stderr,
         )
+    weights = weights_to_export(model_dir, Path(adapter_dir) if adapter_dir else None)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(out_path, lambda tmp: write_gguf(tmp, model_dir.name, exportable, weights, outtype))
+    return out_path
 
 
-def write_gguf(path, model_dir, config, family, tokenizer, weights: ExportWeights, outtype: str) -> None:
+def write_gguf(path, name: str, exportable: Exportable, weights: ExportWeights, outtype: str) -> None:
+    config, family = exportable.config, exportable.family
     matrix_type = GGMLQuantizationType[outtype.upper()]
     writer = GGUFWriter(path, family.architecture)
     writer.add_type("model")
-    writer.add_name(model_dir.name)
+    writer.add_name(name)
     writer.add_file_type(
         LlamaFileType.ALL_F32 if outtype == "f32" else LlamaFileType[f"MOSTLY_{matrix_type.name}"]
     )
     writer.add_quantization_version(2)  # ggml's current block layouts (GGML_QNT_VERSION)
     write_hyperparameters(writer, config, family)
-    write_tokenizer(writer, model_dir, tokenizer, config.vocab_size)
+    write_tokenizer(writer, exportable.tokenizer, exportable.vocabulary)
 
     # The header lists every tensor (name, shape, type) before any data: plan them all, then stream.
     plan = {}  # Hugging Face name -> (llama.cpp name, tensor type)
@@ -190,8 +211,8 @@ def write_hyperparameters(writer: GGUFWriter, config: ModelConfig, family: GGUFF
         writer.add_rope_scaling_factor(config.rope_scaling["factor"])
 
 
-def write_tokenizer(writer: GGUFWriter, model_dir: Path, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) model, the way get_vocab_base writes it."""
+def gguf_vocabulary(model_dir: Path, tokenizer: Tokenizer, vocab_size: int) -> Vocabulary:
+    """tokenizer.json as llama.cpp's converter lays it out (get_vocab_base): a token per embedding row."""
     tokenizer_file = model_dir / "tokenizer.json"
     tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     bpe = tokenizer_json["model"]
@@ -202,10 +223,9 @@ def write_tokenizer(writer: GGUFWriter, model_dir: Path, tokenizer: Tokenizer, v
             f"{tokenizer_file}: a {kind} tokenizer; GGUF export supports byte-level BPE split like gpt-2, "
             "smollm, llama-bpe (Llama 3) or qwen2"
         )
-    if (tokenizer_json.get("normalizer") or {}).get("type", "NFC") != "NFC":
-        raise UserError(
-            f"{tokenizer_file}: normalizer {tokenizer_json['normalizer']['type']} has no GGUF form"
-        )
+    normalizer = (tokenizer_json.get("normalizer") or {}).get("type", "NFC")
+    if normalizer != "NFC":
+        raise UserError(f"{tokenizer_file}: normalizer {normalizer} has no GGUF form; cannot export")
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)  # token -> id
     if max(vocab.values()) >= vocab_size:
         raise UserError(
@@ -219,11 +239,16 @@ def write_tokenizer(writer: GGUFWriter, model_dir: Path, tokenizer: Tokenizer, v
         tokens[token_id], token_types[token_id] = token, TokenType.NORMAL
     for token_id, added in tokenizer.backend.get_added_tokens_decoder().items():
         token_types[token_id] = TokenType.CONTROL if added.special else TokenType.USER_DEFINED
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in bpe["merges"]]
+    return Vocabulary(pre, tokens, token_types, merges)
+
+
+def write_tokenizer(writer: GGUFWriter, tokenizer: Tokenizer, vocabulary: Vocabulary) -> None:
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges([merge if isinstance(merge, str) else " ".join(merge) for merge in bpe["merges"]])
+    writer.add_tokenizer_pre(vocabulary.pre)
+    writer.add_token_list(vocabulary.tokens)
+    writer.add_token_types(vocabulary.token_types)
+    writer.add_token_merges(vocabulary.merges)
     if tokenizer.bos_id is not None:
         writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.declared_eos_id)

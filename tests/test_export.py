@@ -64,6 +64,12 @@ CASES = {
 # Largest |logit difference| / largest |logit| between a model and its export, each weight as the file
 # rounds it: f16 and bf16 as floats do, q8_0 in blocks of 32 with one scale (measured on the tiny models
 # here and on SmolLM2: see test_smollm2_round_trip_answers_paris and the README).
+# RoPE scaling only our importer and llama.cpp read back (transformers' GGUF loader has no key for it).
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+}  # fmt: skip
 ROUNDING_TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 1.5e-2, "q8_0": 5e-2}
 
 
@@ -276,8 +282,12 @@ def test_adapter_is_merged_into_the_export(tmp_path, input_ids, variant):
     assert (exported - logits(load_transformers(base), input_ids)).abs().max() > 1e-2  # the adapter counts
 
 
-def llama_cpp_rope_factors(theta, head_dim, factor, low_freq_factor, high_freq_factor, old_context):
+def llama_cpp_rope_factors(theta, head_dim, scaling: dict):
     """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors, as llama.cpp writes rope_freqs."""
+    factor, low_freq_factor, high_freq_factor = (
+        scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor")
+    )
+    old_context = scaling["original_max_position_embeddings"]
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     low_freq_wavelen, high_freq_wavelen = old_context / low_freq_factor, old_context / high_freq_factor
     factors = []
@@ -294,18 +304,17 @@ def llama_cpp_rope_factors(theta, head_dim, factor, low_freq_factor, high_freq_f
 
 
 def test_llama3_rope_scaling_travels_as_llama_cpp_rope_factors(tmp_path):
-    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
-    path = write_checkpoint("llama", tmp_path / "base", rope_scaling={"rope_type": "llama3", **scaling})
+    path = write_checkpoint("llama", tmp_path / "base", rope_scaling=ROPE_SCALINGS["llama3"])
     reader = GGUFReader(export_gguf(path, tmp_path / "model.gguf", "f32"))
     stored = next(tensor for tensor in reader.tensors if tensor.name == "rope_freqs.weight")
-    expected = llama_cpp_rope_factors(50000.0, 16, *scaling.values())
+    expected = llama_cpp_rope_factors(50000.0, 16, ROPE_SCALINGS["llama3"])  # write_checkpoint's theta, head
     assert np.allclose(stored.data, expected, rtol=1e-6)
     with pytest.raises(UserError, match="rope_freqs"):  # a config.json cannot say it: refused, not lost
         convert_gguf(tmp_path / "model.gguf", tmp_path / "back")
 
 
 def test_linear_rope_scaling_is_read_back(tmp_path, input_ids):
-    path = write_checkpoint("llama", tmp_path / "base", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    path = write_checkpoint("llama", tmp_path / "base", rope_scaling=ROPE_SCALINGS["linear"])
     reader = GGUFReader(export_gguf(path, tmp_path / "model.gguf", "f32"))
     assert reader.fields["llama.rope.scaling.type"].contents() == "linear"
     convert_gguf(tmp_path / "model.gguf", tmp_path / "back")
@@ -375,3 +384,47 @@ def test_smollm2_round_trip_answers_paris(smollm2_dir, tmp_path):
     exported, original = (logits(m, torch.tensor([prompt])) for m in (back, from_pretrained(smollm2_dir)))
     assert relative_gap(exported, original) <= ROUNDING_TOLERANCE["q8_0"]
     assert "Paris" in tokenizer.decode(generate(back, tokenizer, prompt, max_new_tokens=16))
+
+
+@pytest.mark.parametrize("case", [*CASES, *(f"llama-{scaling}-rope" for scaling in ROPE_SCALINGS)])
+def test_llama_cpp_computes_the_same_logits_and_token_ids(case, tmp_path, input_ids):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README: GGUF)")
+    family, _, scaling = case.partition("-")
+    overrides = {"rope_scaling": ROPE_SCALINGS[scaling.removesuffix("-rope")]} if scaling else {}
+    path = write_checkpoint(family, tmp_path / "base", **overrides)
+    gguf = export_gguf(path, tmp_path / "model.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm.eval(input_ids[0].tolist())
+    ours = torch.from_numpy(np.array(llm.scores[: llm.n_tokens]))
+    expected = logits(load_transformers(path), input_ids[:1])[0]
+    assert relative_gap(ours, expected) < 1e-4
+    reference = transformers.AutoTokenizer.from_pretrained(path)
+    for text in TEXTS:  # llama.cpp's own tokenizer, picked by tokenizer.ggml.pre
+        ids = llm.tokenize(text.encode(), add_bos=reference.add_bos_token, special=True)
+        assert ids == reference.encode(text), text
+
+
+def test_llama_cpp_greedy_text_is_transformers_on_smollm2(smollm2_dir, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README: GGUF)")
+    gguf = export_gguf(smollm2_dir, tmp_path / "smollm2-f32.gguf", "f32")
+    tokenizer = Tokenizer.from_pretrained(smollm2_dir)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=128, n_threads=2, verbose=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
+    answer = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0):
+        if token == llm.token_eos() or len(answer) == 24:
+            break
+        answer.append(token)
+    with torch.no_grad():
+        reference = (
+            load_transformers(smollm2_dir)
+            .generate(
+                torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_id
+            )[0, len(prompt) :]
+            .tolist()
+        )
+    reference = reference[: reference.index(tokenizer.eos_id)] if tokenizer.eos_id in reference else reference
+    assert answer == reference and "Paris" in tokenizer.decode(answer)
