@@ -54,6 +54,7 @@ from nanoft.tokenizer import Tokenizer
 from nanoft.weights import (
     checkpoint_shapes,
     from_pretrained,
+    is_redundant,
     iter_checkpoint_tensors,
     load_config,
     write_atomically,
@@ -144,8 +145,8 @@ def write_gguf(path, name: str, exportable: Exportable, weights: ExportWeights, 
     # The header lists every tensor (name, shape, type) before any data: plan them all, then stream.
     plan = {}  # Hugging Face name -> (llama.cpp name, tensor type)
     for name, shape in weights.shapes.items():
-        if (config.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq"):
-            continue  # a tied lm_head is the embedding (no output.weight means tied); RoPE is recomputed
+        if is_redundant(name, config):
+            continue  # llama.cpp ties lm_head to the embedding when the file has no output.weight
         gguf_name = gguf_tensor_name(name)
         plan[name] = (gguf_name, tensor_type(gguf_name, shape, matrix_type))
         add_tensor_info(writer, gguf_name, shape, plan[name][1])

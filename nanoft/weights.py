@@ -138,6 +138,12 @@ def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor, sourc
     setattr(module, attribute, torch.nn.Parameter(tensor, requires_grad=current.requires_grad))
 
 
+def is_redundant(name: str, config: ModelConfig) -> bool:
+    """A tensor some checkpoints store that the model does not load: a tied lm_head (the embedding itself) or
+    the RoPE buffer of old checkpoints (recomputed)."""
+    return (config.tie_word_embeddings and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")
+
+
 def from_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
     config = load_config(path)
     with torch.device("meta"):
@@ -145,10 +151,8 @@ def from_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
     expected = {name for name, _ in model.named_parameters()}  # the tied lm_head is listed once, as embed
     loaded = set()
     for name, tensor in iter_checkpoint_tensors(path):
-        if config.tie_word_embeddings and name == "lm_head.weight":
-            continue  # some tied checkpoints store the copy anyway
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # old checkpoints saved the RoPE buffer; it is recomputed
+        if is_redundant(name, config):
+            continue
         assign_tensor(model, name, tensor.to(device=device, dtype=dtype), path)
         loaded.add(name)
     missing = expected - loaded
