@@ -7,6 +7,17 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from nanoft.default_model import default_model_dir
 
+# Texts that tell tokenizers apart: runs of spaces and newlines, digits, non-ASCII, code, special tokens.
+TOKENIZER_TEXTS = [
+    "Hello world",
+    "  leading spaces, and trailing  ",
+    "The year 2024 had 365 days; π≈3.14159 and x² + y³",
+    "naïve café — “quotes” 🙂🎉 一个 中文",
+    "tabs\tand\nnewlines\r\n\n",
+    "def f(x):\n    return x**2  # 12345678901234567890",
+    "don't I'll we've a1b2c3 1,000,000.50",
+    "<|im_start|>user\nHi<|im_end|>\n<|endoftext|><repo_name>a/b<file_sep> <think>",
+]
 TINY_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + "

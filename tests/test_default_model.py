@@ -8,23 +8,13 @@ import sys
 import pytest
 import torch
 import transformers
+from conftest import TOKENIZER_TEXTS
 
 from nanoft.default_model import default_gguf_path, default_model_dir, resolve_model
 from nanoft.errors import UserError
 from nanoft.generate import generate
 from nanoft.tokenizer import Tokenizer
 from nanoft.weights import from_pretrained
-
-TEXTS = [
-    "Hello world",
-    "  leading spaces, and trailing  ",
-    "The year 2024 had 365 days; π≈3.14159 and x² + y³",
-    "naïve café — “quotes” 🙂🎉 一个 中文",
-    "tabs\tand\nnewlines\r\n\n",
-    "def f(x):\n    return x**2  # 12345678901234567890",
-    "don't I'll we've a1b2c3 1,000,000.50",
-    "<|im_start|>user\nHi<|im_end|>\n<|endoftext|><repo_name>a/b<file_sep>",
-]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +55,7 @@ def test_tokenizer_ids_equal_transformers_gguf_tokenizer(smollm2_dir, gguf_refer
     _, reference = gguf_reference
     ours = Tokenizer.from_pretrained(smollm2_dir)
     saved = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    for text in TEXTS:
+    for text in TOKENIZER_TEXTS:
         expected = reference.encode(text, add_special_tokens=False)
         assert ours.encode(text) == expected == saved.encode(text, add_special_tokens=False), text
         assert ours.decode(expected, skip_special_tokens=False) == text

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TOKENIZER_TEXTS
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 from peft import PeftModel
@@ -33,15 +34,6 @@ from nanoft.gguf_layout import pre_tokenizer_name
 from nanoft.tokenizer import Tokenizer
 from nanoft.weights import from_pretrained
 
-TEXTS = [
-    "Hello world",
-    "  leading spaces, and trailing  ",
-    "The year 2024 had 365 days; π≈3.14159 and x² + y³",
-    "naïve café — “quotes” 🙂🎉 一个 中文",
-    "tabs\tand\nnewlines\r\n\n",
-    "def f(x):\n    return x**2  # 12345678901234567890",
-    "<|im_start|>user\nHi<|im_end|>\n<|endoftext|> <think>",
-]
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is 2 + 2?"},
@@ -106,7 +98,7 @@ def train_byte_level_bpe(kind: str) -> BackendTokenizer:
         show_progress=False,
     )
     texts = [record["instruction"] + " " + record["output"] for record in records]
-    tokenizer.train_from_iterator(texts + TEXTS * 1000, trainer)
+    tokenizer.train_from_iterator(texts + TOKENIZER_TEXTS * 1000, trainer)
     return tokenizer
 
 
@@ -237,7 +229,7 @@ def test_transformers_gguf_tokenizer_gives_the_same_ids_and_chat(checkpoint, tmp
     gguf = export_gguf(path, tmp_path / "model.gguf", "q8_0")
     ours = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     reference = transformers.AutoTokenizer.from_pretrained(path)
-    for text in TEXTS:
+    for text in TOKENIZER_TEXTS:
         assert ours.encode(text) == reference.encode(text), text
     for name in ("bos_token", "eos_token", "pad_token"):
         assert getattr(ours, name) == getattr(reference, name), name
@@ -254,7 +246,7 @@ def test_our_importer_reads_the_export_back(checkpoint, input_ids, tmp_path):
     back = from_pretrained(tmp_path / "back")
     assert (logits(back, input_ids) - logits(load_transformers(path), input_ids)).abs().max() < 1e-4
     tokenizer, reference = Tokenizer.from_pretrained(tmp_path / "back"), Tokenizer.from_pretrained(path)
-    for text in TEXTS:
+    for text in TOKENIZER_TEXTS:
         assert tokenizer.encode(text, add_special_tokens=True) == reference.encode(
             text, add_special_tokens=True
         )
@@ -399,7 +391,7 @@ def test_llama_cpp_computes_the_same_logits_and_token_ids(case, tmp_path, input_
     expected = logits(load_transformers(path), input_ids[:1])[0]
     assert relative_gap(ours, expected) < 1e-4
     reference = transformers.AutoTokenizer.from_pretrained(path)
-    for text in TEXTS:  # llama.cpp's own tokenizer, picked by tokenizer.ggml.pre
+    for text in TOKENIZER_TEXTS:  # llama.cpp's own tokenizer, picked by tokenizer.ggml.pre
         ids = llm.tokenize(text.encode(), add_bos=reference.add_bos_token, special=True)
         assert ids == reference.encode(text), text
 
