@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from data import prepare_data
 from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter, trainable_parameters_line
+from nanoft import export
 from nanoft.checkpoint import (
     check_resume_config,
     latest_checkpoint,
@@ -207,6 +208,8 @@ def main(argv=None):
         check_resume_config(run_dir, config.to_dict())
     model_dir = resolve_model(config.model)
     model_config = load_config(model_dir)
+    if config.gguf:  # a model llama.cpp cannot run is refused now, not after the training
+        export.read_exportable(model_dir)
     if config.seq_len > model_config.max_position_embeddings:
         raise UserError(
             f"--seq-len {config.seq_len} is longer than the model's context "
@@ -455,6 +458,10 @@ def main(argv=None):
                 lora_config,
             )
         export_best_merged(merge_into, best_dir, model_dir, run_dir / "merged", precision.compute_dtype)
+    if config.gguf and dist.is_main:  # the best weights for llama.cpp: an adapter merged into the fp32 base
+        source, adapter = (best_dir, None) if config.method == "full" else (model_dir, best_dir)
+        gguf = export.export_gguf(source, run_dir / f"model-{config.gguf}.gguf", config.gguf, adapter)
+        print(f"gguf ({config.gguf}): {gguf}; llama-cli -m {gguf} -cnv")
     if dist.is_main:
         facts = dict(
             stop_reason=stop_reason,

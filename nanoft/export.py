@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from gguf import (
     GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
     GGMLQuantizationType,
     GGUFWriter,
     LlamaFileType,
@@ -138,7 +139,7 @@ def write_gguf(path, name: str, exportable: Exportable, weights: ExportWeights, 
     writer.add_file_type(
         LlamaFileType.ALL_F32 if outtype == "f32" else LlamaFileType[f"MOSTLY_{matrix_type.name}"]
     )
-    writer.add_quantization_version(2)  # ggml's current block layouts (GGML_QNT_VERSION)
+    writer.add_quantization_version(GGML_QUANT_VERSION)  # the block layouts gguf.quants writes
     write_hyperparameters(writer, config, family)
     write_tokenizer(writer, exportable.tokenizer, exportable.vocabulary)
 
