@@ -354,6 +354,13 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         modules_to_save=tuple(dict.fromkeys(get("modules_to_save") or ())),
     )
     inject_lora(model, cfg)
+    return load_adapter_tensors(model, path)
+
+
+def load_adapter_tensors(model: nn.Module, path) -> nn.Module:
+    """The tensors of an adapter directory (ours or PEFT's) into a model that has its LoRA layers already
+    (train.py loads the best adapter back this way before merging it)."""
+    weights_file = Path(path) / "adapter_model.safetensors"
     ours, loaded = model.state_dict(keep_vars=True), set()
     with torch.no_grad(), safe_open(weights_file, framework="pt") as adapter:
         for key in adapter.keys():

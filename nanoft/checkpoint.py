@@ -1,17 +1,19 @@
 """Resumable training checkpoints, written atomically, the last K kept plus the best.
 
-    save_checkpoint(run_dir, step, trainable, optimizer_state, rng_states, state, config)   # rank 0
-    checkpoint = load_checkpoint(latest_checkpoint(run_dir))
-    prune_checkpoints(run_dir, keep_last=2, keep_step=best_step)
+    checkpoint.save(run_dir, step, trainable, optimizer_state, rng_states, state, config)   # rank 0
+    saved = checkpoint.load(checkpoint.latest(run_dir))
+    checkpoint.prune(run_dir, keep_last=2, keep_step=best_step)
+    progress = checkpoint.Progress(**saved["state"])   # minus "data" and "scaler": what the run has done
 
 A checkpoint is a directory `run_dir/checkpoints/step-0000120/` holding:
     trainable.safetensors   the trained tensors (LoRA adapters, or every weight of a full fine-tune), by name
     optimizer.pt            the optimizer's state (Adam moments), keyed by parameter name
     rng.pt                  each rank's python, numpy, torch and CUDA random states (for exact dropout)
-    state.json              step, data position, best val loss so far, val curve, gradient-scaler state ...
+    state.json              the run's Progress (step, best val loss so far, val curve ...), the data position
+                            and the gradient scaler's state
     config.json             the resolved config that made it
 Everything is written into a hidden temporary directory that is renamed into place only when complete, so a
-crash or a full disk mid-write leaves the previous checkpoint as it was; `latest_checkpoint` never sees
+crash or a full disk mid-write leaves the previous checkpoint as it was; `latest` never sees
 a half-written one. The .pt files hold only tensors and plain values: they load with `weights_only=True`.
 """
 
@@ -20,6 +22,7 @@ import math
 import os
 import random
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: is a file; --out names the run directory, choose another")
-    if resume and latest_checkpoint(run_dir) is None:
+    if resume and latest(run_dir) is None:
         raise UserError(
             f"--resume: {run_dir} holds no checkpoint to resume from (one is saved every --save-every "
             "steps); start afresh with --overwrite"
@@ -72,7 +75,7 @@ RESUME_MUST_MATCH = (
 
 def check_resume_config(run_dir, config: dict) -> None:
     """Before anything is written: a resumed run's settings against its latest checkpoint's."""
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = latest(run_dir)
     saved = json.loads((checkpoint / "config.json").read_text())
     for name in RESUME_MUST_MATCH:
         if saved.get(name, config[name]) != config[name]:
@@ -82,29 +85,36 @@ def check_resume_config(run_dir, config: dict) -> None:
             )
 
 
-def new_progress() -> dict:
-    """The run's progress: what a checkpoint's state.json carries besides the data position and scaler."""
-    return {
-        "step": 0,
-        "tokens_seen": 0,
-        "train_seconds": 0.0,
-        "wall_seconds": 0.0,
-        "val_curve": [],
-        "best_val_loss": math.inf,
-        "best_step": None,
-        "evals_since_best": 0,
-        "samples": [],
-    }
+@dataclass
+class Progress:
+    """How far the run has come: what every checkpoint's state.json carries besides the data position and the
+    gradient scaler, what the monitor reports at each eval and what the final report summarises."""
 
+    step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0  # tokens those steps trained on, all ranks together, padding not counted
+    train_seconds: float = 0.0  # time spent in optimizer steps (evaluations and saves not counted): tokens/s
+    wall_seconds: float = 0.0  # wall-clock time of the run up to its latest checkpoint, earlier sessions too
+    val_curve: list = field(default_factory=list)  # (step, val loss) of every eval; step 0: the untuned model
+    best_val_loss: float = math.inf
+    best_step: int | None = None  # the eval whose weights are kept as the best (run_dir/adapter or /model)
+    evals_since_best: int = 0  # evals after step 0 without a better val loss: early stopping counts them
+    samples: list = field(default_factory=list)  # (prompt, generated, reference) texts at the latest eval
 
-def record_eval(progress: dict, step: int, val_loss: float) -> bool:
-    """Add an eval to the val curve; True when it is the best so far (its weights should be kept)."""
-    progress["val_curve"].append((step, val_loss))
-    if val_loss < progress["best_val_loss"]:
-        progress.update(best_val_loss=val_loss, best_step=step, evals_since_best=0)
-        return True
-    progress["evals_since_best"] += step > 0
-    return False
+    def record_eval(self, step: int, val_loss: float) -> bool:
+        """Add an eval to the val curve; True when it is the best so far (its weights should be kept)."""
+        self.val_curve.append((step, val_loss))
+        if val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step, self.evals_since_best = val_loss, step, 0
+            return True
+        self.evals_since_best += step > 0
+        return False
+
+    def evaluated_at(self, step: int) -> bool:
+        """Whether the latest eval was at this step (a resumed run does not evaluate its first step twice)."""
+        return bool(self.val_curve) and self.val_curve[-1][0] == step
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def checkpoint_path(run_dir, step: int) -> Path:
@@ -122,7 +132,7 @@ def list_checkpoints(run_dir) -> list[Path]:
     return sorted((path for path in found if (path / "state.json").is_file()), key=checkpoint_step)
 
 
-def latest_checkpoint(run_dir) -> Path | None:
+def latest(run_dir) -> Path | None:
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
 
@@ -152,7 +162,7 @@ def write_directory_atomically(path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(
+def save(
     run_dir, step: int, trainable: dict, optimizer_state: dict, rng_states: list, state: dict, config: dict
 ) -> Path:
     """Write one checkpoint (rank 0 calls this, with tensors gathered from every rank)."""
@@ -172,7 +182,7 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path) -> dict:
+def load(path) -> dict:
     """{"trainable", "optimizer", "rng", "state", "config"} of a checkpoint directory."""
     path = Path(path)
     try:
@@ -189,7 +199,7 @@ def load_checkpoint(path) -> dict:
         ) from None
 
 
-def prune_checkpoints(run_dir, keep_last: int, keep_step: int | None = None) -> None:
+def prune(run_dir, keep_last: int, keep_step: int | None = None) -> None:
     """Delete all but the newest `keep_last` checkpoints and the one at `keep_step` (the best)."""
     checkpoints = list_checkpoints(run_dir)
     for path in checkpoints[:-keep_last]:

@@ -5,9 +5,10 @@
 
 Every field is a flag (`lora_r` -> `--lora-r`) with its help text, and a key of a TOML (or JSON) config file.
 Booleans get `--flag` / `--no-flag`; list fields take several values or one comma-separated value.
-A field left at None is resolved later by the trainer (e.g. the lr by method) and saved resolved in the run
-directory, so `--config runs/x/config.json` repeats a run. Validation is in `__post_init__`; every problem is
-a one-line UserError (exit code 2), including argparse's own (unknown flags, bad values).
+A field left at None is resolved by `with_defaults` once the method is settled (e.g. the lr by method) and
+saved resolved in the run directory, so `--config runs/x/config.json` repeats a run. Validation is in
+`__post_init__`; every problem is a one-line UserError (exit code 2), including argparse's own (unknown flags,
+bad values).
 """
 
 import argparse
@@ -18,13 +19,12 @@ import sys
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
 from nanoft.errors import UserError
 from nanoft.precision import DTYPES
-from nanoft.schedule import MIN_LR_RATIO
 
 # Every choice the command line offers, listed once: the code that implements a choice imports its list from
 # here (quant.py, data.py, nanoft/distributed.py); the dtypes are nanoft/precision.py's.
@@ -221,6 +221,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def with_defaults(self) -> "TrainConfig":
+        """The fields left to the trainer, filled in once --method is settled (--method auto's plan picks it):
+        the lr by method, --out by a time stamp, NF4 for QLoRA."""
+        quant = self.quant or ("nf4" if self.method == "qlora" else "")
+        return replace(
+            self, lr=self.lr or DEFAULT_LR[self.method], out=self.out or default_out_dir(), quant=quant
+        )
+
 
 def kebab(name: str) -> str:
     return name.replace("_", "-")
@@ -345,52 +353,3 @@ def default_out_dir() -> str:
     if "RANK" in os.environ:  # ranks would each pick their own time stamp
         raise UserError("--out is required under torchrun, so every rank writes to the same run directory")
     return f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def hyperparameter_notes(
-    config: TrainConfig,
-    *,
-    world_size: int,
-    steps_per_epoch: float,
-    total_steps: int,
-    warmup_steps: int,
-    trainable: int,
-    total: int,
-    precision: str,
-) -> list[str]:
-    """One line per key hyperparameter: its value and what to watch to know it is working."""
-    lr_source = f"default for {config.method}" if config.lr == DEFAULT_LR.get(config.method) else "set"
-    batch = config.batch_size * config.grad_accum * world_size
-    lines = [
-        f"lr {config.lr:.0e} ({lr_source}): loss should fall within the first 100 steps; NaN or spikes -> "
-        "halve it; flat -> try --lr-sweep",
-        f"schedule: warmup {warmup_steps} of {total_steps} steps ({config.warmup_frac:.0%}), then cosine to "
-        f"{config.lr * MIN_LR_RATIO:.0e}: a loss spike right after warmup -> lengthen warmup or lower the lr",
-        f"effective batch {batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
-        f"{world_size} device(s): >= 32 keeps updates steady; out of memory -> halve --batch-size, double "
-        "--grad-accum",
-        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch:.3g} steps: "
-        "val loss rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer "
-        "epochs",
-    ]
-    if config.method in ("lora", "qlora"):
-        base = f" on a {config.quant} base" if config.method == "qlora" else ""
-        scale = config.lora_alpha / config.lora_r
-        lines.append(
-            f"LoRA r={config.lora_r} alpha={config.lora_alpha:g} (scale {scale:g}) "
-            f"on {','.join(config.lora_targets)}{base}: {trainable:,} of {total:,} weights train "
-            f"({trainable / total:.2%}); train loss stalls high -> raise r or use all-linear"
-        )
-    else:
-        lines.append(
-            f"full fine-tune: all {trainable:,} weights train; watch for forgetting (val on general data)"
-        )
-    lines += [
-        f"grad clip {config.grad_clip:g}: the grad norm should settle below it; clipped every step -> lower "
-        "the lr",
-        f"weight decay {config.weight_decay:g} on matrices only (never on norms or biases)",
-        f"eval every {config.eval_every} steps and at step 0 (the baseline): val loss should be below the "
-        f"baseline by the first eval; early stop after {config.patience or 'no'} evals without a new best",
-        f"precision {precision}",
-    ]
-    return lines

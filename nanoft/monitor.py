@@ -2,7 +2,7 @@
 
     monitor = Monitor(run_dir, dist, total_steps=1000, start_step=0, model=model, dtype=torch.bfloat16)
     monitor.log_step(step, loss=1.9, lr=2e-4, grad_norm=0.4, tokens=4096, seconds=7.1, context=256)
-    monitor.log_eval(step, val_loss, progress, warmup_steps)   # + warnings and a generated sample
+    monitor.log_eval(step, val_loss, progress, warmup_steps)   # progress: checkpoint.Progress; + warnings
     monitor.print("a line above the bar")
     monitor.close()
 
@@ -101,13 +101,13 @@ class Monitor:
                 f"MFU {mfu:.0%}, {minutes:.1f} min, ETA {eta:.1f} min"
             )
 
-    def log_eval(self, step: int, val_loss: float, progress: dict, warmup_steps: int) -> None:
+    def log_eval(self, step: int, val_loss: float, progress, warmup_steps: int) -> None:
         """An eval's line; a warning when val rises while train falls (overfitting) or stays flat after
         warmup (try the lr range test); the first generated sample (the untuned model's at step 0)."""
         if not self.enabled:
             return
         self.writer.add_scalar("val/loss", val_loss, step)
-        samples = progress["samples"]
+        samples = progress.samples
         text = [
             f"**prompt** {prompt}\n\n**model** {generated}\n\n**reference** {reference}"
             for prompt, generated, reference in samples
@@ -118,7 +118,7 @@ class Monitor:
 
         train = sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
         self.train_losses = []
-        note = " (baseline, untuned)" if step == 0 else " (best)" if progress["best_step"] == step else ""
+        note = " (baseline, untuned)" if step == 0 else " (best)" if progress.best_step == step else ""
         self.print(
             f"step {step}: val loss {val_loss:.4f}{note}" + (f", train loss {train:.4f}" if train else "")
         )
@@ -128,9 +128,9 @@ class Monitor:
                 self.print(
                     f"  warning: val loss rose {last_val:.4f} -> {val_loss:.4f} while train loss fell "
                     f"{last_train:.4f} -> {train:.4f}: overfitting begins; the best checkpoint (step "
-                    f"{progress['best_step']}) is kept; fewer epochs, more data or a smaller r help"
+                    f"{progress.best_step}) is kept; fewer epochs, more data or a smaller r help"
                 )
-        flat = flat_val_loss_advice(progress["val_curve"], warmup_steps)
+        flat = flat_val_loss_advice(progress.val_curve, warmup_steps)
         if flat and not self.warned_flat:
             self.print(f"  warning: {flat}")
             self.warned_flat = True

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nanoft.config import DEFAULT_LR
+from nanoft.config import DEFAULT_LR, TrainConfig
 from nanoft.errors import UserError
 from nanoft.memory import (
     GiB,
@@ -376,6 +376,55 @@ def watch_list(plan: Plan) -> list[tuple[str, str]]:
     return watch
 
 
+def hyperparameter_notes(
+    config: TrainConfig,
+    *,
+    world_size: int,
+    steps_per_epoch: float,
+    total_steps: int,
+    warmup_steps: int,
+    trainable: int,
+    total: int,
+    precision: str,
+) -> list[str]:
+    """One line per key hyperparameter: its value and what to watch to know it is working."""
+    lr_source = f"default for {config.method}" if config.lr == DEFAULT_LR.get(config.method) else "set"
+    batch = config.batch_size * config.grad_accum * world_size
+    lines = [
+        f"lr {config.lr:.0e} ({lr_source}): loss should fall within the first 100 steps; NaN or spikes -> "
+        "halve it; flat -> try --lr-sweep",
+        f"schedule: warmup {warmup_steps} of {total_steps} steps ({config.warmup_frac:.0%}), then cosine to "
+        f"{config.lr * MIN_LR_RATIO:.0e}: a loss spike right after warmup -> lengthen warmup or lower the lr",
+        f"effective batch {batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
+        f"{world_size} device(s): >= 32 keeps updates steady; out of memory -> halve --batch-size, double "
+        "--grad-accum",
+        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch:.3g} steps: "
+        "val loss rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer "
+        "epochs",
+    ]
+    if config.method in ("lora", "qlora"):
+        base = f" on a {config.quant} base" if config.method == "qlora" else ""
+        scale = config.lora_alpha / config.lora_r
+        lines.append(
+            f"LoRA r={config.lora_r} alpha={config.lora_alpha:g} (scale {scale:g}) "
+            f"on {','.join(config.lora_targets)}{base}: {trainable:,} of {total:,} weights train "
+            f"({trainable / total:.2%}); train loss stalls high -> raise r or use all-linear"
+        )
+    else:
+        lines.append(
+            f"full fine-tune: all {trainable:,} weights train; watch for forgetting (val on general data)"
+        )
+    lines += [
+        f"grad clip {config.grad_clip:g}: the grad norm should settle below it; clipped every step -> lower "
+        "the lr",
+        f"weight decay {config.weight_decay:g} on matrices only (never on norms or biases)",
+        f"eval every {config.eval_every} steps and at step 0 (the baseline): val loss should be below the "
+        f"baseline by the first eval; early stop after {config.patience or 'no'} evals without a new best",
+        f"precision {precision}",
+    ]
+    return lines
+
+
 def format_plan(plan: Plan, model_name: str = "") -> str:
     p, e, hw = plan.parameters, plan.estimate, plan.hardware
     c = plan.request.compute_bytes
@@ -433,6 +482,20 @@ def format_lr(lr: float) -> str:
     """2e-4, 5e-5, 1.5e-4: how people write learning rates."""
     mantissa, exponent = f"{lr:.2e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def apply_plan(config, plan: Plan):
+    """The TrainConfig as --method auto trains it: the plan's method, micro-batch, accumulation and
+    checkpointing, and FSDP where the plan shards the model (with CPU offload where it offloads)."""
+    return replace(
+        config,
+        method=plan.method,
+        batch_size=plan.micro_batch,
+        grad_accum=plan.grad_accum,
+        activation_checkpointing=plan.activation_checkpointing,
+        fsdp="full_shard" if plan.layout.startswith("fsdp") and config.fsdp == "none" else config.fsdp,
+        fsdp_cpu_offload=config.fsdp_cpu_offload or plan.layout == "fsdp_offload",
+    )
 
 
 def plan_for_run(config, planning_only: bool) -> Plan:

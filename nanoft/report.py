@@ -13,31 +13,32 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from nanoft.data_report import SPOT_CHECK_SAMPLES
 from nanoft.gates import evaluate_gates, gates_markdown
-from nanoft.monitor import prompt_tail
+from nanoft.monitor import peak_memory_bytes, prompt_tail
 
 STOP_REASONS = {None: "finished", "early_stop": "early stop (patience)", "nan": "NaN loss"}
 
 
-def write_run_report(run_dir, config, progress: dict, data_report, facts: dict) -> dict:
-    """facts: stop_reason, steps, total_steps, warmup_steps, best_dir, wall_s, peak_memory_bytes, device_type,
-    world_size, utilisation (UtilisationSampler), samples_written."""
-    run_dir, curve = Path(run_dir), progress["val_curve"]
+def write_run_report(run_dir, config, progress, data_report, facts: dict) -> dict:
+    """progress: checkpoint.Progress; facts: stop_reason, steps, total_steps, warmup_steps, best_dir, wall_s,
+    device, world_size, utilisation (UtilisationSampler)."""
+    run_dir, curve = Path(run_dir), progress.val_curve
     summary = {
         "stop_reason": STOP_REASONS[facts["stop_reason"]],
         "baseline_val_loss": curve[0][1],
-        "best_val_loss": progress["best_val_loss"],
-        "best_step": progress["best_step"],
+        "best_val_loss": progress.best_val_loss,
+        "best_step": progress.best_step,
         "final_val_loss": curve[-1][1],
         "steps": facts["steps"],
         "total_steps": facts["total_steps"],
-        "tokens_seen": progress["tokens_seen"],
-        "train_tokens_per_s": progress["tokens_seen"] / max(progress["train_seconds"], 1e-9),
-        "peak_memory_bytes": facts["peak_memory_bytes"],
+        "tokens_seen": progress.tokens_seen,
+        "train_tokens_per_s": progress.tokens_seen / max(progress.train_seconds, 1e-9),
+        "peak_memory_bytes": peak_memory_bytes(facts["device"]),
         "wall_s": facts["wall_s"],
         "best_dir": str(facts["best_dir"]),
         "val_curve": curve,
-        "samples": progress["samples"],
+        "samples": progress.samples,
         "data": data_report.to_dict(),
         "config": config.to_dict(),
     }
@@ -45,17 +46,17 @@ def write_run_report(run_dir, config, progress: dict, data_report, facts: dict) 
     gates = evaluate_gates(
         val_curve=curve,
         warmup_steps=facts["warmup_steps"],
-        device_type=facts["device_type"],
+        device_type=facts["device"].type,
         utilisation=facts["utilisation"].samples,
         utilisation_note=facts["utilisation"].reason,
         dedup_counts=dedup if data_report.dedup else None,
         samples_path=str(run_dir / "samples.txt"),
-        samples_written=facts["samples_written"],
+        samples_written=min(SPOT_CHECK_SAMPLES, data_report.train_examples),
         train_examples=data_report.train_examples,
         micro_batch=config.batch_size,
         grad_accum=config.grad_accum,
         world_size=facts["world_size"],
-        best_checkpoint=(progress["best_step"], progress["best_val_loss"], str(facts["best_dir"])),
+        best_checkpoint=(progress.best_step, progress.best_val_loss, str(facts["best_dir"])),
     )
     summary["gates"] = [asdict(gate) for gate in gates]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
