@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nanoft.errors import UserError
+from nanoft.memory import unknown_targets_error
 from nanoft.weights import copy_tokenizer_files, save_pretrained, write_atomically
 
 PEFT_PREFIX = "base_model.model."
@@ -208,10 +209,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     linears = [(name, m) for name, m in blocks if isinstance(m, nn.Linear)]
     targets = () if cfg.targets == "all-linear" else cfg.targets
     if unknown := [target for target in targets if not any(matches(name, [target]) for name, _ in linears)]:
-        existing = sorted({name.rpartition(".")[2] for name, _ in linears})
-        raise UserError(
-            f"LoRA targets {unknown} are not linear layers of the decoder blocks ({', '.join(existing)})"
-        )
+        raise unknown_targets_error(unknown, {name.rpartition(".")[2] for name, _ in linears})
     targeted = {id(m) for name, m in linears if not targets or matches(name, targets)}
     modules = dict(model.named_modules())
     saved = [m for name, m in modules.items() if cfg.modules_to_save and matches(name, cfg.modules_to_save)]

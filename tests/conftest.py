@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from families import write_family_checkpoint
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from nanoft.default_model import default_model_dir
@@ -37,3 +38,18 @@ def tiny_tokenizer_dir(tmp_path_factory):
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """family_dir("gemma2"): a tiny random checkpoint of that family written by transformers, with the tiny
+    tokenizer (tests/families.py); each made once per session."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            path = tmp_path_factory.mktemp(family)
+            made[family] = write_family_checkpoint(family, path, tiny_tokenizer_dir)
+        return made[family]
+
+    return get

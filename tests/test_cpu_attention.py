@@ -47,7 +47,9 @@ def test_outputs_and_gradients_equal_sdpa(kind, T):
         y.backward(grad_y.to(dtype))
         return [y, *(t.grad for t in inputs)]
 
-    ours = outputs_and_gradients(lambda q, k, v: grouped_attention(q, k, v, bias), torch.float32)
+    ours = outputs_and_gradients(
+        lambda q, k, v: grouped_attention(q, k, v, bias, HEAD_DIM**-0.5), torch.float32
+    )
     reference = outputs_and_gradients(
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True),
         torch.float64,
@@ -65,7 +67,7 @@ def test_bf16_blocks_stay_within_a_percent_of_float64():
     allowed = allowed_keys("causal", batch, T)
     bf16 = [t.bfloat16().requires_grad_() for t in (q, k, v)]
     bias = torch.zeros(allowed.shape, dtype=torch.bfloat16).masked_fill_(~allowed, float("-inf"))
-    grouped_attention(*bf16, bias).sum().backward()
+    grouped_attention(*bf16, bias, HEAD_DIM**-0.5).sum().backward()
     exact = [t.double().requires_grad_() for t in (q, k, v)]
     F.scaled_dot_product_attention(*exact, attn_mask=allowed, enable_gqa=True).sum().backward()
     for name, low, high in zip(["dq", "dk", "dv"], bf16, exact, strict=True):

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from families import FAMILIES, QV_TARGETS, WINDOW
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -46,18 +47,20 @@ ADAPTER_CASES = {
 
 
 def tiny_config(model_type="llama", tie_word_embeddings=False) -> ModelConfig:
-    return ModelConfig(
-        model_type=model_type,
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
+    return ModelConfig.from_hf(
+        dict(
+            model_type=model_type,
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     )
 
 
@@ -388,3 +391,45 @@ def test_lora_linear_wraps_without_copying_and_keeps_names(base_dir):
     assert isinstance(wrapper, LoRALinear) and wrapper.base_layer is q_proj
     assert set(base_state_dict(model)) == set(Transformer(model.config).state_dict())
     assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in lora_state_dict(model)
+
+
+# ---------------------------------------------------------------- every family (tests/families.py)
+
+
+def family_input_ids():
+    """Longer than any family's sliding window."""
+    return torch.randint(3, 128, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("targets", ["q,v", "all-linear"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_peft_loads_our_adapter_with_same_logits(family_dir, tmp_path, family, targets):
+    base = family_dir(family)
+    lora_targets = "all-linear" if targets == "all-linear" else tuple(QV_TARGETS[family])
+    model = inject_lora(from_pretrained(base), LoRAConfig(r=4, alpha=8, targets=lora_targets))
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
+    reference = PeftModel.from_pretrained(load_transformers(base), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        mine, expected = model.eval()(family_input_ids()), reference(family_input_ids()).logits
+    assert (mine - expected).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_merged_export_loads_in_transformers_with_same_logits(family_dir, tmp_path, family):
+    base = family_dir(family)
+    model = inject_lora(from_pretrained(base), LoRAConfig(r=4, alpha=8, targets="all-linear"))
+    randomize_trainable(model)
+    with torch.no_grad():
+        adapted = model.eval()(family_input_ids())
+    export_merged(model, model.config, base, tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        merged = load_transformers(tmp_path / "merged").eval()(family_input_ids()).logits
+    assert (merged - adapted).abs().max() < TOLERANCE
+
+
+def test_fused_families_name_their_fused_layers():
+    phi3 = ModelConfig.from_hf({**tiny_config().to_hf(), "model_type": "phi3"})
+    layers = r"\(down_proj, gate_up_proj, o_proj, qkv_proj\) \(this family fuses q, k, v into qkv_proj"
+    with pytest.raises(UserError, match=r"\['q_proj', 'v_proj'\] are not linear layers .*" + layers):
+        inject_lora(Transformer(phi3), LoRAConfig(targets=("q_proj", "v_proj")))

@@ -34,7 +34,7 @@ LLAMA_2_7B = ModelConfig(
     [
         SMALL,
         ModelConfig(**{**SMALL.__dict__, "tie_word_embeddings": True}),
-        ModelConfig(**{**SMALL.__dict__, "model_type": "qwen2", "head_dim": None}),  # q/k/v biases
+        ModelConfig.from_hf({**SMALL.to_hf(), "model_type": "qwen2"}),  # q/k/v biases
     ],
 )
 def test_parameter_count_equals_the_model(config):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from families import FAMILIES, QV_TARGETS
 from safetensors.torch import load_file
 
 from nanoft.model import ModelConfig, Transformer
@@ -334,6 +335,29 @@ def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir
         name for name, p in model.named_parameters() if not torch.equal(p, original.get_parameter(name))
     ]
     assert len(changed) == len(list(model.parameters()))  # every weight trained, norms included
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_trains_two_steps_and_saves(family_dir, data_files, tmp_path, family, method):
+    """Each family's tiny checkpoint (tests/families.py, written by transformers) through train.py: LoRA on
+    its query and value projections writes an adapter of them, a full fine-tune a model transformers loads
+    with every weight moved."""
+    from transformers import AutoModelForCausalLM
+
+    flags = ["--max-steps", "2", "--method", method, "--lr", "1e-3"]
+    flags += ["--lora-targets", ",".join(QV_TARGETS[family])] if method == "lora" else []
+    summary = train(family_dir(family), data_files, tmp_path / "run", *flags)
+    assert summary["steps"] == 2 and np.isfinite(summary["final_val_loss"])
+    if method == "lora":
+        adapter_config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+        assert sorted(adapter_config["target_modules"]) == sorted(QV_TARGETS[family])
+        tensors = load_file(tmp_path / "run/adapter/adapter_model.safetensors")
+        assert len(tensors) == 2 * 4 * len(QV_TARGETS[family])  # A and B, 4 layers, each target
+        return
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run/model")
+    original = AutoModelForCausalLM.from_pretrained(family_dir(family))
+    assert all(not torch.equal(p, original.get_parameter(name)) for name, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("flag", ["--activation-checkpointing", "--pack", "--group-by-length"])

@@ -90,11 +90,28 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_command_line_error_is_one_line_and_exit_2(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"model_type": "gpt_neox"},
+            "model_type 'gpt_neox' is not supported; nanoft supports model_type llama",
+        ),
+        (  # Phi-3's 128k-context variants
+            {
+                "model_type": "phi3",
+                "rope_scaling": {"type": "longrope", "short_factor": [1], "long_factor": [1]},
+            },
+            "rope scaling 'longrope' is not supported",
+        ),
+    ],
+)
+def test_command_line_error_is_one_line_and_exit_2(tmp_path, config, message):
+    sizes = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    (tmp_path / "config.json").write_text(json.dumps({**sizes, **config}))
     code = "from nanoft.errors import exit_on_user_error\nfrom nanoft.weights import from_pretrained\n"
     code += f"exit_on_user_error(from_pretrained)({str(tmp_path)!r})"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert "model_type 'gpt_neox' is not supported" in result.stderr
+    assert message in result.stderr
