@@ -8,11 +8,12 @@ import peft
 import pytest
 import torch
 import transformers
+from families import FAMILIES, WINDOW
 
 from nanoft.generate import generate, generate_batch, main, next_token
 from nanoft.model import ModelConfig, Transformer
 from nanoft.tokenizer import Tokenizer
-from nanoft.weights import copy_tokenizer_files, save_pretrained
+from nanoft.weights import copy_tokenizer_files, from_pretrained, save_pretrained
 
 PROMPTS = [[1, 10, 11, 12, 13], [1, 20], [1, 30, 31, 32, 33, 34, 35, 36, 37]]
 
@@ -167,3 +168,27 @@ def test_cli_adapter_answers_like_peft(tiny_model, tiny_tokenizer, tiny_tokenize
     # Past the model's 128 positions RoPE meets angles it never trained on: the CLI says so, still answering.
     main(["--model", str(model_dir), "--prompt", prompt, "--max-new-tokens=126"])
     assert "exceeds the model's context of 128 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_generates_as_transformers_does(family_dir, tiny_tokenizer, family):
+    """Greedy decoding of a left-padded batch past every sliding window: nanoft's KV cache against
+    transformers' generate on the same checkpoint (tests/families.py)."""
+    prompts = [[1, 10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 20, 21]]
+    max_new_tokens = 2 * WINDOW
+    ours = from_pretrained(family_dir(family)).eval()
+    tokens = generate_batch(ours, tiny_tokenizer, prompts, max_new_tokens=max_new_tokens)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(family_dir(family), dtype=torch.float32)
+    for prompt, mine in zip(prompts, tokens, strict=True):
+        padded = torch.tensor([[0] * (len(prompts[0]) - len(prompt)) + prompt])
+        attention_mask = (torch.arange(padded.shape[1]) >= len(prompts[0]) - len(prompt)).long()[None]
+        expected = reference.generate(
+            padded,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(tiny_tokenizer.eos_ids),
+            pad_token_id=tiny_tokenizer.pad_id,
+        )[0, padded.shape[1] :].tolist()
+        stop = next((i for i, token in enumerate(expected) if token in tiny_tokenizer.eos_ids), len(expected))
+        assert mine == expected[:stop]
