@@ -116,16 +116,17 @@ def chat_template_spans(messages: list[dict], tokenizer) -> tuple[str, list[tupl
         if start is not None and text.startswith(turn) and start <= len(turn):
             spans.append((start, len(turn)))
             continue
-        # Templates that rewrite earlier turns cannot be cut into prefixes: find the message itself after the
-        # previous turn instead, with the end-of-turn token right after it.
-        content = message["content"].strip()
-        start = text.find(content, spans[-1][1] if spans else 0) if content else -1
-        if start < 0:
+        # Templates that rewrite earlier turns (Qwen3 drops the thinking of answers before the last question)
+        # cannot be cut into prefixes: render the conversation with this message's content swapped for a
+        # probe; the text around the probe is the text around the message, then its end-of-turn token.
+        probed = [*messages[:index], {"role": "assistant", "content": TURN_PROBE}, *messages[index + 1 :]]
+        before, found, after = render(tokenizer, probed).partition(TURN_PROBE)
+        start, end = len(before), len(text) - len(after)
+        if not (found and text.startswith(before) and text.endswith(after) and start <= end):
             raise BadRecord(
                 f"the chat template changes assistant message {index}, so its tokens cannot be "
                 "located for masking (train on everything, or use another template)"
             )
-        end = start + len(content)
         end_of_turn = tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False)
         if text[end:].lstrip().startswith(end_of_turn):
             end = text.index(end_of_turn, end) + len(end_of_turn)
@@ -182,10 +183,11 @@ def label_tokens(
 ) -> tuple[list[int], list[int]]:
     """The ids of `rendered.text` (with BOS / EOS added where needed) and their labels: id or -100.
 
-    A token belongs to a span when it starts inside it. A span is trained up to the last end-of-turn token in
-    it (the template's newline after <|im_end|> is not something to learn); a span with none ends at its last
-    non-space character. If the final span has no end-of-turn token (the Alpaca prompt, templates without
-    one), the text is cut there and EOS appended as a trained label, so the model always learns to stop.
+    A token belongs to a span when it starts inside it. A span is trained up to the first end-of-turn token in
+    it (the template's newline after <|im_end|>, or Phi-3's <|endoftext|> after its <|end|>, is not something
+    to learn); a span with none ends at its last non-space character. If the final span has no end-of-turn
+    token (the Alpaca prompt, templates without one), the text is cut there and EOS appended as a trained
+    label, so the model always learns to stop.
     `is_eos` is a vocabulary-sized table of the tokenizer's stop ids.
     """
     text = rendered.text
@@ -197,7 +199,7 @@ def label_tokens(
         inside = np.flatnonzero((starts >= start) & (starts < end))
         eos_inside = inside[is_eos[ids[inside]]]
         if len(eos_inside):
-            inside = inside[inside <= eos_inside[-1]]
+            inside = inside[inside <= eos_inside[0]]
         else:
             inside = inside[starts[inside] < start + len(text[start:end].rstrip())]
         trained[inside] = True

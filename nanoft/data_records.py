@@ -227,4 +227,10 @@ def chat_message(message, index: int, role_key: str, content_key: str, roles: di
         raise BadRecord(f"{where} has unknown {role_key} {role!r}; expected one of {', '.join(roles)}")
     if not isinstance(content, str):
         raise BadRecord(f"{where} '{content_key}' must be a string, got {type(content).__name__}")
-    return {"role": roles[role], "content": content}
+    chat = {"role": roles[role], "content": content}
+    reasoning = message.get("reasoning_content")  # an answer's thinking, apart from it (Qwen3's templates)
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise BadRecord(f"{where} 'reasoning_content' must be a string, got {type(reasoning).__name__}")
+        chat["reasoning_content"] = reasoning
+    return chat

@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from family_templates import FAMILY_TEMPLATES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as BackendTokenizer
@@ -207,6 +208,90 @@ def test_smollm2_template_trains_every_answer_and_its_end_of_turn(smollm2_dir):
     trained = smollm2.decode([label for label in labels if label != IGNORE_INDEX], skip_special_tokens=False)
     assert trained == "Paris is the capital.<|im_end|>Rome, since 1871.<|im_end|>"
     assert smollm2.eos_id == smollm2.backend.token_to_id("<|im_end|>")
+
+
+# ---------------------------------------------------------------- the families' own chat templates
+
+
+@pytest.fixture(scope="module")
+def family_tokenizer_dir(tmp_path_factory):
+    """family_tokenizer_dir("qwen3"): a tiny BPE with the family's special tokens and chat template."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            spec = FAMILY_TEMPLATES[family]
+            config = {**spec.tokens, "chat_template": spec.template}
+            made[family] = save_tokenizer(tmp_path_factory.mktemp(family), spec.specials, config)
+        return made[family]
+
+    return get
+
+
+def family_conversation(family: str) -> list[dict]:
+    return CONVERSATION if FAMILY_TEMPLATES[family].system else CONVERSATION[1:]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("family", FAMILY_TEMPLATES)
+def test_family_template_ids_equal_transformers(family_tokenizer_dir, family, add_generation_prompt):
+    transformers = pytest.importorskip("transformers")
+    path, spec = family_tokenizer_dir(family), FAMILY_TEMPLATES[family]
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(path / "tokenizer.json"), chat_template=spec.template, **spec.tokens
+    )
+    messages = family_conversation(family)
+    ours = Tokenizer.from_pretrained(path).apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True
+    )
+    expected = reference.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+    )
+    assert ours == list(expected)
+
+
+@pytest.mark.parametrize("family", FAMILY_TEMPLATES)
+def test_family_template_trains_each_answer_and_its_end_of_turn(family_tokenizer_dir, family):
+    tokenizer = Tokenizer.from_pretrained(family_tokenizer_dir(family))
+    end = FAMILY_TEMPLATES[family].end_of_turn
+    assert tokenizer.eos_id == tokenizer.backend.token_to_id(end)
+    messages = family_conversation(family)
+    ids, labels = record_tokens(Record("x:1", "chat", messages), tokenizer, "chat", False)
+    assert ids == tokenizer.apply_chat_template(messages, tokenize=True)
+    trained = tokenizer.decode(
+        [label for label in labels if label != IGNORE_INDEX], skip_special_tokens=False
+    )
+    # Qwen3 writes an empty thinking block before the answer after the last question: the model writes it too.
+    thinking = "<think>\n\n</think>\n\n" if family == "qwen3" else ""
+    assert trained == f"Paris is the capital.{end}{thinking}Rome, since 1871.{end}"
+
+
+def test_qwen3_thinking_is_trained_where_the_template_keeps_it(family_tokenizer_dir, tmp_path):
+    """Qwen3's template drops the thinking of answers before the last question and writes the last answer's
+    (`reasoning_content`, or <think> in the content) in front of it: each answer is trained as written."""
+    qwen3 = Tokenizer.from_pretrained(family_tokenizer_dir("qwen3"))
+    messages = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "<think>\nAdd the two.\n</think>\n\nIt is 4."},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "It is 6.", "reasoning_content": "Add them again."},
+    ]
+    train, _, _ = prepare(write_jsonl(tmp_path / "thinking.jsonl", [{"messages": messages}]), qwen3, tmp_path)
+    ids, targets = train.example(0)
+    assert qwen3.decode(ids.tolist(), skip_special_tokens=False) == qwen3.apply_chat_template(messages)
+    trained = qwen3.decode([t for t in targets.tolist() if t != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained == "It is 4.<|im_end|><think>\nAdd them again.\n</think>\n\nIt is 6.<|im_end|>"
+
+
+def test_smollm3_no_think_trains_the_answers_after_their_empty_thinking(family_tokenizer_dir):
+    """With /no_think, SmolLM3's template writes an empty thinking block into every assistant turn and its
+    generation prompt: the model is prompted with it and learns only the answer."""
+    smollm3 = Tokenizer.from_pretrained(family_tokenizer_dir("smollm3"))
+    messages = [{"role": "system", "content": "You answer briefly. /no_think"}, *CONVERSATION[1:]]
+    ids, labels = record_tokens(Record("x:1", "chat", messages), smollm3, "chat", False)
+    assert "<think>\n\n</think>\nRome" in smollm3.decode(ids, skip_special_tokens=False)
+    trained = smollm3.decode([label for label in labels if label != IGNORE_INDEX], skip_special_tokens=False)
+    assert trained == "Paris is the capital.<|im_end|>Rome, since 1871.<|im_end|>"
 
 
 def test_template_that_is_not_prefix_stable(chatml_dir, tmp_path):
