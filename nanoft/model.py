@@ -243,10 +243,8 @@ def family_settings(hf: dict) -> dict:
         settings["sliding_window"] = get("sliding_window")
     if family == "qwen2":  # q/k/v biases, never in config.json; o_proj has none
         settings |= dict(attention_bias=True, attention_output_bias=False)
-    if family in (
-        "qwen2",
-        "qwen3",
-    ):  # the window is only used with use_sliding_window, from max_window_layers on
+    if family in ("qwen2", "qwen3"):
+        # The window is used only with use_sliding_window, and then from layer max_window_layers on.
         window = get("sliding_window") if get("use_sliding_window", False) else None
         first = get("max_window_layers", 28)
         derived = [SLIDING if window and i >= first else FULL for i in range(hf["num_hidden_layers"])]
@@ -266,17 +264,14 @@ def family_settings(hf: dict) -> dict:
         settings |= dict(norm_style="gemma", head_dim=256, tie_word_embeddings=True)
         settings["embedding_multiplier"] = hf["hidden_size"] ** 0.5
         settings["hidden_act"] = get("hidden_activation", "gelu_pytorch_tanh")
-    if (
-        family == "gemma"
-    ):  # Gemma 1's releases say "gelu" and mean the tanh approximation (as transformers reads it)
+    if family == "gemma":
+        # Gemma 1's releases say "gelu" and mean the tanh approximation (as transformers reads them).
         activation = get("hidden_act", "gelu_pytorch_tanh")
         settings["hidden_act"] = "gelu_pytorch_tanh" if activation == "gelu" else activation
     if family in ("gemma2", "gemma3_text"):
-        layers = hf["num_hidden_layers"]
-        every = (
-            2 if family == "gemma2" else get("sliding_window_pattern", 6)
-        )  # the last of each group is full
-        derived = [SLIDING if (i + 1) % every else FULL for i in range(layers)]
+        # Without layer_types: windows on all but the last layer of each group of 2 (Gemma 2) or 6 (Gemma 3).
+        every = 2 if family == "gemma2" else get("sliding_window_pattern", 6)
+        derived = [SLIDING if (i + 1) % every else FULL for i in range(hf["num_hidden_layers"])]
         settings |= dict(norm_placement="sandwich", layer_types=get("layer_types") or derived)
         settings |= dict(
             query_pre_attn_scalar=get("query_pre_attn_scalar", 256),
@@ -293,10 +288,13 @@ def family_settings(hf: dict) -> dict:
     if family == "olmo2":
         settings |= dict(norm_style="olmo2", norm_placement="post", qk_norm="width", rms_norm_eps=1e-5)
     if family == "granite":
-        settings |= {
-            key: get(key, 1.0) for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
-        }
-        settings["attention_multiplier"] = get("attention_multiplier", 1.0)
+        multipliers = (
+            "embedding_multiplier",
+            "residual_multiplier",
+            "attention_multiplier",
+            "logits_scaling",
+        )
+        settings |= {key: get(key, 1.0) for key in multipliers}
     if family not in ("gemma", "gemma2", "gemma3_text"):
         activation = get("hidden_act", "silu")
         settings["hidden_act"] = "silu" if activation == "swish" else activation
@@ -457,14 +455,10 @@ class Attention(nn.Module):
             config.head_dim,
         )
         self.scale, self.softcap = config.attention_scale, config.attn_logit_softcapping
-        C, q_width, kv_width, bias = (
-            config.hidden_size,
-            self.n_heads * self.head_dim,
-            self.n_kv_heads * self.head_dim,
-            config.attention_bias,
-        )
-        self.widths = (q_width, kv_width, kv_width)
-        if config.fused_projections:
+        C, bias = config.hidden_size, config.attention_bias
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.fused, self.widths = config.fused_projections, (q_width, kv_width, kv_width)
+        if self.fused:  # one (C, Q + K + V) matmul, rows as Hugging Face stores them
             self.qkv_proj = nn.Linear(C, q_width + 2 * kv_width, bias=bias)
         else:
             self.q_proj = nn.Linear(C, q_width, bias=bias)
@@ -479,7 +473,7 @@ class Attention(nn.Module):
 
     def project(self, x):
         """q (B, T, H*D), k and v (B, T, KVH*D): from one fused matmul or three."""
-        if hasattr(self, "qkv_proj"):
+        if self.fused:
             q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
             # v in a tensor of its own: attention keeps v for backward, and a view would keep all of the fused
             # output alive with it.
@@ -530,7 +524,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         C, M = config.hidden_size, config.intermediate_size
-        if config.fused_projections:
+        self.fused = config.fused_projections
+        if self.fused:
             self.gate_up_proj = nn.Linear(C, 2 * M, bias=False)
         else:
             self.gate_proj = nn.Linear(C, M, bias=False)
@@ -539,7 +534,7 @@ class MLP(nn.Module):
         self.activation = config.hidden_act
 
     def forward(self, x):
-        if hasattr(self, "gate_up_proj"):
+        if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
