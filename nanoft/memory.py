@@ -104,9 +104,8 @@ def lora_targets(config: ModelConfig, targets) -> tuple[str, ...]:
 def unknown_targets_error(unknown: list[str], names) -> UserError:
     """LoRA targets that name no linear layer of the blocks (`names`)."""
     layers = ", ".join(sorted(names))
-    fused = " (this family fuses q, k, v into qkv_proj and gate, up into gate_up_proj)" * (
-        "qkv_proj" in names
-    )
+    hint = " (this family fuses q, k, v into qkv_proj and gate, up into gate_up_proj)"
+    fused = hint if "qkv_proj" in names else ""
     return UserError(f"LoRA targets {unknown} are not linear layers of the decoder blocks ({layers}){fused}")
 
 
