@@ -43,7 +43,8 @@ ADVICE = {
     "dedup": "run without --no-dedup: duplicates inflate the val score and teach the model to repeat itself",
     "samples": "write 50+ rendered samples and read them before trusting the run: template and masking bugs "
     "show there first",
-    "effective_batch": "raise --grad-accum until micro-batch x accumulation x devices >= 32",
+    "effective_batch": "raise --grad-accum until micro-batch x accumulation x devices >= "
+    f"{MIN_EFFECTIVE_BATCH}",
     "baseline": "evaluate the untuned model on the same val data at step 0 (give --val-data or keep the "
     "automatic split) so the gain can be measured",
     "best_checkpoint": "evaluate during training (--eval-every 50-100) and keep the checkpoint with the "

@@ -89,8 +89,8 @@ def test_real_sweep_on_a_tiny_model_never_recommends_a_divergent_lr():
         assert f"{lr:>10.2g}" in sweep_table(result)
 
 
-def test_train_lr_sweep_prints_the_table_and_an_lr(tiny_tokenizer_dir, tmp_path, capsys):
-    inputs = write_tiny_run(tmp_path, tiny_tokenizer_dir)
+def test_train_lr_sweep_prints_the_table_and_an_lr(tiny_model_dir, tmp_path, capsys):
+    inputs = write_tiny_run(tmp_path, tiny_model_dir())
     train_main([*inputs, "--lr-sweep", "--batch-size", "4", "--out", str(tmp_path / "run")])
     printed = capsys.readouterr().out
     for lr in lr_grid(2e-4):  # LoRA's default, 10x apart
