@@ -34,6 +34,17 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def without_optional_kernel_notice(record: logging.LogRecord) -> bool:
+    """bitsandbytes (0.50, on CPUs with AVX512-BF16) logs on import that it could not load an optional CPU
+    kernel from the `kernels` package ("Failed to load CPU gemm_4bit_forward from kernels-community ..."); it
+    falls back to its own kernel, which the tests and benchmarks measure. Nothing for the user to act on."""
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# On the logger that prints it, before anything imports bitsandbytes; its other warnings still reach the user.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(without_optional_kernel_notice)
+
+
 def bitsandbytes_error(error: Exception, flag: str) -> UserError:
     """The one-line message for a bitsandbytes that is missing or cannot run here."""
     if isinstance(error, ImportError):
