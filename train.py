@@ -24,10 +24,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from data import SPOT_CHECK_SAMPLES, Batches, prepare_data
-from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter, trainable_parameters_line
+from lora import LoRAConfig, inject_lora, save_adapter, trainable_parameters_line
+from nanoft import merge
 from nanoft.checkpoint import (
     StopSignals,
     check_resume_config,
@@ -74,7 +74,7 @@ from nanoft.report import nan_advice, summary_lines, write_run_report
 from nanoft.schedule import lr_at
 from nanoft.tokenizer import Tokenizer
 from nanoft.weights import copy_tokenizer_files, from_pretrained, load_config, save_pretrained
-from quant import load_quantized, make_optimizer
+from quant import QuantConfig, load_quantized, make_optimizer
 
 IGNORE = -100
 
@@ -134,18 +134,6 @@ def save_best_weights(model, dist, run_dir: Path, model_dir: Path, method: str) 
         base = str(model_dir)
         write = lambda tmp: save_adapter(unwrap(model), tmp, base_model_name_or_path=base, tensors=adapter)
         write_directory_atomically(run_dir / "adapter", write)
-
-
-def export_best_merged(model, best_dir: Path, model_dir: Path, out_dir: Path, dtype) -> None:
-    """Load the best adapter back into the model and write it merged into the base (a plain HF model)."""
-    best = load_file(best_dir / "adapter_model.safetensors")
-    _, unexpected = model.load_state_dict(
-        {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in best.items()}, strict=False
-    )
-    assert not unexpected, unexpected  # the adapter was written from this very model
-    write_directory_atomically(
-        out_dir, lambda tmp: export_merged(model, model.config, model_dir, tmp, dtype=dtype)
-    )
 
 
 def save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist) -> None:
@@ -445,16 +433,6 @@ def main(argv=None):
     if stop_reason == "nan":
         print0(dist, nan_advice(step + 1, config.lr, sum(bad_samples or [], [])))
     best_dir = run_dir / ("model" if config.method == "full" else "adapter")
-    if config.merge and dist.is_main:
-        merge_into = unwrap(model)
-        if is_fsdp(model):  # the shards cannot be merged in place: rank 0 loads a whole base into CPU memory
-            merge_into = inject_lora(
-                load_quantized(model_dir, quant=config.quant, compute_dtype=precision.compute_dtype)
-                if config.method == "qlora"
-                else from_pretrained(model_dir, dtype=precision.base_dtype),
-                lora_config,
-            )
-        export_best_merged(merge_into, best_dir, model_dir, run_dir / "merged", precision.compute_dtype)
     if dist.is_main:
         facts = dict(
             stop_reason=stop_reason,
@@ -475,6 +453,16 @@ def main(argv=None):
             print(line)
     monitor.close()
     teardown(dist)
+    # After teardown: the merge reads the checkpoint and the best adapter from disk (nanoft/merge.py), so the
+    # other ranks are gone and none waits in a collective past --dist-timeout while rank 0 merges.
+    if config.merge and dist.is_main:
+        quant_config = (
+            QuantConfig(config.quant, compute_dtype=precision.compute_dtype) if config.quant else None
+        )
+        merged = merge.merge_adapter(model_dir, best_dir, run_dir / "merged", config.merge_base, quant_config)
+        print(
+            merge.merge_line(merged, best_dir, model_dir, run_dir / "merged", config.merge_base, config.quant)
+        )
     if stop_reason == "nan":
         sys.exit(f"error: loss is NaN or inf at step {step + 1}; stopped, best weights kept in {best_dir}")
 

@@ -32,6 +32,7 @@ DEVICES = ("auto", "cuda", "cpu")
 FSDP_MODES = ("none", "full_shard", "shard_grad_op")  # distributed: none = DDP under torchrun
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 ALPACA_STYLES = ("auto", "chat", "alpaca")
+MERGE_BASES = ("original", "quantized")  # nanoft/merge.py
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # the playbook's starting points
 
 
@@ -106,7 +107,13 @@ class TrainConfig:
     save_every: int = flag(100, "save a resumable checkpoint every this many steps (and at the end)")
     keep_last: int = flag(2, "resumable checkpoints kept (plus the best one)")
     patience: int = flag(5, "stop after this many evaluations without a better val loss (0: never)")
-    merge: bool = flag(False, "also export the best weights merged into the base model (merged/)")
+    merge: bool = flag(False, "also export the best adapter merged into the base model (merged/)")
+    merge_base: str = flag(
+        "original",
+        "what --merge adds the adapter to: the checkpoint's original 16-bit weights, or (qlora) its weights "
+        "rounded through --quant as the run's base held them",
+        MERGE_BASES,
+    )
 
     # hardware and speed
     device: str = flag("auto", "where to train (auto: cuda when torch sees a GPU, else cpu)", DEVICES)
@@ -176,6 +183,11 @@ class TrainConfig:
                 f"--quant {self.quant} quantizes the base under LoRA, which is --method qlora; "
                 "pass --method qlora"
             )
+        if self.merge_base == "quantized" and self.method != "qlora":
+            raise UserError(
+                f"--merge-base quantized merges into the 4-bit base a --method qlora run trains on; "
+                f"--method {self.method} has none: drop --merge-base"
+            )
         if self.merge and self.method == "full":
             raise UserError(
                 "--merge folds LoRA adapters into the base; a full fine-tune has none (its weights "
@@ -236,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         kind = field_type(f.name)
         default = f.default if f.default is not MISSING else f.default_factory()
-        shown = ",".join(default) if kind is list else {True: "on", False: "off"}.get(default, default)
+        # By kind, not by value: 0 == False and 1.0 == True, so a dict lookup showed --seed 0 as "off".
+        shown = (
+            ",".join(default) if kind is list else ("on" if default else "off") if kind is bool else default
+        )
         help_text = f.metadata["help"] + (f" (default: {shown})" if shown not in ("", None) else "")
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         name, choices = f"--{kebab(f.name)}", f.metadata["choices"]

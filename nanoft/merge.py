@@ -31,11 +31,10 @@ from torch import nn
 import lora
 import quant
 from nanoft import checkpoint, weights
-from nanoft.config import OneLineErrorParser
+from nanoft.config import MERGE_BASES, OneLineErrorParser
 from nanoft.errors import UserError, exit_on_user_error
 from nanoft.model import Transformer
 
-MERGE_BASES = ("original", "quantized")
 ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 
 

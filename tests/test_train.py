@@ -8,6 +8,7 @@ Each run is train.py's own main() (in-process, fast) or a subprocess where exit 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -280,7 +281,7 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_file
 # ---------------------------------------------------------------------------- outputs
 
 
-def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_files, tmp_path):
+def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_files, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -288,6 +289,20 @@ def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_f
     from nanoft.weights import from_pretrained
 
     summary = train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "12", "--merge")
+    printed = capsys.readouterr().out.splitlines()
+    done, merged_line = next(line for line in printed if line.startswith("done (")), printed[-1]
+    # Training time and wall time, each labelled: tokens/s divides by the first only.
+    assert re.fullmatch(
+        r"done \(finished\): 12 steps, [\d,]+ tokens in [\d.]+ min of training \(\d+ tokens/s\); "
+        r"wall time [\d.]+ min, peak memory [\d.]+ GiB",
+        done,
+    ), done
+    assert 0 < summary["train_s"] < summary["wall_s"]
+    assert summary["train_tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["train_s"])
+    assert merged_line == (
+        f"merged: adapter {tmp_path / 'run/adapter'} (14 weights updated) into the original fp32 weights of "
+        f"{tiny_model_dir} -> {tmp_path / 'run/merged'} (a Hugging Face model, fp32)"
+    )
     for key in (
         "baseline_val_loss",
         "best_val_loss",
@@ -317,9 +332,44 @@ def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_f
         reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         peft_model = PeftModel.from_pretrained(reference, tmp_path / "run/adapter").eval()
         torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)
-        # The merged export is a plain model with the same logits (bf16 weights: a looser tolerance).
+        # The merged export is a plain model with the logits of PEFT's merge_and_unload (fp32 as stored).
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run/merged", dtype=torch.float32)
-        torch.testing.assert_close(merged(ids).logits, ours, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(merged(ids).logits, peft_model.merge_and_unload()(ids).logits)
+
+
+def test_qlora_merge_goes_into_the_original_weights_or_the_quantized_base(
+    tiny_model_dir, data_files, tmp_path, capsys
+):
+    """The QA report: QLoRA --merge wrote the adapter merged into the dequantized NF4 base (every other layer
+    off the original by up to 0.59) and never said where. Now the original weights by default, as PEFT
+    merges an adapter into the checkpoint; the quantized base when asked; and the line says which."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("bitsandbytes")
+    flags = ("--max-steps", "2", "--method", "qlora", "--merge", "--lora-targets", "q_proj,v_proj")
+    train(tiny_model_dir, data_files, tmp_path / "original", *flags)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(
+        f"merged: adapter {tmp_path / 'original/adapter'} (4 weights updated) into the original fp32"
+    )
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(reference, tmp_path / "original/adapter").merge_and_unload()
+    ids = torch.tensor([[1, 3, 10, 11, 12, 5, 4]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "original/merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits)
+
+    train(tiny_model_dir, data_files, tmp_path / "quantized", *flags, "--merge-base", "quantized")
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "(4 weights updated) into the weights of" in line and "rounded through nf4" in line
+    k_proj = "model.layers.0.self_attn.k_proj.weight"  # no adapter: as stored, or rounded through NF4
+    base = load_file(tiny_model_dir / "model.safetensors")[k_proj]
+    assert torch.equal(load_file(tmp_path / "original/merged/model.safetensors")[k_proj], base)
+    assert (load_file(tmp_path / "quantized/merged/model.safetensors")[k_proj] - base).abs().max() > 1e-4
+    with pytest.raises(SystemExit):
+        main(["--merge-base", "quantized", "--out", str(tmp_path / "x")])  # a LoRA run has no 4-bit base
+    assert "--merge-base quantized merges into the 4-bit base" in capsys.readouterr().err
 
 
 def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir, data_files, tmp_path):
