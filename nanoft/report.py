@@ -4,9 +4,10 @@
     for line in summary_lines(summary): print(line)
 
 summary.json holds at least: stop_reason, baseline_val_loss (step 0, the untuned model), best_val_loss,
-best_step, final_val_loss, steps, tokens_seen, train_tokens_per_s, peak_memory_bytes, wall_s, val_curve,
-samples (prompt, generated, reference at the last eval), best_dir, data (the data report with dedup counts),
-config (resolved) and gates (nanoft/gates.py: each PASS / FAIL / N-A with evidence and what to do).
+best_step, final_val_loss, steps, tokens_seen, train_s (in optimizer steps), train_tokens_per_s,
+peak_memory_bytes, wall_s, val_curve, samples (prompt, generated, reference at the last eval), best_dir, data
+(the data report with dedup counts), config (resolved) and gates (nanoft/gates.py: each PASS / FAIL / N-A with
+evidence and what to do).
 """
 
 import json
@@ -32,6 +33,7 @@ def write_run_report(run_dir, config, progress: dict, data_report, facts: dict) 
         "steps": facts["steps"],
         "total_steps": facts["total_steps"],
         "tokens_seen": progress["tokens_seen"],
+        "train_s": progress["train_seconds"],  # the optimizer steps alone: what tokens/s divides by
         "train_tokens_per_s": progress["tokens_seen"] / max(progress["train_seconds"], 1e-9),
         "peak_memory_bytes": facts["peak_memory_bytes"],
         "wall_s": facts["wall_s"],
@@ -87,8 +89,7 @@ def report_markdown(run_dir: Path, summary: dict, gates_table: str) -> str:
         f"| data | {data['train_examples']} train / {data['val_examples']} val examples; {dedup} |",
         f"| val loss | baseline {baseline:.4f} -> best {best:.4f} at step {summary['best_step']} "
         f"({best / baseline - 1:+.1%}) -> final {final:.4f} |",
-        f"| training | {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
-        f"{summary['train_tokens_per_s']:.0f} tokens/s, wall {summary['wall_s'] / 60:.1f} min |",
+        f"| training | {summary['steps']} steps, {time_line(summary)} |",
         f"| peak memory | {summary['peak_memory_bytes'] / 2**30:.2f} GiB |",
         f"| best weights | {summary['best_dir']} |",
         "",
@@ -120,8 +121,7 @@ def summary_lines(summary: dict) -> list[str]:
     gates = summary["gates"]
     failed = [gate["name"] for gate in gates if gate["status"] == "FAIL"]
     return [
-        f"done ({summary['stop_reason']}): {summary['steps']} steps, {summary['tokens_seen']:,} tokens in "
-        f"{summary['wall_s'] / 60:.1f} min ({summary['train_tokens_per_s']:.0f} tokens/s), peak memory "
+        f"done ({summary['stop_reason']}): {summary['steps']} steps, {time_line(summary)}, peak memory "
         f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB",
         f"val loss: baseline {summary['baseline_val_loss']:.4f} -> best {summary['best_val_loss']:.4f} "
         f"at step {summary['best_step']} -> final {summary['final_val_loss']:.4f}",
@@ -130,6 +130,15 @@ def summary_lines(summary: dict) -> list[str]:
         f"best weights: {summary['best_dir']}; report: {run_dir / 'report.md'}; "
         f"tensorboard --logdir {run_dir / 'tensorboard'}",
     ]
+
+
+def time_line(summary: dict) -> str:
+    """Tokens over the time spent in optimizer steps, and the wall time (loading, evals, checkpoints too)
+    apart: "404 tokens in 3.0 min" of wall time next to tokens/s of training time read as a contradiction."""
+    return (
+        f"{summary['tokens_seen']:,} tokens in {summary['train_s'] / 60:.1f} min of training "
+        f"({summary['train_tokens_per_s']:.0f} tokens/s); wall time {summary['wall_s'] / 60:.1f} min"
+    )
 
 
 def nan_advice(step: int, lr: float, sources: list[str]) -> str:
