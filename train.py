@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from data import SPOT_CHECK_SAMPLES, Batches, prepare_data
+from data import prepare_data
 from lora import LoRAConfig, inject_lora, save_adapter, trainable_parameters_line
 from nanoft import merge
 from nanoft.checkpoint import (
-    StopSignals,
     check_resume_config,
     latest_checkpoint,
     load_checkpoint,
@@ -44,6 +43,8 @@ from nanoft.checkpoint import (
 )
 from nanoft.config import DEFAULT_LR, default_out_dir, hyperparameter_notes, parse_config, save_config
 from nanoft.cpu_allocator import keep_freed_memory
+from nanoft.data_batches import Batches
+from nanoft.data_report import SPOT_CHECK_SAMPLES
 from nanoft.default_data import default_data_path
 from nanoft.default_model import resolve_model
 from nanoft.distributed import (
@@ -65,9 +66,10 @@ from nanoft.distributed import (
     wrap_model,
 )
 from nanoft.errors import UserError, exit_on_user_error
+from nanoft.interruptions import OOMRecovery, StopSignals
+from nanoft.loss import IGNORE_INDEX
 from nanoft.lr_sweep import run_lr_sweep, sweep_table
 from nanoft.monitor import Monitor, generate_samples, peak_memory_bytes, val_prompts
-from nanoft.oom import OOMRecovery
 from nanoft.planner import format_plan, plan_for_run
 from nanoft.precision import choose_precision
 from nanoft.report import nan_advice, summary_lines, write_run_report
@@ -75,8 +77,6 @@ from nanoft.schedule import lr_at
 from nanoft.tokenizer import Tokenizer
 from nanoft.weights import copy_tokenizer_files, from_pretrained, load_config, save_pretrained
 from quant import QuantConfig, load_quantized, make_optimizer
-
-IGNORE = -100
 
 
 def to_device(batch: dict, device) -> dict:
@@ -107,7 +107,7 @@ def evaluate(model, val_batches, dist, autocast) -> float:
         # the others' forward, with one token and no target.
         no_target = {
             "input_ids": torch.zeros((1, 1), dtype=torch.long),
-            "targets": torch.full((1, 1), IGNORE),
+            "targets": torch.full((1, 1), IGNORE_INDEX),
         }
         for _ in range(len(val_batches) - n_batches):
             with autocast:
@@ -380,11 +380,11 @@ def main(argv=None):
         step_started = time.perf_counter()
         batches = [next(micro_batches) for _ in range(config.grad_accum)]
         counts = [
-            sum(int((b["targets"] != IGNORE).sum()) for b in batches),
+            sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches),
             sum(int(train_examples.lengths[b["sample_ids"]].sum()) for b in batches),
         ]
         n_targets, n_tokens = all_reduce_sum(torch.tensor(counts, device=dist.device), dist).tolist()
-        while True:  # out of memory: the same step again, each micro-batch cut in halves (nanoft/oom.py)
+        while True:  # out of memory: the same step again, each micro-batch cut in halves (interruptions.py)
             try:
                 pieces = [piece for batch in batches for piece in oom.split(batch)]
                 loss_sum_total = torch.zeros((), device=dist.device)

@@ -20,8 +20,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,40 +215,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (schedulers, torchrun, `kill`) ask the loop to stop after the current step,
-    save a checkpoint and exit; a second Ctrl-C quits at once."""
-
-    def __init__(self):
-        self.number = None
-        self.previous = {
-            number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)
-        }
-
-    def restore(self) -> None:
-        """Give the signals back to whoever handled them before (Python's KeyboardInterrupt, pytest ...)."""
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-    def handle(self, number, frame):
-        if self.number is not None:
-            raise KeyboardInterrupt
-        self.number = number
-        print(
-            f"\n{self.name}: finishing this step, then saving a checkpoint (Ctrl-C again quits now)",
-            file=sys.stderr,
-        )
-
-    def received(self, dist) -> bool:
-        """True on every rank once any rank got a signal (they must stop at the same step)."""
-        flag = torch.tensor([float(self.number is not None)], device=dist.device)
-        if all_reduce_sum(flag, dist).item() > 0:
-            self.number = self.number or signal.SIGTERM
-            return True
-        return False
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.number).name

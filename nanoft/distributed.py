@@ -38,10 +38,9 @@ from torch.distributed.fsdp import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from nanoft.config import FSDP_MODES
 from nanoft.errors import UserError
 from nanoft.fsdp_qlora import prepare_4bit_linears_for_fsdp
-
-FSDP_MODES = ("full_shard", "shard_grad_op")  # ZeRO-3-like (reshard after forward) and ZeRO-2-like (keep)
 
 
 @dataclass
@@ -142,7 +141,7 @@ def wrap_model(model, dist: Dist, fsdp: str | None = None, cpu_offload: bool = F
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
     if fsdp not in FSDP_MODES:
-        raise UserError(f"--fsdp {fsdp} is not a mode; choose one of none, {', '.join(FSDP_MODES)}")
+        raise UserError(f"--fsdp {fsdp} is not a mode; choose one of {', '.join(FSDP_MODES)}")
     if dist.backend is None:
         raise UserError(
             f"--fsdp {fsdp} shards the model across processes but this run has one: "

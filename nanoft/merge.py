@@ -31,7 +31,7 @@ from torch import nn
 import lora
 import quant
 from nanoft import checkpoint, weights
-from nanoft.config import MERGE_BASES, OneLineErrorParser
+from nanoft.config import MERGE_BASES, QUANT_TYPES, OneLineErrorParser
 from nanoft.errors import UserError, exit_on_user_error
 from nanoft.model import Transformer
 
@@ -204,7 +204,7 @@ def parse_args(argv=None):
         help="original: the checkpoint's weights (default); quantized: rounded through --quant first",
     )
     parser.add_argument(
-        "--quant", default="nf4", choices=quant.QUANT_TYPES, help="with --base quantized (default nf4)"
+        "--quant", default="nf4", choices=QUANT_TYPES, help="with --base quantized (default nf4)"
     )
     return parser.parse_args(argv)
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from nanoft.errors import UserError
+from nanoft.interruptions import OOMRecovery, is_out_of_memory
+from nanoft.loss import IGNORE_INDEX
 from nanoft.model import ModelConfig, Transformer
-from nanoft.oom import OOMRecovery, is_out_of_memory
 
 TINY = ModelConfig(
     vocab_size=64,
@@ -30,7 +31,7 @@ def device_that_holds_rows(model, max_rows):
 
 def train_step(model, optimizer, batches, recovery, step, log):
     """One optimizer step with OOM recovery, the way train.py's loop uses it."""
-    n_targets = sum((batch["targets"] != -100).sum() for batch in batches)
+    n_targets = sum((batch["targets"] != IGNORE_INDEX).sum() for batch in batches)
     while True:
         try:
             for batch in batches:

@@ -1,7 +1,8 @@
-"""Out of memory mid-run: halve the micro-batch, double accumulation, and retry the same step.
+"""What interrupts a training step, and how the run carries on: out of memory, and a signal to stop.
 
     recovery = OOMRecovery(micro_batch=config.batch_size, grad_accum=config.grad_accum)
-    for step in ...:
+    signals = StopSignals()   # SIGINT / SIGTERM from here on: finish the step, save, exit
+    while step < total_steps and stop_reason is None:
         batches = [next(loader) for _ in range(config.grad_accum)]   # the loader keeps its batch size
         while True:
             try:
@@ -10,18 +11,28 @@
                 break
             except Exception as error:
                 print0(dist, recovery.handle(error, step, optimizer))  # re-raises anything but OOM
+        if signals.received(dist):
+            stop_reason = "signal"
+    signals.restore()
 
-The step's data stays the same, only cut into smaller pieces, so the effective batch (micro-batch x
-accumulation) and the token count the loss is divided by do not change: the update is the one the step would
-have made. At micro-batch 1 there is nothing left to halve and the run stops with what to do instead.
+Out of memory mid-run: halve the micro-batch, double accumulation, and retry the same step. The step's data
+stays the same, only cut into smaller pieces, so the effective batch (micro-batch x accumulation) and the
+token count the loss is divided by do not change: the update is the one the step would have made. At
+micro-batch 1 there is nothing left to halve and the run stops with what to do instead.
+
+SIGINT (Ctrl-C) and SIGTERM (schedulers, torchrun, `kill`): every rank stops after the same step, the run
+saves a checkpoint and exits with 128 + the signal's number; a second Ctrl-C quits at once.
 """
 
 import gc
 import math
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from nanoft.distributed import all_reduce_sum
 from nanoft.errors import UserError
 
 OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory")  # CUDA's, and the CPU allocator's
@@ -72,3 +83,40 @@ class OOMRecovery:
             f"step {step}: out of memory at micro-batch {before}; retrying the step with micro-batch "
             f"{self.micro_batch} x accumulation {self.grad_accum} (effective batch unchanged)"
         )
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (schedulers, torchrun, `kill`) ask the loop to stop after the current step,
+    save a checkpoint and exit; a second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.number = None
+        self.previous = {
+            number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def restore(self) -> None:
+        """Give the signals back to whoever handled them before (Python's KeyboardInterrupt, pytest ...)."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number, frame):
+        if self.number is not None:
+            raise KeyboardInterrupt
+        self.number = number
+        print(
+            f"\n{self.name}: finishing this step, then saving a checkpoint (Ctrl-C again quits now)",
+            file=sys.stderr,
+        )
+
+    def received(self, dist) -> bool:
+        """True on every rank once any rank got a signal (they must stop at the same step)."""
+        flag = torch.tensor([float(self.number is not None)], device=dist.device)
+        if all_reduce_sum(flag, dist).item() > 0:
+            self.number = self.number or signal.SIGTERM
+            return True
+        return False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.number).name
