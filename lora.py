@@ -201,10 +201,10 @@ def matches(module_name: str, names) -> bool:
     return any(module_name == name or module_name.endswith("." + name) for name in names)
 
 
-def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Wrap the targeted linear layers of the decoder blocks (never lm_head), freeze everything else."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise UserError("the model already has LoRA adapters; inject or load only once")
+def lora_layers(model: nn.Module, cfg: LoRAConfig):
+    """(the decoder blocks' linears as (name, module), ids of the targeted ones, the modules_to_save), or a
+    UserError naming what does not exist. The model may be on the meta device: train.py checks a config
+    against the model's layer names this way before it reads any data."""
     # isinstance(nn.Linear) also finds bitsandbytes Linear4bit / Linear8bitLt: they subclass it.
     blocks = model.model.layers.named_modules(prefix="model.layers")
     linears = [(name, m) for name, m in blocks if isinstance(m, nn.Linear)]
@@ -222,6 +222,14 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise UserError(f"modules_to_save {missing} are not in the model; its modules: {', '.join(names)}")
     if any(id(inner) in targeted for module in saved for inner in module.modules()):
         raise UserError("modules_to_save must not hold LoRA targets; name whole layers such as embed_tokens")
+    return linears, targeted, saved
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Wrap the targeted linear layers of the decoder blocks (never lm_head), freeze everything else."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UserError("the model already has LoRA adapters; inject or load only once")
+    linears, targeted, saved = lora_layers(model, cfg)
     model.requires_grad_(False)
     for name, linear in linears:
         if id(linear) in targeted:

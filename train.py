@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 
 from data import prepare_data
-from lora import LoRAConfig, inject_lora, save_adapter, trainable_parameters_line
+from lora import (
+    LoRAConfig,
+    count_parameters,
+    inject_lora,
+    lora_layers,
+    save_adapter,
+    trainable_parameters_line,
+)
 from nanoft import merge
 from nanoft.checkpoint import (
     check_resume_config,
@@ -36,6 +43,7 @@ from nanoft.checkpoint import (
     prepare_run_dir,
     prune_checkpoints,
     record_eval,
+    resume_changes,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -69,10 +77,11 @@ from nanoft.errors import UserError, exit_on_user_error
 from nanoft.interruptions import OOMRecovery, StopSignals
 from nanoft.loss import IGNORE_INDEX
 from nanoft.lr_sweep import run_lr_sweep, sweep_table
+from nanoft.model import Transformer
 from nanoft.monitor import Monitor, generate_samples, peak_memory_bytes, val_prompts
 from nanoft.planner import format_plan, plan_for_run
 from nanoft.precision import choose_precision
-from nanoft.report import nan_advice, summary_lines, write_run_report
+from nanoft.report import change_line, nan_advice, summary_lines, write_run_report
 from nanoft.schedule import lr_at
 from nanoft.tokenizer import Tokenizer
 from nanoft.weights import copy_tokenizer_files, from_pretrained, load_config, save_pretrained
@@ -142,10 +151,19 @@ def save_training_state(run_dir, model, optimizer, scaler, train_batches, progre
     optimizer_state = optimizer_state_dict(model, optimizer, dist)
     rng_states = gather_to_main(rng_state(), dist)
     if dist.is_main:
+        record_peak_memory(progress, dist)
         state = {**progress, "data": train_batches.state_dict(), "scaler": scaler.state_dict()}
         step = progress["step"]
         save_checkpoint(run_dir, step, trainable, optimizer_state, rng_states, state, config.to_dict())
         prune_checkpoints(run_dir, config.keep_last, keep_step=progress["best_step"])
+        # A resumed run's config.json changes once it has trained (a resume that trains nothing leaves it).
+        changes = [change_line(change) for change in progress["changed_on_resume"]]
+        save_config(config, run_dir / "config.json", changes)
+
+
+def record_peak_memory(progress: dict, dist) -> None:
+    """The run's peak memory takes in this session's (a session that trained nothing adds none of its own)."""
+    progress["peak_memory_bytes"] = max(progress["peak_memory_bytes"], peak_memory_bytes(dist.device))
 
 
 def restore_training_state(run_dir, model, optimizer, scaler, train_batches, dist) -> dict:
@@ -200,6 +218,11 @@ def main(argv=None):
             f"--seq-len {config.seq_len} is longer than the model's context "
             f"({model_config.max_position_embeddings}); lower it"
         )
+    if config.method in ("lora", "qlora"):  # a bad --lora-targets now, not after the data is tokenized
+        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
+        lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+        with torch.device("meta"):  # the layer names, without a byte of weights
+            lora_layers(Transformer(model_config), lora_config)
     precision = choose_precision(config.dtype, dist.device, config.method)
     config = replace(config, dtype=precision.name)
     # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls; LoRA needs none (precision.py).
@@ -256,6 +279,8 @@ def main(argv=None):
     val_batches = Batches(
         val_examples, config.batch_size, tokenizer.pad_id, shuffle=False, drop_last=False, **shard
     )
+    if config.pack:
+        print0(dist, "data: " + train_batches.packing_line())
     steps_per_epoch = len(train_batches) / config.grad_accum  # under 1 when a step spans epochs
     total_steps = config.max_steps or math.floor(config.epochs * len(train_batches) / config.grad_accum)
     if total_steps == 0:
@@ -275,16 +300,13 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- LoRA adapters, or every weight trains
     if config.method in ("lora", "qlora"):
-        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
-        lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
         model = inject_lora(model, lora_config)  # freezes the base; adapters are fp32
         print0(dist, trainable_parameters_line(model))
     model.activation_checkpointing = config.activation_checkpointing
     if config.compile:
         for layer in model.model.layers:
             layer.compile()
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    n_trainable, n_total = count_parameters(model)  # a 4-bit weight counted as one, not half a byte
     # DDP under torchrun; --fsdp shards instead. FSDP's mixed precision only where autocast would be used
     # (full fine-tunes): a LoRA base is already stored in the compute dtype and its adapters stay fp32.
     mixed_precision = precision.compute_dtype if precision.autocast else None
@@ -315,14 +337,24 @@ def main(argv=None):
         return
 
     # The input is checked and the model built (bad weights or LoRA targets fail above): from here on the
-    # directory holds a run, and resume needs this file.
-    if dist.is_main:
+    # directory holds a run, and resume needs this file (a resumed run rewrites it with its checkpoints).
+    if dist.is_main and not config.resume:
         save_config(config, run_dir / "config.json")
 
     # ---------------------------------------------------------------- resume, and what to watch
-    progress = new_progress()
+    progress, changes = new_progress(), []
     if config.resume:
         progress = restore_training_state(run_dir, model, optimizer, scaler, train_batches, dist)
+        changes = resume_changes(run_dir, config.to_dict(), progress["step"])  # recorded once a step trains
+        for change in changes:
+            print0(dist, f"  {change_line(change)}")
+        if progress["step"] >= total_steps:
+            print0(
+                dist,
+                f"nothing left to train: the run is at step {progress['step']} of {total_steps}; it stays as "
+                "it was (raise --max-steps or --epochs to train on)",
+            )
+    resumed_at = progress["step"]  # the checkpoint there is on disk already
     print0(dist, f"{model_dir} ({n_total / 1e6:.0f}M), {config.method}, on {dist.device} x {dist.world_size}")
     for line in hyperparameter_notes(
         config,
@@ -364,7 +396,7 @@ def main(argv=None):
             )
         # Save a checkpoint to resume from: every --save-every steps, at the end, and when a signal stops us.
         finished = step == total_steps or stop_reason is not None
-        if step > 0 and (step % config.save_every == 0 or finished) and stop_reason != "nan":
+        if step > resumed_at and (step % config.save_every == 0 or finished) and stop_reason != "nan":
             progress["wall_seconds"] += time.perf_counter() - started
             started = time.perf_counter()
             save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist)
@@ -413,6 +445,8 @@ def main(argv=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        progress["changed_on_resume"] += changes  # this session trains with them from here on
+        changes = []
 
         seconds = time.perf_counter() - step_started
         progress["tokens_seen"] += n_tokens
@@ -434,6 +468,8 @@ def main(argv=None):
         print0(dist, nan_advice(step + 1, config.lr, sum(bad_samples or [], [])))
     best_dir = run_dir / ("model" if config.method == "full" else "adapter")
     if dist.is_main:
+        if step > resumed_at:  # a NaN stop saves no checkpoint at its step
+            record_peak_memory(progress, dist)
         facts = dict(
             stop_reason=stop_reason,
             steps=step,
@@ -441,7 +477,6 @@ def main(argv=None):
             warmup_steps=warmup_steps,
             best_dir=best_dir,
             wall_s=progress["wall_seconds"] + time.perf_counter() - started,
-            peak_memory_bytes=peak_memory_bytes(dist.device),
             device_type=dist.device.type,
             world_size=dist.world_size,
             utilisation=monitor.utilisation,

@@ -82,6 +82,24 @@ def check_resume_config(run_dir, config: dict) -> None:
             )
 
 
+# What a resumed run may change that changes what it learns from there on: said when it resumes, recorded in
+# the progress (summary.json, report.md) and in config.json.
+RESUME_MAY_CHANGE = (
+    "lr epochs max_steps warmup_frac weight_decay grad_clip grad_accum optim lora_dropout".split()
+)
+
+
+def resume_changes(run_dir, config: dict, step: int) -> list[dict]:
+    """{"setting", "from", "to", "step"} for each RESUME_MAY_CHANGE setting this run has changed against its
+    latest checkpoint; `step`: the step it resumes at, the first the new setting trains."""
+    saved = json.loads((latest_checkpoint(run_dir) / "config.json").read_text())
+    return [
+        {"setting": name, "from": saved[name], "to": config[name], "step": step}
+        for name in RESUME_MAY_CHANGE
+        if name in saved and saved[name] != config[name]
+    ]
+
+
 def new_progress() -> dict:
     """The run's progress: what a checkpoint's state.json carries besides the data position and scaler."""
     return {
@@ -94,6 +112,8 @@ def new_progress() -> dict:
         "best_step": None,
         "evals_since_best": 0,
         "samples": [],
+        "changed_on_resume": [],  # resume_changes() of every resume that trained on, in order
+        "peak_memory_bytes": 0,  # the most any session of the run used (nanoft.monitor.peak_memory_bytes)
     }
 
 

@@ -5,7 +5,8 @@
 
 summary.json holds at least: stop_reason, baseline_val_loss (step 0, the untuned model), best_val_loss,
 best_step, final_val_loss, steps, tokens_seen, train_s (in optimizer steps), train_tokens_per_s,
-peak_memory_bytes, wall_s, val_curve, samples (prompt, generated, reference at the last eval), best_dir, data
+peak_memory_bytes (the most any session of the run used), changed_on_resume (settings a resume changed, and
+from which step), wall_s, val_curve, samples (prompt, generated, reference at the last eval), best_dir, data
 (the data report with dedup counts), config (resolved) and gates (nanoft/gates.py: each PASS / FAIL / N-A with
 evidence and what to do).
 """
@@ -16,13 +17,14 @@ from pathlib import Path
 
 from nanoft.gates import evaluate_gates, gates_markdown
 from nanoft.monitor import prompt_tail
+from nanoft.planner import format_lr
 
 STOP_REASONS = {None: "finished", "early_stop": "early stop (patience)", "nan": "NaN loss"}
 
 
 def write_run_report(run_dir, config, progress: dict, data_report, facts: dict) -> dict:
-    """facts: stop_reason, steps, total_steps, warmup_steps, best_dir, wall_s, peak_memory_bytes, device_type,
-    world_size, utilisation (UtilisationSampler), samples_written."""
+    """facts: stop_reason, steps, total_steps, warmup_steps, best_dir, wall_s, device_type, world_size,
+    utilisation (UtilisationSampler), samples_written."""
     run_dir, curve = Path(run_dir), progress["val_curve"]
     summary = {
         "stop_reason": STOP_REASONS[facts["stop_reason"]],
@@ -35,7 +37,8 @@ def write_run_report(run_dir, config, progress: dict, data_report, facts: dict) 
         "tokens_seen": progress["tokens_seen"],
         "train_s": progress["train_seconds"],  # the optimizer steps alone: what tokens/s divides by
         "train_tokens_per_s": progress["tokens_seen"] / max(progress["train_seconds"], 1e-9),
-        "peak_memory_bytes": facts["peak_memory_bytes"],
+        "peak_memory_bytes": progress["peak_memory_bytes"],  # the most any session of the run used
+        "changed_on_resume": progress["changed_on_resume"],
         "wall_s": facts["wall_s"],
         "best_dir": str(facts["best_dir"]),
         "val_curve": curve,
@@ -91,6 +94,7 @@ def report_markdown(run_dir: Path, summary: dict, gates_table: str) -> str:
         f"({best / baseline - 1:+.1%}) -> final {final:.4f} |",
         f"| training | {summary['steps']} steps, {time_line(summary)} |",
         f"| peak memory | {summary['peak_memory_bytes'] / 2**30:.2f} GiB |",
+        *(f"| changed on resume | {change_line(change)} |" for change in summary["changed_on_resume"]),
         f"| best weights | {summary['best_dir']} |",
         "",
         "## Val loss",
@@ -123,6 +127,7 @@ def summary_lines(summary: dict) -> list[str]:
     return [
         f"done ({summary['stop_reason']}): {summary['steps']} steps, {time_line(summary)}, peak memory "
         f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB",
+        *(f"changed on resume: {change_line(change)}" for change in summary["changed_on_resume"]),
         f"val loss: baseline {summary['baseline_val_loss']:.4f} -> best {summary['best_val_loss']:.4f} "
         f"at step {summary['best_step']} -> final {summary['final_val_loss']:.4f}",
         f"quality gates: {len(gates) - len(failed)} of {len(gates)} pass or do not apply"
@@ -130,6 +135,18 @@ def summary_lines(summary: dict) -> list[str]:
         f"best weights: {summary['best_dir']}; report: {run_dir / 'report.md'}; "
         f"tensorboard --logdir {run_dir / 'tensorboard'}",
     ]
+
+
+def change_line(change: dict) -> str:
+    """A setting changed on resume, as people write it: "lr 2e-4 -> 1e-3 from step 63"."""
+    show = lambda value: (
+        format_lr(value)
+        if change["setting"] == "lr"
+        else f"{value:g}"
+        if isinstance(value, float)
+        else str(value)
+    )
+    return f"{change['setting']} {show(change['from'])} -> {show(change['to'])} from step {change['step']}"
 
 
 def time_line(summary: dict) -> str:

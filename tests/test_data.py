@@ -489,6 +489,17 @@ def test_pack_examples_fits_capacity():
     assert len(packs) <= int(np.ceil(lengths.sum() / 128 * 1.1))
 
 
+def test_packing_line_counts_rows_and_fill():
+    examples = synthetic_examples(100, seq_len=32)
+    batches = Batches(examples, 4, pad_id=0, pack=True)
+    n_tokens, n_rows = int(examples.lengths.sum()), len(batches.rows)
+    assert batches.packing_line() == (
+        f"pack: 100 examples in {n_rows} rows of up to 32 tokens, {n_tokens / (32 * n_rows):.1%} full "
+        f"({n_tokens:,} of {32 * n_rows:,} token slots)"
+    )
+    assert n_tokens / (32 * n_rows) > 0.9  # best-fit decreasing leaves little room
+
+
 # ---------------------------------------------------------------- batches, distribution, resume
 
 

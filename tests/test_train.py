@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanoft.config import parse_config
 from nanoft.model import ModelConfig, Transformer
 from nanoft.weights import copy_tokenizer_files, save_pretrained
 from train import main
@@ -178,6 +179,62 @@ def test_resume_with_a_different_lora_rank_is_refused_and_the_run_kept(
     assert stopped.value.code == 2
     assert "was made with lora_r = 16, this run has 8" in capsys.readouterr().err
     assert (tmp_path / "run/config.json").read_text() == saved  # so a plain --resume still works
+
+
+def test_resume_with_another_lr_says_and_records_it_and_a_resume_that_trains_nothing_changes_nothing(
+    tiny_model_dir, data_files, tmp_path, capsys
+):
+    """The QA report: `--resume --lr 1e-3` on a finished run trained nothing, said nothing, rewrote its config
+    with the new lr (so a later resume trained at it unasked) and reported its own process's peak memory."""
+    run = tmp_path / "run"
+    first = train(tiny_model_dir, data_files, run, "--max-steps", "4")
+    config_json, checkpoints = (run / "config.json").read_text(), sorted((run / "checkpoints").iterdir())
+    state = (checkpoints[-1] / "state.json").read_text()
+    # In a fresh process: its own peak (loading alone) is not the run's, recorded by the session that trained.
+    finished = run_cli(
+        [sys.executable, str(REPO / "train.py"), "--out", str(run), "--resume", "--lr", "5e-3"],
+        tmp_path / "cache",
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "  lr 1e-2 -> 5e-3 from step 4" in finished.stdout
+    assert "nothing left to train: the run is at step 4 of 4; it stays as it was" in finished.stdout
+    assert (run / "config.json").read_text() == config_json
+    assert sorted((run / "checkpoints").iterdir()) == checkpoints
+    assert (checkpoints[-1] / "state.json").read_text() == state
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["peak_memory_bytes"] == first["peak_memory_bytes"] > 0
+    assert summary["changed_on_resume"] == [] and summary["val_curve"] == first["val_curve"]
+
+    capsys.readouterr()
+    resumed = train(tiny_model_dir, data_files, run, "--resume", "--lr", "5e-3", "--max-steps", "6")
+    printed = capsys.readouterr().out
+    assert "  lr 1e-2 -> 5e-3 from step 4\n  max_steps 4 -> 6 from step 4\n" in printed
+    said = ["lr 1e-2 -> 5e-3 from step 4", "max_steps 4 -> 6 from step 4"]
+    assert [
+        line.removeprefix("changed on resume: ") for line in printed.splitlines() if "changed on" in line
+    ] == said
+    assert resumed["changed_on_resume"] == [
+        {"setting": "lr", "from": 1e-2, "to": 5e-3, "step": 4},
+        {"setting": "max_steps", "from": 4, "to": 6, "step": 4},
+    ]
+    assert "| changed on resume | lr 1e-2 -> 5e-3 from step 4 |" in (run / "report.md").read_text()
+    assert max(row["lr"] for row in metrics(run) if row["step"] > 4 and "lr" in row) <= 5e-3
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["lr"] == 5e-3 and saved["changed_on_resume"] == said
+    # The saved config still starts a run, and says it does not repeat this one.
+    assert parse_config(["--config", str(run / "config.json")]).lr == 5e-3
+    assert "does not repeat that run" in capsys.readouterr().err
+    assert parse_config(["--out", str(run), "--resume"]).lr == 5e-3  # a later resume keeps the new lr
+    assert "does not repeat" not in capsys.readouterr().err
+
+
+def test_qlora_counts_its_parameters_once(tiny_model_dir, data_files, tmp_path, capsys):
+    """The QA report: the PEFT line said 135M weights and the run's own lines 82M (4-bit bytes counted)."""
+    pytest.importorskip("bitsandbytes")
+    train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "1", "--method", "qlora")
+    printed = capsys.readouterr().out
+    total = re.search(r"all params: ([\d,]+)", printed).group(1)
+    assert re.search(rf"LoRA r=16 .*: [\d,]+ of {total} weights train", printed), printed
 
 
 def test_a_step_longer_than_an_epoch_trains(tiny_model_dir, data_files, tmp_path, capsys):
@@ -387,13 +444,23 @@ def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir
 
 
 @pytest.mark.parametrize("flag", ["--activation-checkpointing", "--pack", "--group-by-length"])
-def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag):
+def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag, capsys):
     """Activation checkpointing recomputes the same numbers; packing and length grouping change the batches
     but the run still trains. (--compile is exercised by bench/train_step.py: compiling takes minutes.)"""
     flags = "--max-steps 4 --lora-dropout 0".split()
     plain = train(tiny_model_dir, data_files, tmp_path / "plain", *flags)
+    capsys.readouterr()
     other = train(tiny_model_dir, data_files, tmp_path / "other", *flags, flag)
     assert other["best_val_loss"] < other["baseline_val_loss"]
+    packing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: pack:")]
+    if flag == "--pack":  # rows and how full they are
+        assert len(packing) == 1 and re.fullmatch(
+            r"data: pack: 96 examples in \d+ rows of up to 64 tokens, [\d.]+% full \([\d,]+ of [\d,]+ token "
+            r"slots\)",
+            packing[0],
+        ), packing
+    else:
+        assert not packing
     if flag == "--activation-checkpointing":
         assert train_losses(tmp_path / "other") == pytest.approx(train_losses(tmp_path / "plain"), abs=1e-6)
         assert other["val_curve"] == [pytest.approx(point, abs=1e-6) for point in plain["val_curve"]]
@@ -456,6 +523,16 @@ def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_INPUTS[flags] in lines[0], lines
     assert not (tmp_path / "run/config.json").exists()  # so the corrected command needs no --overwrite
+
+
+def test_a_bad_lora_target_is_reported_before_the_data_is_read(tiny_model_dir, data_files, tmp_path, capsys):
+    """The QA report: it came after the data was read, deduplicated and tokenized (minutes, on big sets)."""
+    args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", "--lora-targets q_proj,gate")
+    with pytest.raises(SystemExit):
+        main(args[2:])
+    out, err = capsys.readouterr()
+    assert "LoRA targets ['gate'] are not linear layers of the decoder blocks (down_proj, gate_proj" in err
+    assert "data:" not in out and not (tmp_path / "cache" / "data").exists()  # nothing read, nothing cached
 
 
 def test_too_little_data_to_split_says_so(tiny_model_dir, tmp_path, capsys):
