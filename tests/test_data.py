@@ -497,7 +497,6 @@ def test_packing_line_counts_rows_and_fill():
         f"pack: 100 examples in {n_rows} rows of up to 32 tokens, {n_tokens / (32 * n_rows):.1%} full "
         f"({n_tokens:,} of {32 * n_rows:,} token slots)"
     )
-    assert n_tokens / (32 * n_rows) > 0.9  # best-fit decreasing leaves little room
 
 
 # ---------------------------------------------------------------- batches, distribution, resume
