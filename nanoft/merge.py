@@ -30,7 +30,7 @@ from torch import nn
 
 import lora
 import quant
-from nanoft import checkpoint, weights
+from nanoft import checkpoint, precision, weights
 from nanoft.config import MERGE_BASES, QUANT_TYPES, OneLineErrorParser
 from nanoft.errors import UserError, exit_on_user_error
 from nanoft.model import Transformer
@@ -97,28 +97,27 @@ def merge_adapter(
         weights.copy_tokenizer_files(model_dir, tmp)
 
     checkpoint.write_directory_atomically(out_dir, write)
-    return Merged(**counts, dtypes="/".join(SAFETENSORS_NAMES.get(dtype, dtype) for dtype in dtypes))
+    return Merged(**counts, dtypes="/".join(dtype_name(dtype) for dtype in dtypes))
 
 
-SAFETENSORS_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+def dtype_name(safetensors_dtype: str) -> str:
+    """ "BF16" -> "bf16", as the flags name dtypes; others as safetensors does."""
+    dtype = weights.SAFETENSORS_DTYPES[safetensors_dtype]
+    return next((name for name, known in precision.DTYPES.items() if known == dtype), safetensors_dtype)
 
 
 def split_adapter(tensors: dict) -> tuple[dict[str, AdapterUpdate], dict[str, torch.Tensor]]:
     """({base weight name: its LoRA update}, {base tensor name: modules_to_save replacement})."""
-    updates, replacements = {}, {}
-    for name, tensor in tensors.items():
-        suffix = next((suffix for suffix in ADAPTER_SUFFIXES if name.endswith(suffix)), None)
-        if suffix is None:
-            replacements[name] = tensor
-            continue
-        weight_name = name.removesuffix(suffix) + ".weight"
-        if weight_name not in updates:
-            lora_A = tensors.get(weight_name.removesuffix(".weight") + ".lora_A.weight")
-            lora_B = tensors.get(weight_name.removesuffix(".weight") + ".lora_B.weight")
-            if lora_A is None or lora_B is None:
-                raise UserError(f"adapter tensor '{lora.PEFT_PREFIX}{name}' has no lora_A / lora_B partner")
-            magnitude = tensors.get(weight_name.removesuffix(".weight") + ".lora_magnitude_vector")
-            updates[weight_name] = AdapterUpdate(lora_A, lora_B, magnitude)
+    adapted = {name.removesuffix(end) for name in tensors for end in ADAPTER_SUFFIXES if name.endswith(end)}
+    updates = {}
+    for module in adapted:
+        lora_A, lora_B = tensors.get(module + ".lora_A.weight"), tensors.get(module + ".lora_B.weight")
+        if lora_A is None or lora_B is None:
+            raise UserError(f"adapter for '{module}' lacks its lora_A or lora_B tensor")
+        updates[module + ".weight"] = AdapterUpdate(
+            lora_A, lora_B, tensors.get(module + ".lora_magnitude_vector")
+        )
+    replacements = {name: tensor for name, tensor in tensors.items() if not name.endswith(ADAPTER_SUFFIXES)}
     return updates, replacements
 
 

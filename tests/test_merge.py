@@ -200,4 +200,4 @@ def test_merge_holds_one_tensor_at_a_time_not_the_model(tmp_path):
     before_kib, after_kib = map(int, result.stdout.split())
     model_bytes = (tmp_path / "base" / "model.safetensors").stat().st_size
     assert model_bytes > 50e6
-    assert (after_kib - before_kib) * 1024 < 0.25 * model_bytes
+    assert (after_kib - before_kib) * 1024 < 0.5 * model_bytes  # reading the shard whole: 1.3x (65 MB)
