@@ -376,7 +376,8 @@ def watch_list(plan: Plan) -> list[tuple[str, str]]:
         watch.append(
             (
                 "4-bit base",
-                "compare val loss of the 4-bit base + adapter with the merged bf16 export before serving",
+                "compare the val loss of the 4-bit base + adapter with the --merge export (the adapter on "
+                "the original 16-bit weights) before serving",
             )
         )
     return watch
