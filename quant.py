@@ -10,10 +10,10 @@ embeddings, norms and lm_head stay in the compute dtype (the chunked loss multip
 matrix directly). The model is built on the meta device and each linear weight is quantized the moment it
 is read, so loading peaks at the quantized model plus one full-precision tensor and its quantization
 temporaries (nanoft.weights reads each tensor into its own memory, never memory-maps a shard). Adapters are
-saved alone (lora.save_adapter); a merged export dequantizes each 4-bit weight and adds the update
-(lora.export_merged). Serve the 4-bit base + adapter, or that merged bf16 export (measured on SmolLM2 after
-60 steps: +0.008 val loss); never quantize a merged model to 4-bit again (+1.06: the update is finer than
-NF4's steps).
+saved alone (lora.save_adapter). `--merge` (nanoft/merge.py) merges the adapter into the original 16-bit
+checkpoint by default, or (`--merge-base quantized`) into the weights as this 4-bit base holds them;
+bench/qlora_merge_gap.py measures both against the 4-bit base + adapter. Never quantize a merged model to
+4-bit again (+1.06 val loss: the update is finer than NF4's steps).
 `make_optimizer` adds QLoRA's third ingredient, bitsandbytes' 8-bit and paged AdamW.
 Measured: bench/quant_memory.py, bench/matmul_4bit.py, bench/qlora_merge_gap.py.
 """
@@ -31,6 +31,17 @@ from nanoft.errors import UserError
 from nanoft.model import Transformer
 from nanoft.precision import DTYPES
 from nanoft.weights import assign_tensor, iter_checkpoint_tensors, load_config
+
+
+def without_optional_kernel_notice(record: logging.LogRecord) -> bool:
+    """bitsandbytes (0.50, on CPUs with AVX512-BF16) logs on import that it could not load an optional CPU
+    kernel from the `kernels` package ("Failed to load CPU gemm_4bit_forward from kernels-community ..."); it
+    falls back to its own kernel, which the tests and benchmarks measure. Nothing for the user to act on."""
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# On the logger that prints it, before anything imports bitsandbytes; its other warnings still reach the user.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(without_optional_kernel_notice)
 
 
 def bitsandbytes_error(error: Exception, flag: str) -> UserError:

@@ -18,7 +18,7 @@ report.md, resumable checkpoints, TensorBoard logs and metrics.jsonl.
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from nanoft import (
     interruptions,
     loss,
     lr_sweep,
+    merge,
     planner,
     report,
     schedule,
@@ -44,7 +45,8 @@ from nanoft.data_batches import Batches
 from nanoft.data_report import DataReport
 from nanoft.default_data import default_data_path
 from nanoft.default_model import resolve_model
-from nanoft.monitor import Monitor, generate_samples, val_prompts
+from nanoft.model import Transformer
+from nanoft.monitor import Monitor, generate_samples, peak_memory_bytes, val_prompts
 from nanoft.precision import Precision, choose_precision
 from nanoft.tokenizer import Tokenizer
 
@@ -66,12 +68,12 @@ def main(argv=None):
         sweep_lr(model, training_data.train_batches, run)
         return
     # The input is checked and the model built (bad weights or LoRA targets fail above): from here on the
-    # directory holds a run, and resume needs this file.
-    if run.dist.is_main:
+    # directory holds a run, and resume needs this file (a resumed run rewrites it with its checkpoints).
+    if run.dist.is_main and not run.config.resume:
         save_config(run.config, run.dir / "config.json")
     progress = checkpoint.Progress()
     if run.config.resume:
-        progress = restore_training_state(run, model, optimizer, scaler, training_data.train_batches)
+        progress = restore_training_state(run, model, optimizer, scaler, training_data)
         run.started -= progress.wall_seconds  # the earlier sessions' wall-clock time counts too
     print_what_to_watch(run, training_data, parameter_counts)
     total_steps, dtype = training_data.total_steps, run.precision.compute_dtype
@@ -97,7 +99,10 @@ class Run:
     model_dir: Path  # the Hugging Face model directory trained from (--model, or the built-in one)
     precision: Precision  # the dtypes of compute, of the frozen base and of the trained weights, and why
     autocast: torch.autocast  # the forward's mixed precision: on for full fine-tunes in bf16 or fp16 only
+    lora_config: lora.LoRAConfig | None  # the adapters to train; None for a full fine-tune
     started: float  # time.perf_counter() when the run started (moved back by earlier sessions' time)
+    # Settings this resume changes (checkpoint.resume_changes): recorded in the progress once a step trains.
+    resume_changes: list = field(default_factory=list)
 
 
 def resolve_config(config: TrainConfig, started: float) -> Run:
@@ -125,11 +130,17 @@ def resolve_config(config: TrainConfig, started: float) -> Run:
         raise errors.UserError(
             f"--seq-len {config.seq_len} is longer than the model's context ({context}); lower it"
         )
+    lora_config = None
+    if config.method in ("lora", "qlora"):  # a bad --lora-targets now, not after the data is tokenized
+        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
+        lora_config = lora.LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+        with torch.device("meta"):  # the layer names, without a byte of weights
+            lora.lora_layers(Transformer(weights.load_config(model_dir)), lora_config)
     precision = choose_precision(config.dtype, dist.device, config.method)
     # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls; LoRA needs none (precision.py).
     autocast = torch.autocast(dist.device.type, precision.compute_dtype, enabled=precision.autocast)
     config = replace(config, dtype=precision.name)
-    return Run(config, dist, run_dir, model_dir, precision, autocast, started)
+    return Run(config, dist, run_dir, model_dir, precision, autocast, lora_config, started)
 
 
 # ---------------------------------------------------------------- prepare the data
@@ -199,6 +210,8 @@ def prepare_data(run: Run) -> TrainingData:
     val_batches = Batches(
         val_examples, config.batch_size, tokenizer.pad_id, shuffle=False, drop_last=False, **shard
     )
+    if config.pack:
+        distributed.print0(dist, "data: " + train_batches.packing_line())
     steps_per_epoch = len(train_batches) / config.grad_accum
     total_steps = config.max_steps or math.floor(config.epochs * len(train_batches) / config.grad_accum)
     if total_steps == 0:
@@ -225,19 +238,16 @@ def build_model(run: Run):
         )
     else:
         model = weights.from_pretrained(run.model_dir, dtype=precision.base_dtype, device=dist.device)
-    if config.method in ("lora", "qlora"):
-        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
-        lora_config = lora.LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
-        model = lora.inject_lora(model, lora_config)  # freezes the base; adapters are fp32
+    if run.lora_config:
+        model = lora.inject_lora(model, run.lora_config)  # freezes the base; adapters are fp32
         distributed.print0(dist, lora.trainable_parameters_line(model))
     model.activation_checkpointing = config.activation_checkpointing
     if config.compile:
         for layer in model.model.layers:
             layer.compile()
-    parameters = (
-        sum(p.numel() for p in model.parameters() if p.requires_grad),
-        sum(p.numel() for p in model.parameters()),
-    )
+    parameters = lora.count_parameters(
+        model
+    )  # (trainable, all); a 4-bit weight counted as one, not half a byte
     # DDP under torchrun; --fsdp shards instead. FSDP's mixed precision only where autocast would be used
     # (full fine-tunes): a LoRA base is already stored in the compute dtype and its adapters stay fp32.
     mixed_precision = precision.compute_dtype if precision.autocast else None
@@ -314,7 +324,8 @@ def train(
     prompts = val_prompts(val_batches.examples, n=3)  # generated from at every eval: what the model writes
     micro_batches = epoch_after_epoch(train_batches)
     oom = interruptions.OOMRecovery(config.batch_size, config.grad_accum)  # out of memory: smaller pieces
-    step, stop_reason = progress.step, None
+    first_step, stop_reason = progress.step, None  # a resumed run's first step is checkpointed already
+    step, resume_changes = first_step, run.resume_changes
 
     def evaluate_and_keep_best():
         val_loss = evaluate(model, val_batches, dist, run.autocast)
@@ -324,8 +335,12 @@ def train(
             progress.samples = generate_samples(distributed.unwrap(model), training_data.tokenizer, prompts)
         monitor.log_eval(step, val_loss, progress, warmup_steps)
 
+    def record_peak_memory():  # the run's peak takes in this session's once it has trained
+        progress.peak_memory_bytes = max(progress.peak_memory_bytes, peak_memory_bytes(dist.device))
+
     def save_checkpoint():
         progress.wall_seconds = time.perf_counter() - run.started
+        record_peak_memory()
         save_training_state(run, model, optimizer, scaler, train_batches, progress)
 
     while step < total_steps and stop_reason is None:
@@ -336,7 +351,7 @@ def train(
             stop_reason = "early_stop"
             best = progress.best_step
             monitor.print(f"early stop: no better val loss in {config.patience} evals (best at step {best})")
-        elif step > 0 and step % config.save_every == 0:
+        elif step > first_step and step % config.save_every == 0:
             save_checkpoint()
         if stop_reason is None and signals.received(dist):  # on any rank: every rank stops at this step
             stop_reason = "signal"
@@ -359,6 +374,8 @@ def train(
                 seconds = time.perf_counter() - step_started
                 progress.step, progress.tokens_seen = step, progress.tokens_seen + n_tokens
                 progress.train_seconds += seconds
+                progress.changed_on_resume += resume_changes  # this session trains with them from here on
+                resume_changes = []
                 context = max(batch["input_ids"].shape[1] for batch in batches)
                 monitor.log_step(
                     step, train_loss, lr, grad_norm, tokens=n_tokens, seconds=seconds, context=context
@@ -366,8 +383,10 @@ def train(
 
     if stop_reason is None and not progress.evaluated_at(step):  # the final val loss of the last weights
         evaluate_and_keep_best()
-    if step > 0 and stop_reason != "nan":  # the checkpoint to resume from
-        save_checkpoint()
+    if step > first_step:  # a session that trained nothing leaves the run as it was
+        record_peak_memory()  # (a NaN stop saves no checkpoint at its step)
+        if stop_reason != "nan":  # the checkpoint to resume from
+            save_checkpoint()
     return stop_reason
 
 
@@ -488,11 +507,15 @@ def save_training_state(run: Run, model, optimizer, scaler, train_batches, progr
         config = run.config.to_dict()
         checkpoint.save(run.dir, progress.step, trainable, optimizer_state, rng_states, state, config)
         checkpoint.prune(run.dir, run.config.keep_last, keep_step=progress.best_step)
+        # A resumed run's config.json changes once it has trained (a resume that trains nothing leaves it).
+        changes = [report.change_line(change) for change in progress.changed_on_resume]
+        save_config(run.config, run.dir / "config.json", changes)
 
 
-def restore_training_state(run: Run, model, optimizer, scaler, train_batches):
-    """Load the latest checkpoint (read by rank 0, sent to the others); return the run's progress."""
-    dist, latest = run.dist, checkpoint.latest(run.dir)
+def restore_training_state(run: Run, model, optimizer, scaler, training_data: TrainingData):
+    """Load the latest checkpoint (read by rank 0, sent to the others) and say what this resume changes;
+    return the run's progress."""
+    dist, latest, train_batches = run.dist, checkpoint.latest(run.dir), training_data.train_batches
     saved = checkpoint.load(latest) if dist.is_main else {}
     distributed.load_full_state_dict(model, saved.get("trainable", {}), dist)
     distributed.load_optimizer_state_dict(model, optimizer, saved.get("optimizer", {}), dist)
@@ -501,8 +524,18 @@ def restore_training_state(run: Run, model, optimizer, scaler, train_batches):
     scaler.load_state_dict(state.pop("scaler"))
     # Last: nothing may draw from the random generators after this.
     checkpoint.set_rng_state(distributed.scatter_from_main(saved.get("rng"), dist))
-    distributed.print0(dist, f"resumed from {latest} at step {state['step']}")
-    return checkpoint.Progress(**state)
+    progress = checkpoint.Progress(**state)
+    distributed.print0(dist, f"resumed from {latest} at step {progress.step}")
+    run.resume_changes = checkpoint.resume_changes(run.dir, run.config.to_dict(), progress.step)
+    for change in run.resume_changes:
+        distributed.print0(dist, f"  {report.change_line(change)}")
+    if progress.step >= training_data.total_steps:
+        distributed.print0(
+            dist,
+            f"nothing left to train: the run is at step {progress.step} of {training_data.total_steps}; it "
+            "stays as it was (raise --max-steps or --epochs to train on)",
+        )
+    return progress
 
 
 # ---------------------------------------------------------------- report
@@ -520,24 +553,10 @@ def exit_on_signal(run: Run, monitor, signals, step: int) -> None:
 
 
 def report_run(run: Run, model, training_data: TrainingData, progress, monitor, stop_reason) -> None:
-    """The best weights merged into the base (--merge), summary.json and report.md with the quality gates,
-    the final lines; a run stopped by a NaN loss then exits with an error."""
-    config, dist, precision = run.config, run.dist, run.precision
+    """summary.json and report.md with the quality gates, the final lines, then the best adapter merged into
+    the base (--merge); a run stopped by a NaN loss then exits with an error."""
+    config, dist = run.config, run.dist
     best_dir = run.dir / ("model" if config.method == "full" else "adapter")
-    if config.merge and dist.is_main:
-        merge_into = distributed.unwrap(model)
-        if distributed.is_fsdp(model):  # shards are not merged in place: rank 0 loads a base into CPU memory
-            base = (
-                quant.load_quantized(run.model_dir, quant=config.quant, compute_dtype=precision.compute_dtype)
-                if config.method == "qlora"
-                else weights.from_pretrained(run.model_dir, dtype=precision.base_dtype)
-            )
-            merge_into = lora.inject_lora(base, merge_into.lora_config)
-        lora.load_adapter_tensors(merge_into, best_dir)  # the best weights, not the last ones
-        merged = lambda tmp: lora.export_merged(
-            merge_into, merge_into.config, run.model_dir, tmp, dtype=precision.compute_dtype
-        )
-        checkpoint.write_directory_atomically(run.dir / "merged", merged)
     if dist.is_main:
         facts = dict(
             stop_reason=stop_reason,
@@ -556,6 +575,14 @@ def report_run(run: Run, model, training_data: TrainingData, progress, monitor, 
             print(line)
     monitor.close()
     distributed.teardown(dist)
+    # After teardown: the merge reads the checkpoint and the best adapter from disk (nanoft/merge.py), so the
+    # other ranks are gone and none waits in a collective past --dist-timeout while rank 0 merges.
+    if config.merge and dist.is_main:
+        compute_dtype = run.precision.compute_dtype
+        quant_config = quant.QuantConfig(config.quant, compute_dtype=compute_dtype) if config.quant else None
+        merged_dir = run.dir / "merged"
+        merged = merge.merge_adapter(run.model_dir, best_dir, merged_dir, config.merge_base, quant_config)
+        print(merge.merge_line(merged, best_dir, run.model_dir, merged_dir, config.merge_base, config.quant))
     if stop_reason == "nan":
         sys.exit(
             f"error: loss is NaN or inf at step {progress.step + 1}; stopped, best weights kept in {best_dir}"

@@ -85,6 +85,24 @@ def check_resume_config(run_dir, config: dict) -> None:
             )
 
 
+# What a resumed run may change that changes what it learns from there on: said when it resumes, recorded in
+# the progress (summary.json, report.md) and in config.json.
+RESUME_MAY_CHANGE = (
+    "lr epochs max_steps warmup_frac weight_decay grad_clip grad_accum optim lora_dropout".split()
+)
+
+
+def resume_changes(run_dir, config: dict, step: int) -> list[dict]:
+    """{"setting", "from", "to", "step"} for each RESUME_MAY_CHANGE setting this run has changed against its
+    latest checkpoint; `step`: the step it resumes at, the first the new setting trains."""
+    saved = json.loads((latest(run_dir) / "config.json").read_text())
+    return [
+        {"setting": name, "from": saved[name], "to": config[name], "step": step}
+        for name in RESUME_MAY_CHANGE
+        if name in saved and saved[name] != config[name]
+    ]
+
+
 @dataclass
 class Progress:
     """How far the run has come: what every checkpoint's state.json carries besides the data position and the
@@ -99,6 +117,8 @@ class Progress:
     best_step: int | None = None  # the eval whose weights are kept as the best (run_dir/adapter or /model)
     evals_since_best: int = 0  # evals after step 0 without a better val loss: early stopping counts them
     samples: list = field(default_factory=list)  # (prompt, generated, reference) texts at the latest eval
+    changed_on_resume: list = field(default_factory=list)  # resume_changes() of every resume that trained on
+    peak_memory_bytes: int = 0  # the most any session of the run used (nanoft.monitor.peak_memory_bytes)
 
     def record_eval(self, step: int, val_loss: float) -> bool:
         """Add an eval to the val curve; True when it is the best so far (its weights should be kept)."""

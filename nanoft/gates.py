@@ -136,6 +136,8 @@ def data_checks_gate(dedup_counts, samples_path, samples_written, train_examples
     dedup = "dedup off" if dedup_counts is None else "dedup removed " + format_counts(dedup_counts)
     samples_exist = samples_path is not None and Path(samples_path).is_file()
     samples = f"{samples_written} samples in {samples_path}" if samples_exist else "no samples file"
+    if samples_exist and train_examples < MIN_SAMPLES_WRITTEN:  # the rule, where the split is smaller
+        samples += f" (all {train_examples} training examples: {MIN_SAMPLES_WRITTEN}, or all when fewer)"
     evidence = f"{dedup}; {samples}"
     advice = []
     if dedup_counts is None:

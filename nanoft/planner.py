@@ -50,6 +50,12 @@ LORA_BAND = 24 / 13.5  # the framework's 24 GiB for a 7B, whose 16-bit weights t
 FULL_RULE_BYTES_PER_PARAM = 16  # 4 x the fp32 model: weights, gradients, Adam m and v
 
 
+def gib(n_bytes: float) -> str:
+    """GiB as the plan prints them: 0.19, 5.6, 114.3 (two digits below 1, so small budgets compare)."""
+    value = n_bytes / GiB
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}"
+
+
 @dataclass
 class Hardware:
     device_type: str  # "cuda" or "cpu"
@@ -136,10 +142,10 @@ def framework_allows(
     fits. DDP and one device need it all on each device; FSDP pools the devices' memory."""
     devices = hardware.device_count if layout.startswith("fsdp") else 1
     memory = hardware.memory_bytes * devices
-    where = f"{devices} x {hardware.memory_bytes / GiB:.1f} GiB"
+    where = f"{devices} x {gib(hardware.memory_bytes)} GiB"
     if method == "full":
         needed = FULL_RULE_BYTES_PER_PARAM * params.total
-        rule = f"4 x the fp32 model = {needed / GiB:.1f} GiB (16 bytes/parameter: weights, grads, Adam m, v)"
+        rule = f"4 x the fp32 model = {gib(needed)} GiB (16 bytes/parameter: weights, grads, Adam m, v)"
         if not (request.max_quality or request.domain_shift):
             return False, "full fine-tune: not asked for (--max-quality); adapters reach most of its quality"
         if memory < needed:
@@ -148,7 +154,7 @@ def framework_allows(
         return True, f"full fine-tune: {wanted}, and {where} >= {rule}"
     if method == "lora":
         needed = LORA_BAND * compute_bytes * params.total
-        band = f"{LORA_BAND:.2f} x the {compute_bytes * params.total / GiB:.1f} GiB 16-bit model"
+        band = f"{LORA_BAND:.2f} x the {gib(compute_bytes * params.total)} GiB 16-bit model"
         if memory < needed:
             return False, f"LoRA (16-bit base): {where} is below {band} (the 8-24 GB band for a 7B: 4-bit)"
         return True, f"LoRA (16-bit base): {where} >= {band} (the framework's 24 GB and up for a 7B)"
@@ -156,11 +162,11 @@ def framework_allows(
 
 
 def layouts(hardware: Hardware) -> list[str]:
-    if hardware.device_type == "cpu":
+    """Simplest first. FSDP only across several GPUs: on one there is nothing to shard over, and train.py
+    runs FSDP only under torchrun."""
+    if hardware.device_type == "cpu" or hardware.device_count == 1:
         return ["ddp" if hardware.device_count > 1 else "single"]
-    if hardware.device_count > 1:
-        return ["ddp", "fsdp", "fsdp_offload"]
-    return ["single", "fsdp_offload"]
+    return ["ddp", "fsdp", "fsdp_offload"]
 
 
 def halvings(micro_batch: int) -> list[int]:
@@ -244,7 +250,7 @@ def make_plan(config: ModelConfig, hardware: Hardware, request: TrainConfig, com
                 allowed, why = True, f"{method}: chosen with --method (--method auto lets the plan choose)"
             fit = fit_batch(config, method, layout, hardware, request, compute_bytes) if allowed else None
             if fit is not None:  # (micro_batch, checkpointing, estimate)
-                reasons += [why, f"{method} {LAYOUT_WHY[layout]}: {fit[2].total / GiB:.1f} GiB per device"]
+                reasons += [why, f"{method} {LAYOUT_WHY[layout]}: {gib(fit[2].total)} GiB per device"]
                 return Plan(method, layout, *fit, True, hardware, request, compute_bytes, params, reasons)
         if not allowed:  # the last layout pools the most memory: if the rule refused it, it refused them all
             reasons.append(why)
@@ -253,12 +259,12 @@ def make_plan(config: ModelConfig, hardware: Hardware, request: TrainConfig, com
         shape = training_shape(method, most_sharded, 1, True, hardware, request, compute_bytes)
         smallest = estimate_memory(config, shape)
         reasons.append(
-            f"{method}: needs {smallest.total / GiB:.1f} GiB per device even at micro-batch 1 with "
-            f"checkpointing, more than the {hardware.usable_bytes / GiB:.1f} GiB usable"
+            f"{method}: needs {gib(smallest.total)} GiB per device even at micro-batch 1 with "
+            f"checkpointing, more than the {gib(hardware.usable_bytes)} GiB usable"
         )
     if request.method == "auto":
         raise UserError(
-            f"no method fits {hardware.description}: QLoRA needs {smallest.total / GiB:.1f} GiB per device "
+            f"no method fits {hardware.description}: QLoRA needs {gib(smallest.total)} GiB per device "
             "at micro-batch 1 with checkpointing; use a smaller model, a shorter --seq-len, or more devices"
         )
     return Plan(
@@ -303,7 +309,8 @@ WATCH = {
     "eval": "val loss should be below the baseline by the first eval",
     "activation checkpointing": "on: ~30% slower steps for much less activation memory; turn off if memory "
     "allows",
-    "4-bit base": "compare val loss of the 4-bit base + adapter with the merged bf16 export before serving",
+    "4-bit base": "compare the val loss of the 4-bit base + adapter with the --merge export (the adapter on "
+    "the original 16-bit weights) before serving",
 }
 
 
@@ -387,7 +394,7 @@ def format_plan(plan: Plan, model_name: str = "") -> str:
         f"nanoft plan{' for ' + model_name if model_name else ''}: {p.total / 1e9:.2f}B parameters "
         f"({p.block_linear / 1e9:.2f}B in the decoder blocks' linears, {p.embedding / 1e9:.2f}B embedding"
         + (f", {p.lm_head / 1e9:.2f}B lm_head)" if p.lm_head else ", lm_head tied)"),
-        f"hardware: {hw.description}; usable {hw.usable_bytes / GiB:.1f} GiB per device "
+        f"hardware: {hw.description}; usable {gib(hw.usable_bytes)} GiB per device "
         f"({USABLE_FRACTION[hw.device_type]:.0%})",
         "",
         f"method: {METHOD_NAMES[plan.method]}, {LAYOUT_NAMES[plan.layout]}"
@@ -415,7 +422,7 @@ def format_plan(plan: Plan, model_name: str = "") -> str:
         ("kernel workspace", e.workspace),
     ]
     lines += [f"  {name:<52}{value / GiB:>8.2f}" for name, value in rows]
-    lines.append(f"  {'total (peak)':<52}{e.total / GiB:>8.2f}  of {hw.usable_bytes / GiB:.1f} usable")
+    lines.append(f"  {'total (peak)':<52}{e.total / GiB:>8.2f}  of {gib(hw.usable_bytes)} usable")
     if e.host_offload:
         lines.append(f"  {'host RAM for the offloaded shards (per rank)':<52}{e.host_offload / GiB:>8.2f}")
     lines += [
@@ -469,13 +476,20 @@ def plan_for_run(config: TrainConfig, planning_only: bool) -> Plan:
     hardware = detect_hardware(config.device, config.plan_memory_gb, device_count)
     if not planning_only:
         return make_plan(model_config, hardware, config, compute_bytes)
-    plan = make_plan(model_config, hardware, replace(config, method="auto"), compute_bytes)
+    try:
+        plan = make_plan(model_config, hardware, replace(config, method="auto"), compute_bytes)
+    except UserError as nothing_fits:  # show the smallest method's memory, marked as not fitting
+        plan = make_plan(model_config, hardware, replace(config, method="qlora"), compute_bytes)
+        plan.reasons = [str(nothing_fits)]
     if config.method not in ("auto", plan.method):
         configured = make_plan(model_config, hardware, config, compute_bytes)
-        verdict = f"fits at micro-batch {configured.micro_batch}" if configured.fits else "does NOT fit"
-        gib = configured.estimate.total / GiB
+        where = LAYOUT_NAMES[configured.layout]
+        verdict = (
+            f"fits at micro-batch {configured.micro_batch} on {where}" if configured.fits else "does NOT fit"
+        )
+        needs = f"{gib(configured.estimate.total)} GiB per device"
         plan.reasons.append(
-            f"--method {config.method} as configured {verdict} ({gib:.1f} GiB per device); "
-            "--method auto trains with this plan's choice"
+            f"--method {config.method} as configured {verdict} ({needs}); --method auto trains with this "
+            "plan's choice"
         )
     return plan

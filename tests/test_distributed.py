@@ -356,7 +356,11 @@ def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_
     tiny_model_dir, tmp_path
 ):
     fsdp_dir, one_dir = tmp_path / "fsdp", tmp_path / "one"
-    run_train(tiny_model_dir, fsdp_dir, "--fsdp", "full_shard", "--batch-size", "2", torchrun=True)
+    # --merge: rank 0 merges from disk after the process group is gone: no rank waits on it in a collective.
+    output = run_train(
+        tiny_model_dir, fsdp_dir, "--fsdp", "full_shard", "--batch-size", "2", "--merge", torchrun=True
+    )
+    assert output.count("merged: adapter") == 1, output
     run_train(tiny_model_dir, one_dir, "--batch-size", "4", torchrun=False)
 
     fsdp_summary, one_summary = (json.loads((d / "summary.json").read_text()) for d in (fsdp_dir, one_dir))
@@ -388,3 +392,6 @@ def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_
     input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids), reference(input_ids).logits, rtol=1e-4, atol=1e-4)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(fsdp_dir / "merged", dtype=torch.float32)
+        expected = reference.merge_and_unload()(input_ids).logits
+        torch.testing.assert_close(merged(input_ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -218,3 +218,24 @@ def test_train_method_auto_trains_with_the_plans_choice(tiny_run_inputs, tmp_pat
     assert (config["method"], config["batch_size"], config["grad_accum"]) == ("lora", 4, 8)  # effective 32
     summary = json.loads((out / "summary.json").read_text())
     assert {gate["name"]: gate["status"] for gate in summary["gates"]}["effective batch >= 32"] == "PASS"
+
+
+def test_one_device_never_gets_fsdp_and_a_tiny_budget_gets_one_verdict(smollm2_dir, capsys):
+    """The QA report: --plan-memory-gb 0.2 chose "QLoRA, FSDP + CPU offload" on one device, with a table that
+    fit and a line saying LoRA fits too."""
+    for gib in (0.3, 0.5, 8, 80):
+        for config in (LLAMA_2_7B, LLAMA_2_70B, SMOLLM2_135M):
+            try:
+                chosen = plan(config, gib)
+            except UserError:
+                continue
+            assert chosen.layout == "single", (config, gib)
+    train_main(["--plan", "--plan-memory-gb", "0.2"])  # the built-in SmolLM2
+    text = capsys.readouterr().out
+    assert "FSDP" not in text
+    assert (
+        "** estimated NOT to fit" in text and "- no method fits planned: 1 x 0.2 GiB GPU: QLoRA needs" in text
+    )
+    assert "--method lora as configured does NOT fit" in text
+    total = float(next(line for line in text.splitlines() if "total (peak)" in line).split()[2])
+    assert total > 0.18 and "of 0.18 usable" in text  # the table agrees with the verdict
