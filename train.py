@@ -21,6 +21,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from nanoft.checkpoint import (
     check_resume_config,
     latest_checkpoint,
     load_checkpoint,
+    load_sharded,
     new_progress,
     prepare_run_dir,
     prune_checkpoints,
@@ -47,14 +49,15 @@ from nanoft.cpu_allocator import keep_freed_memory
 from nanoft.default_data import default_data_path
 from nanoft.default_model import resolve_model
 from nanoft.distributed import (
+    all_reduce_gradients,
     all_reduce_sum,
     clip_grad_norm,
     full_state_dict,
     gather_to_main,
-    gradient_sync,
     is_fsdp,
     load_full_state_dict,
     load_optimizer_state_dict,
+    local_gradients,
     optimizer_state_dict,
     print0,
     scatter_from_main,
@@ -66,22 +69,34 @@ from nanoft.distributed import (
 )
 from nanoft.errors import UserError, exit_on_user_error
 from nanoft.lr_sweep import run_lr_sweep, sweep_table
-from nanoft.monitor import Monitor, generate_samples, peak_memory_bytes, val_prompts
+from nanoft.monitor import Monitor, generate_samples, val_prompts
 from nanoft.oom import OOMRecovery
 from nanoft.planner import format_plan, plan_for_run
 from nanoft.precision import choose_precision
 from nanoft.report import nan_advice, summary_lines, write_run_report
 from nanoft.schedule import lr_at
 from nanoft.tokenizer import Tokenizer
-from nanoft.weights import copy_tokenizer_files, from_pretrained, load_config, save_pretrained
-from quant import load_quantized, make_optimizer
+from nanoft.weights import (
+    copy_tokenizer_files,
+    empty_model,
+    from_pretrained,
+    load_config,
+    load_weights,
+    save_pretrained,
+)
+from quant import QuantConfig, load_quantized, make_optimizer, quantize_linears, weight_quantizer
 
 IGNORE = -100
 
 
 def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device`. To a GPU through pinned memory, without waiting for the copy: the
+    host runs ahead to the next micro-batch while the GPU still works on this one."""
+    if device.type != "cuda":
+        return batch
     return {
-        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+        key: value.pin_memory().to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
     }
 
 
@@ -91,16 +106,38 @@ def forward(model, batch: dict):
     return model(ids, targets, position_ids=batch["position_ids"], document_ids=batch["document_ids"])
 
 
+def forward_backward(model, dist, scaler, autocast, n_targets: int, pieces: list[dict]) -> torch.Tensor:
+    """Forward and backward of a step's micro-batches, the gradients adding up on this rank (each piece's loss
+    divided by the step's target tokens on all ranks); returns the summed loss, on the device."""
+    loss_sum_total = torch.zeros((), device=dist.device)
+    for batch in pieces:
+        with local_gradients(model), autocast:
+            loss_sum, _ = forward(model, to_device(batch, dist.device))
+        # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
+        scaler.scale(loss_sum * dist.world_size / n_targets).backward()
+        loss_sum_total += loss_sum.detach()
+    return loss_sum_total
+
+
 @torch.no_grad()
-def evaluate(model, val_batches, dist, autocast) -> float:
-    """Val loss per target token over the whole val split (each rank its share, summed over ranks)."""
+def evaluate(model, val_batches, dist, autocast, recovery: OOMRecovery, step: int, log) -> float:
+    """Val loss per target token over the whole val split (each rank its share, summed over ranks). Out of
+    memory: this rank halves its val micro-batch and goes on (nanoft/oom.py)."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
+
+    def attempt(pieces):
+        sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
+        for piece in pieces:
+            with autocast:
+                loss_sum, n_targets = forward(model, to_device(piece, dist.device))
+            sums += torch.stack([loss_sum.double(), n_targets.double()])
+        return sums
+
+    sharded = is_fsdp(model) and dist.world_size > 1
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
     n_batches = 0
     for batch in val_batches:
-        with autocast:
-            loss_sum, n_targets = forward(model, to_device(batch, dist.device))
-        totals += torch.stack([loss_sum.double(), n_targets.double()])
+        totals += recovery.run(attempt, [batch], step, dist, sharded=sharded, log=log, agree=False)
         n_batches += 1
     if is_fsdp(model):
         # FSDP's forward is a collective: where this rank's share of the last batch was empty, it still joins
@@ -161,10 +198,16 @@ def save_training_state(run_dir, model, optimizer, scaler, train_batches, progre
 
 
 def restore_training_state(run_dir, model, optimizer, scaler, train_batches, dist) -> dict:
-    """Load the latest checkpoint (read by rank 0, sent to the others); return the run's progress."""
-    checkpoint = load_checkpoint(latest_checkpoint(run_dir)) if dist.is_main else {}
-    load_full_state_dict(model, checkpoint.get("trainable", {}), dist)
-    load_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), dist)
+    """Load the latest checkpoint (read by rank 0, sent to the others; under FSDP each rank reads its own rows
+    of the tensors); return the run's progress."""
+    path = latest_checkpoint(run_dir)
+    if is_fsdp(model):
+        load_sharded(path, model, optimizer)
+        checkpoint = load_checkpoint(path, tensors=False) if dist.is_main else {}
+    else:
+        checkpoint = load_checkpoint(path) if dist.is_main else {}
+        load_full_state_dict(model, checkpoint.get("trainable", {}), dist)
+        load_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), dist)
     state = scatter_from_main([checkpoint["state"]] * dist.world_size if dist.is_main else None, dist)
     train_batches.load_state_dict(state.pop("data"))
     scaler.load_state_dict(state.pop("scaler"))
@@ -203,8 +246,6 @@ def main(argv=None):
         config, lr=config.lr or DEFAULT_LR[config.method], out=config.out or default_out_dir(), quant=quant
     )
     run_dir = prepare_run_dir(config.out, resume=config.resume, overwrite=config.overwrite, dist=dist)
-    if config.resume:  # a failed resume must leave the run's config.json as it was
-        check_resume_config(run_dir, config.to_dict())
     model_dir = resolve_model(config.model)
     model_config = load_config(model_dir)
     if config.seq_len > model_config.max_position_embeddings:
@@ -214,6 +255,8 @@ def main(argv=None):
         )
     precision = choose_precision(config.dtype, dist.device, config.method)
     config = replace(config, dtype=precision.name)
+    if config.resume:  # before anything is written: a failed resume leaves the run's config.json as it was
+        check_resume_config(run_dir, config.to_dict())
     # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls; LoRA needs none (precision.py).
     autocast = (
         torch.autocast(dist.device.type, precision.compute_dtype) if precision.autocast else nullcontext()
@@ -277,19 +320,21 @@ def main(argv=None):
         )
     warmup_steps = round(config.warmup_frac * total_steps)
 
-    # ---------------------------------------------------------------- model: quantized base for QLoRA
-    if config.method == "qlora":
-        model = load_quantized(
-            model_dir, quant=config.quant, compute_dtype=precision.compute_dtype, device=dist.device
-        )
-    else:
-        model = from_pretrained(model_dir, dtype=precision.base_dtype, device=dist.device)
+    # ---------------------------------------------------------------- model, built empty (4-bit base: QLoRA)
+    # On the meta device nothing is allocated yet; the weights are read once the model has its final shape
+    # (wrap_model below: under FSDP each rank then reads and holds only its shards).
+    model = empty_model(model_dir, precision.base_dtype)
+    quantize = None
+    if config.method == "qlora":  # the decoder's linears become bitsandbytes layers, quantized as read
+        quant_config = QuantConfig(config.quant, compute_dtype=precision.compute_dtype)
+        quantize_linears(model, quant_config)
+        quantize = weight_quantizer(quant_config, dist.device)
 
     # ---------------------------------------------------------------- LoRA adapters, or every weight trains
     if config.method in ("lora", "qlora"):
         targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
         lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
-        model = inject_lora(model, lora_config)  # freezes the base; adapters are fp32
+        model = inject_lora(model, lora_config, device=dist.device)  # freezes the base; adapters are fp32
         print0(dist, trainable_parameters_line(model))
     model.activation_checkpointing = config.activation_checkpointing
     if config.compile:
@@ -300,7 +345,8 @@ def main(argv=None):
     # DDP under torchrun; --fsdp shards instead. FSDP's mixed precision only where autocast would be used
     # (full fine-tunes): a LoRA base is already stored in the compute dtype and its adapters stay fp32.
     mixed_precision = precision.compute_dtype if precision.autocast else None
-    model = wrap_model(model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision)
+    load = lambda model, device: load_weights(model, model_dir, device, quantize=quantize)
+    model = wrap_model(model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision, load=load)
     torch.manual_seed(seed_for_rank(config.seed, dist))  # from here on (dropout), each rank its own stream
 
     # ---------------------------------------------------------------- optimizer and schedule
@@ -321,7 +367,12 @@ def main(argv=None):
             return loss_sum / n_targets
 
         make_sweep_optimizer = lambda params, lr: make_optimizer(params, config.optim, lr=lr)
-        result = run_lr_sweep(model, train_batches, config.lr, mean_loss, make_sweep_optimizer)
+        make_scaler = lambda: torch.amp.GradScaler(dist.device.type, enabled=precision.grad_scaler)
+        # Every rank takes the mean over ranks: all see the same loss and stop a diverging lr together.
+        mean_over_ranks = lambda loss: all_reduce_sum(loss.detach(), dist).item() / dist.world_size
+        result = run_lr_sweep(
+            model, train_batches, config.lr, mean_loss, make_sweep_optimizer, make_scaler, mean_over_ranks
+        )
         print0(dist, sweep_table(result))
         teardown(dist)
         return
@@ -352,6 +403,7 @@ def main(argv=None):
     micro_batches = itertools.chain.from_iterable(itertools.repeat(train_batches))  # epoch after epoch
     signals = StopSignals()  # SIGINT / SIGTERM: finish this step, save a checkpoint, exit
     oom = OOMRecovery(config.batch_size, config.grad_accum)  # out of memory: halve micro-batches
+    eval_oom = OOMRecovery(config.batch_size, 1, evaluation=True)
     step, stop_reason = progress["step"], None
 
     # ---------------------------------------------------------------- the loop
@@ -360,7 +412,7 @@ def main(argv=None):
         finished = step == total_steps or stop_reason is not None
         evaluated = progress["val_curve"] and progress["val_curve"][-1][0] == step
         if (step % config.eval_every == 0 or finished) and not evaluated and stop_reason is None:
-            val_loss = evaluate(model, val_batches, dist, autocast)
+            val_loss = evaluate(model, val_batches, dist, autocast, eval_oom, step, monitor.print)
             if record_eval(progress, step, val_loss):
                 save_best_weights(model, dist, run_dir, model_dir, config.method)
             if dist.is_main and not is_fsdp(model):  # FSDP would need every rank to take part
@@ -391,26 +443,31 @@ def main(argv=None):
         # tokens fall into micro-batches; a mean of per-micro-batch means would overweight short ones.
         step_started = time.perf_counter()
         batches = [next(micro_batches) for _ in range(config.grad_accum)]
-        counts = [
-            sum(int((b["targets"] != IGNORE).sum()) for b in batches),
-            sum(int(train_examples.lengths[b["sample_ids"]].sum()) for b in batches),
-        ]
-        n_targets, n_tokens = all_reduce_sum(torch.tensor(counts, device=dist.device), dist).tolist()
-        while True:  # out of memory: the same step again, each micro-batch cut in halves (nanoft/oom.py)
-            try:
-                pieces = [piece for batch in batches for piece in oom.split(batch)]
-                loss_sum_total = torch.zeros((), device=dist.device)
-                for micro_step, batch in enumerate(pieces):
-                    # DDP all-reduces gradients only in the last micro-batch's backward; others accumulate.
-                    with gradient_sync(model, enabled=micro_step == len(pieces) - 1), autocast:
-                        loss_sum, _ = forward(model, to_device(batch, dist.device))
-                    # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
-                    scaler.scale(loss_sum * dist.world_size / n_targets).backward()
-                    loss_sum_total += loss_sum.detach()
-                break
-            except Exception as error:
-                monitor.print(oom.handle(error, step, optimizer))  # re-raises anything but out-of-memory
-        train_loss = all_reduce_sum(loss_sum_total, dist).item() / n_targets
+        # Counted on the CPU, where the batches are, and summed over ranks there: no wait for the GPU.
+        counts = torch.tensor(
+            [
+                sum(int((b["targets"] != IGNORE).sum()) for b in batches),
+                sum(int(train_examples.lengths[b["sample_ids"]].sum()) for b in batches),
+            ]
+        )
+        n_targets, n_tokens = all_reduce_sum(counts, dist).tolist()
+
+        # Out of memory on any rank: all retry the step, each micro-batch cut in halves (nanoft/oom.py).
+        loss_sum_total = oom.run(
+            partial(forward_backward, model, dist, scaler, autocast, n_targets),
+            batches,
+            step,
+            dist,
+            sharded=is_fsdp(model) and dist.world_size > 1,
+            log=monitor.print,
+            before_retry=lambda: optimizer.zero_grad(set_to_none=True),
+        )
+        all_reduce_gradients(model, dist)  # DDP: once per step, now that every rank's micro-batches ran
+        scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
+        grad_norm = clip_grad_norm(model, config.grad_clip or math.inf)
+        # The step's one wait for the GPU: the loss and the gradient norm come back together.
+        loss_sum_total, grad_norm = torch.stack([all_reduce_sum(loss_sum_total, dist), grad_norm]).tolist()
+        train_loss = loss_sum_total / n_targets
         if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
             stop_reason = "nan"
             sources = [train_examples.sources[i] for batch in batches for i in batch["sample_ids"]]
@@ -419,8 +476,6 @@ def main(argv=None):
         lr = lr_at(step, config.lr, warmup_steps, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
-        grad_norm = clip_grad_norm(model, config.grad_clip or math.inf).item()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -445,6 +500,7 @@ def main(argv=None):
     if stop_reason == "nan":
         print0(dist, nan_advice(step + 1, config.lr, sum(bad_samples or [], [])))
     best_dir = run_dir / ("model" if config.method == "full" else "adapter")
+    peak_memory_per_rank = gather_to_main(monitor.memory.peak(), dist)
     if config.merge and dist.is_main:
         merge_into = unwrap(model)
         if is_fsdp(model):  # the shards cannot be merged in place: rank 0 loads a whole base into CPU memory
@@ -463,7 +519,8 @@ def main(argv=None):
             warmup_steps=warmup_steps,
             best_dir=best_dir,
             wall_s=progress["wall_seconds"] + time.perf_counter() - started,
-            peak_memory_bytes=peak_memory_bytes(dist.device),
+            peak_memory_bytes=peak_memory_per_rank[0],
+            peak_memory_bytes_per_rank=peak_memory_per_rank,
             device_type=dist.device.type,
             world_size=dist.world_size,
             utilisation=monitor.utilisation,

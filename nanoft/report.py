@@ -4,7 +4,8 @@
     for line in summary_lines(summary): print(line)
 
 summary.json holds at least: stop_reason, baseline_val_loss (step 0, the untuned model), best_val_loss,
-best_step, final_val_loss, steps, tokens_seen, train_tokens_per_s, peak_memory_bytes, wall_s, val_curve,
+best_step, final_val_loss, steps, tokens_seen, train_tokens_per_s, peak_memory_bytes (rank 0's; every rank's
+in peak_memory_bytes_per_rank: device memory on GPUs, resident memory on CPU), wall_s, val_curve,
 samples (prompt, generated, reference at the last eval), best_dir, data (the data report with dedup counts),
 config (resolved) and gates (nanoft/gates.py: each PASS / FAIL / N-A with evidence and what to do).
 """
@@ -20,8 +21,8 @@ STOP_REASONS = {None: "finished", "early_stop": "early stop (patience)", "nan": 
 
 
 def write_run_report(run_dir, config, progress: dict, data_report, facts: dict) -> dict:
-    """facts: stop_reason, steps, total_steps, warmup_steps, best_dir, wall_s, peak_memory_bytes, device_type,
-    world_size, utilisation (UtilisationSampler), samples_written."""
+    """facts: stop_reason, steps, total_steps, warmup_steps, best_dir, wall_s, peak_memory_bytes,
+    peak_memory_bytes_per_rank, device_type, world_size, utilisation (UtilisationSampler), samples_written."""
     run_dir, curve = Path(run_dir), progress["val_curve"]
     summary = {
         "stop_reason": STOP_REASONS[facts["stop_reason"]],
@@ -34,6 +35,7 @@ def write_run_report(run_dir, config, progress: dict, data_report, facts: dict) 
         "tokens_seen": progress["tokens_seen"],
         "train_tokens_per_s": progress["tokens_seen"] / max(progress["train_seconds"], 1e-9),
         "peak_memory_bytes": facts["peak_memory_bytes"],
+        "peak_memory_bytes_per_rank": facts["peak_memory_bytes_per_rank"],
         "wall_s": facts["wall_s"],
         "best_dir": str(facts["best_dir"]),
         "val_curve": curve,
