@@ -45,7 +45,7 @@ from nanoft.checkpoint import (
     write_directory_atomically,
 )
 from nanoft.config import DEFAULT_LR, default_out_dir, hyperparameter_notes, parse_config, save_config
-from nanoft.cpu_allocator import keep_freed_memory
+from nanoft.cpu_allocator import give_back_freed_memory, keep_freed_memory
 from nanoft.default_data import default_data_path
 from nanoft.default_model import resolve_model
 from nanoft.distributed import (
@@ -225,8 +225,6 @@ def main(argv=None):
         print(format_plan(plan_for_run(config, planning_only=True), config.model or "SmolLM2-135M-Instruct"))
         return
     dist = setup_distributed(config.device, timeout_s=config.dist_timeout)
-    if dist.device.type == "cpu":
-        keep_freed_memory()  # reuse what a step frees, not fault in fresh pages (nanoft/cpu_allocator.py)
     if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
         # Planned on rank 0 alone: free memory differs from rank to rank, and so could the plans.
         plan = plan_for_run(config, planning_only=False) if dist.is_main else None
@@ -241,6 +239,12 @@ def main(argv=None):
             fsdp_cpu_offload=config.fsdp_cpu_offload or plan.layout == "fsdp_offload",
         )
         print0(dist, f"--method auto: {plan.method}, {plan.layout}; {plan.reasons[-1]} (--plan shows why)")
+    # CPU: reuse what a step frees, not fault in fresh pages; under FSDP give the gathered layers back at once
+    # (nanoft/cpu_allocator.py).
+    if dist.device.type == "cpu" and config.fsdp == "none":
+        keep_freed_memory()
+    elif dist.device.type == "cpu":
+        give_back_freed_memory()
     quant = config.quant or ("nf4" if config.method == "qlora" else "")
     config = replace(
         config, lr=config.lr or DEFAULT_LR[config.method], out=config.out or default_out_dir(), quant=quant

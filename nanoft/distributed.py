@@ -184,8 +184,9 @@ def wrap_model(
 
 
 def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_precision):
-    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head), in place. A model on
-    the meta device stays there, sharded: nanoft.weights.load_weights then allocates and fills the shards."""
+    """fully_shard the embedding (untied), each decoder layer, then the root (final norm, lm_head), in place.
+    A model on the meta device stays there, sharded: nanoft.weights.load_weights then allocates and fills
+    the shards."""
     prepare_4bit_linears_for_fsdp(model, mixed_precision)
     # FSDP2, unlike DDP, does not copy rank 0's weights to the others: broadcast the trainable ones made
     # before sharding (LoRA's adapters; weights still on meta come from the checkpoint on every rank), so a
@@ -203,6 +204,10 @@ def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_pre
         if cpu_offload
         else OffloadPolicy(),
     )
+    if not model.config.tie_word_embeddings:
+        # Used only at the start of the forward: gathered then, freed after. (Tied, it is lm_head too, which
+        # the loss reads at the end, so it stays in the root: gathered for the whole forward and backward.)
+        fully_shard(model.model.embed_tokens, **options)
     for layer in model.model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)

@@ -16,7 +16,7 @@ have made. At micro-batch 1 there is nothing left to halve and the run stops wit
 
 Freeing the failed attempt's memory: its activations are held by the traceback's frames, so `run` retries
 only after leaving the `except` block (Python then drops the exception and its traceback), and after
-collecting and emptying the allocator's cache.
+collecting and emptying the allocators' caches (the GPU's, and the CPU heap train.py keeps).
 
 Several ranks (DDP): a rank that runs out of memory must not leave the others waiting in a collective. So
 no collective runs inside an attempt (distributed.local_gradients), and after it every rank says whether it
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoft.cpu_allocator import trim_heap
 from nanoft.distributed import any_rank
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
@@ -115,6 +116,7 @@ class OOMRecovery:
             result = None
             before_retry()
             gc.collect()
+            trim_heap()  # CPU runs keep what they free (nanoft/cpu_allocator.py): not this
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log(self.shrink(step, failed))
