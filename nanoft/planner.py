@@ -115,6 +115,7 @@ class PlanRequest:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     optim: str = "adamw"
+    packed: bool = False  # --pack
     lr: float | None = None
     warmup_frac: float = 0.03
     epochs: float = 3.0
@@ -168,6 +169,7 @@ def plan_request(config, compute_bytes: int = 2) -> PlanRequest:
         lora_dropout=config.lora_dropout,
         lora_targets=tuple(config.lora_targets),
         optim=config.optim,
+        packed=config.pack,
         lr=config.lr,
         warmup_frac=config.warmup_frac,
         epochs=config.epochs,
@@ -244,6 +246,7 @@ def training_shape(method, layout, micro_batch, checkpointing, hardware, request
         lora_targets=request.lora_targets,
         lora_dropout=request.lora_dropout,
         optim=request.optim,
+        packed=request.packed,
         shards=hardware.device_count if layout.startswith("fsdp") else 1,
         cpu_offload=layout == "fsdp_offload",
         ddp=layout == "ddp",
