@@ -2,25 +2,31 @@
 
     tokenizer = Tokenizer.from_pretrained(model_dir)
     train, val, report = prepare_data(["train.jsonl"], tokenizer, seq_len=1024, run_dir="runs/x")
-    batches = Batches(train, batch_size=4, pad_id=tokenizer.pad_id, seed=0, rank=rank, world_size=world_size)
+    batches = data_batches.Batches(train, batch_size=4, pad_id=tokenizer.pad_id, seed=0, rank=0, world_size=1)
     for batch in batches:  # the rest of the current epoch; the next `for` starts the next epoch
         loss_sum, n_targets = model(batch["input_ids"], batch["targets"], position_ids=batch["position_ids"],
                                     document_ids=batch["document_ids"])
     checkpoint["data"] = batches.state_dict()   # and batches.load_state_dict(...) to resume exactly there
 
-Public API (everything else here is a helper):
-- `prepare_data(paths, tokenizer, seq_len, *, val_paths=None, val_frac=0.05, seed=0, format="auto",
-  dedup=True, near_dup_threshold=0.8, train_on_everything=False, skip_bad_records=False, alpaca_style="auto",
-  run_dir=None, cache_dir=None, log=print) -> (train, val, DataReport)`. train and val are `TokenizedExamples`
-  (val may be empty). With `run_dir` it writes samples.txt (50 training samples, trained spans marked ⟦ ⟧)
-  and dedup_examples.jsonl there. Tokenized data is cached under cache_dir (default $NANOFT_CACHE/data).
-- `Batches(examples, batch_size, pad_id, *, seed=0, rank=0, world_size=1, shuffle=True, pack=False,
-  group_by_length=False, drop_last=True)` (nanoft/batches.py): iterable of batch dicts {input_ids (B, T),
-  targets (B, T) (already shifted, -100 = no loss), position_ids (B, T), document_ids (B, T) or None (packed
-  only), sample_ids list[int] (indices into examples)}, right-padded to the longest row of the batch. `len()`
-  is batches per epoch; `state_dict()` / `load_state_dict()` / `set_epoch()`.
-- `DataReport` (nanoft/data_report.py; `.to_dict()` goes into summary.json), `TokenizedExamples`
-  (nanoft/dataset_cache.py: example i is `examples.example(i) -> (input_ids, targets)` numpy arrays).
+The data pipeline is this file and the nanoft/data_*.py modules it calls, in the order data flows:
+- data_records.py: read JSONL/JSON/.txt files into checked records (Alpaca, chat, ShareGPT, text);
+- data_dedup.py: exact and MinHash near-duplicates;
+- this file: render each record with the chat template, mask what is not trained, tokenize, split;
+- data_cache.py: `TokenizedExamples` (example i is `examples.example(i) -> (input_ids, targets)` numpy
+  arrays) and their on-disk cache;
+- data_report.py: `DataReport` (`.to_dict()` goes into summary.json), its log lines, samples.txt;
+- data_batches.py: `Batches(examples, batch_size, pad_id, *, seed=0, rank=0, world_size=1, shuffle=True,
+  pack=False, group_by_length=False, drop_last=True)`: iterable of batch dicts {input_ids (B, T), targets
+  (B, T) (already shifted, -100 = no loss), position_ids (B, T), document_ids (B, T) or None (packed only),
+  sample_ids list[int] (indices into examples)}, right-padded to the longest row of the batch. `len()` is
+  batches per epoch; `state_dict()` / `load_state_dict()` / `set_epoch()`.
+
+Public API of this file (everything else here is a helper): `prepare_data(paths, tokenizer, seq_len, *,
+val_paths=None, val_frac=0.05, seed=0, format="auto", dedup=True, near_dup_threshold=0.8,
+train_on_everything=False, skip_bad_records=False, alpaca_style="auto", run_dir=None, cache_dir=None,
+log=print) -> (train, val, DataReport)`. train and val are `TokenizedExamples` (val may be empty). With
+`run_dir` it writes samples.txt (50 training samples, trained spans marked ⟦ ⟧) and dedup_examples.jsonl
+there. Tokenized data is cached under cache_dir (default $NANOFT_CACHE/data).
 
 What the model learns from each format (the rest of every sequence has target -100):
 - chat `messages` / ShareGPT `conversations`: each assistant turn as the chat template writes it after the
@@ -38,16 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoft.batches import Batches  # noqa: F401  (part of the public API: `from data import Batches`)
-from nanoft.data_records import FORMATS, BadRecord, Record, check_data_file, read_records
-from nanoft.data_report import (  # noqa: F401  (SPOT_CHECK_SAMPLES: public, for the run report)
-    SPOT_CHECK_SAMPLES,
-    DataReport,
-    log_report,
-    write_jsonl,
-    write_spot_check,
-)
-from nanoft.dataset_cache import (
+from nanoft.config import ALPACA_STYLES, DATA_FORMATS
+from nanoft.data_cache import (
     TokenizedExamples,
     cache_file,
     cache_key,
@@ -55,11 +53,17 @@ from nanoft.dataset_cache import (
     load_cached,
     save_cached,
 )
-from nanoft.dedup import find_duplicates
+from nanoft.data_dedup import find_duplicates
+from nanoft.data_records import BadRecord, Record, check_data_file, read_records
+from nanoft.data_report import (
+    DataReport,
+    log_report,
+    write_jsonl,
+    write_spot_check,
+)
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
 
-ALPACA_STYLES = ("auto", "chat", "alpaca")
 MIN_VAL_EXAMPLES, MAX_VAL_EXAMPLES = 20, 1000  # a val loss from fewer is noise; more only slows evaluation
 DEDUP_EXAMPLES_PER_METHOD = 10
 DEDUP_EXAMPLE_CHARS = 500  # of each text in dedup_examples.jsonl: enough to judge the pair
@@ -406,8 +410,8 @@ def prepare_data(
     log=print,
 ):
     """Tokenized train and val examples and a DataReport; see the module docstring."""
-    if format not in FORMATS:
-        raise UserError(f"data format '{format}' is unknown; use one of {', '.join(FORMATS)}")
+    if format not in DATA_FORMATS:
+        raise UserError(f"data format '{format}' is unknown; use one of {', '.join(DATA_FORMATS)}")
     if seq_len < 2:
         raise UserError(f"seq_len {seq_len} is too short; an example needs at least 2 tokens")
     if not 0 <= val_frac < 1:

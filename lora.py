@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nanoft.cpu_dropout import CPUFriendlyDropout
 from nanoft.errors import UserError
 from nanoft.weights import copy_tokenizer_files, save_pretrained, write_atomically
 
@@ -84,22 +85,6 @@ def dense_weight(layer: nn.Linear) -> torch.Tensor:
 
 def is_quantized(layer: nn.Module) -> bool:
     return type(getattr(layer, "weight", None)).__name__ in ("Params4bit", "Int8Params")
-
-
-class CPUFriendlyDropout(nn.Dropout):
-    """nn.Dropout whose mask costs less on CPU (2% of a LoRA step: bench/levers.py): bernoulli_ draws a 64-bit
-    number per element in a serial loop on CPUs without MKL's generator (AMD); here one draw gives four
-    16-bit uniforms. p is rounded to a multiple of 1/65536 (0.05 -> 0.050003). Same generator, so
-    torch.manual_seed still makes runs repeatable."""
-
-    def forward(self, x):
-        if not self.training or x.device.type != "cpu":
-            return super().forward(x)
-        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-        uniform = bits.view(torch.int16)[: x.numel()].view(x.shape)  # in [-32768, 32767]
-        keep = uniform >= round(self.p * 65536) - 32768
-        survivor = torch.tensor(1 / (1 - self.p), dtype=x.dtype)
-        return x * torch.where(keep, survivor, torch.tensor(0.0, dtype=x.dtype))
 
 
 class LoRALinear(nn.Module):
@@ -207,7 +192,8 @@ def dense_linear(quantized: nn.Linear, weight: torch.Tensor) -> nn.Linear:
 
 
 def matches(module_name: str, names) -> bool:
-    """PEFT's rule for target_modules / modules_to_save: the full name, or its ending after a dot."""
+    """PEFT's rule for target_modules / modules_to_save (and quant.py's skip): the full name, or its ending
+    after a dot."""
     return any(module_name == name or module_name.endswith("." + name) for name in names)
 
 

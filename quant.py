@@ -26,14 +26,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lora import matches
+from nanoft.config import OPTIMIZERS, QUANT_TYPES
 from nanoft.errors import UserError
 from nanoft.fsdp_qlora import bitsandbytes_linear_classes, load_4bit_shard
 from nanoft.model import Transformer
+from nanoft.precision import DTYPES
 from nanoft.weights import empty_model, load_weights
-
-QUANT_TYPES = ("nf4", "fp4", "int8")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def bitsandbytes_error(error: Exception, flag: str) -> UserError:
@@ -63,7 +62,7 @@ class QuantConfig:
     double_quant: bool = True  # 4-bit only: quantize the per-block absmax too (0.5 -> 0.127 bits per weight)
     compute_dtype: torch.dtype | str = torch.bfloat16  # activations, embeddings, norms, lm_head
     quant_storage: torch.dtype | str = torch.uint8  # 4-bit only: dtype the packed bytes are viewed as (FSDP)
-    skip: tuple[str, ...] | str = ("lm_head",)  # linears (name, name suffix; or "a,b") kept in compute dtype
+    skip: tuple[str, ...] | str = ("lm_head",)  # linears kept in compute dtype (lora.matches' rule; or "a,b")
 
     def __post_init__(self):
         if self.quant not in QUANT_TYPES:
@@ -77,12 +76,8 @@ class QuantConfig:
         if isinstance(self.skip, str):
             self.skip = tuple(name.strip() for name in self.skip.split(",") if name.strip())
         self.skip = tuple(self.skip)
-        if not any(_matches("lm_head", pattern) for pattern in self.skip):
+        if not matches("lm_head", self.skip):
             raise UserError("skip must keep 'lm_head': the chunked loss multiplies by its unquantized weight")
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
 
 
 def make_quantized_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
@@ -143,7 +138,7 @@ def quantize_linears(model: nn.Module, config: QuantConfig) -> list[str]:
     names = [
         name
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and not any(_matches(name, pattern) for pattern in config.skip)
+        if type(module) is nn.Linear and not matches(name, config.skip)
     ]
     for name in names:
         parent_name, _, child_name = name.rpartition(".")

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from data import SPOT_CHECK_SAMPLES, Batches, prepare_data
+from data import prepare_data
 from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter, trainable_parameters_line
 from nanoft.checkpoint import (
-    StopSignals,
     check_resume_config,
     latest_checkpoint,
     load_checkpoint,
@@ -46,6 +45,8 @@ from nanoft.checkpoint import (
 )
 from nanoft.config import DEFAULT_LR, default_out_dir, hyperparameter_notes, parse_config, save_config
 from nanoft.cpu_allocator import give_back_freed_memory, keep_freed_memory
+from nanoft.data_batches import Batches
+from nanoft.data_report import SPOT_CHECK_SAMPLES
 from nanoft.default_data import default_data_path
 from nanoft.default_model import resolve_model
 from nanoft.distributed import (
@@ -68,9 +69,10 @@ from nanoft.distributed import (
     wrap_model,
 )
 from nanoft.errors import UserError, exit_on_user_error
+from nanoft.interruptions import OOMRecovery, StopSignals
+from nanoft.loss import IGNORE_INDEX
 from nanoft.lr_sweep import run_lr_sweep, sweep_table
 from nanoft.monitor import Monitor, generate_samples, val_prompts
-from nanoft.oom import OOMRecovery
 from nanoft.planner import format_plan, plan_for_run
 from nanoft.precision import choose_precision
 from nanoft.report import nan_advice, summary_lines, write_run_report
@@ -85,8 +87,6 @@ from nanoft.weights import (
     save_pretrained,
 )
 from quant import QuantConfig, load_quantized, make_optimizer, quantize_linears, weight_quantizer
-
-IGNORE = -100
 
 
 def to_device(batch: dict, device) -> dict:
@@ -122,7 +122,7 @@ def forward_backward(model, dist, scaler, autocast, n_targets: int, pieces: list
 @torch.no_grad()
 def evaluate(model, val_batches, dist, autocast, recovery: OOMRecovery, step: int, log) -> float:
     """Val loss per target token over the whole val split (each rank its share, summed over ranks). Out of
-    memory: this rank halves its val micro-batch and goes on (nanoft/oom.py)."""
+    memory: this rank halves its val micro-batch and goes on (nanoft/interruptions.py)."""
     model.eval()
 
     def attempt(pieces):
@@ -144,7 +144,7 @@ def evaluate(model, val_batches, dist, autocast, recovery: OOMRecovery, step: in
         # the others' forward, with one token and no target.
         no_target = {
             "input_ids": torch.zeros((1, 1), dtype=torch.long),
-            "targets": torch.full((1, 1), IGNORE),
+            "targets": torch.full((1, 1), IGNORE_INDEX),
         }
         for _ in range(len(val_batches) - n_batches):
             with autocast:
@@ -450,13 +450,13 @@ def main(argv=None):
         # Counted on the CPU, where the batches are, and summed over ranks there: no wait for the GPU.
         counts = torch.tensor(
             [
-                sum(int((b["targets"] != IGNORE).sum()) for b in batches),
+                sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches),
                 sum(int(train_examples.lengths[b["sample_ids"]].sum()) for b in batches),
             ]
         )
         n_targets, n_tokens = all_reduce_sum(counts, dist).tolist()
 
-        # Out of memory on any rank: all retry the step, each micro-batch cut in halves (nanoft/oom.py).
+        # Out of memory on any rank: all retry the step, its micro-batches cut in halves (interruptions.py).
         loss_sum_total = oom.run(
             partial(forward_backward, model, dist, scaler, autocast, n_targets),
             batches,

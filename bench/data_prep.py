@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import Batches, prepare_data  # noqa: E402
-from nanoft.dedup import SHINGLE_WORDS, WORD, normalise  # noqa: E402
+from data import prepare_data  # noqa: E402
+from nanoft.data_batches import Batches  # noqa: E402
+from nanoft.data_dedup import SHINGLE_WORDS, WORD, normalise  # noqa: E402
 from nanoft.default_model import resolve_model  # noqa: E402
 from nanoft.tokenizer import Tokenizer  # noqa: E402
 
@@ -113,7 +114,7 @@ def synthetic_alpaca(n_records: int, seed: int) -> tuple[list[dict], int, list[t
 
 
 def shingle_set(record: dict) -> set[tuple[str, ...]]:
-    """The word shingles nanoft/dedup.py hashes, as a set (for the exact Jaccard similarity)."""
+    """The word shingles nanoft/data_dedup.py hashes, as a set (for the exact Jaccard similarity)."""
     words = WORD.findall(normalise("\n".join((record["instruction"], record["input"], record["output"]))))
     return {tuple(words[i : i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1))}
 

@@ -16,7 +16,8 @@ ratio to the default (nanoft as it ships). Variants:
 - fp32 logits loss: logits of every position cast to fp32 and F.cross_entropy (what transformers does)
   instead of nanoft.loss's chunked loss;
 - loss chunks 4x larger: nanoft.loss.LOGITS_PER_CHUNK x 4;
-- torch dropout: nn.Dropout's bernoulli_ mask for the LoRA inputs instead of lora.CPUFriendlyDropout's;
+- torch dropout: nn.Dropout's bernoulli_ mask for the LoRA inputs instead of
+  nanoft.cpu_dropout.CPUFriendlyDropout's;
 - frozen base in fp32 + autocast: the base weights kept in fp32 and cast to bf16 by autocast in every matmul
   (a second model, built the same way);
 - activation checkpointing: each decoder layer recomputed in backward (`--activation-checkpointing`), a lever
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lora  # noqa: E402
 import nanoft.cpu_attention  # noqa: E402
+import nanoft.cpu_dropout  # noqa: E402
 import nanoft.loss  # noqa: E402
 import nanoft.model  # noqa: E402
 from nanoft.cpu_allocator import keep_freed_memory  # noqa: E402
@@ -80,7 +82,7 @@ PATCHES = {  # variant -> (object, attribute, replacement)
     "swiglu by autograd": (nanoft.model.MLP, "forward", swiglu_by_autograd),
     "fp32 logits loss": (nanoft.model, "chunked_cross_entropy", fp32_logits_loss),
     "loss chunks 4x larger": (nanoft.loss, "LOGITS_PER_CHUNK", nanoft.loss.LOGITS_PER_CHUNK * 4),
-    "torch dropout": (lora.CPUFriendlyDropout, "forward", torch.nn.Dropout.forward),
+    "torch dropout": (nanoft.cpu_dropout.CPUFriendlyDropout, "forward", torch.nn.Dropout.forward),
 }
 FP32_BASE = "frozen base in fp32 + autocast"
 CHECKPOINTED = "activation checkpointing"
@@ -118,7 +120,7 @@ def main():
     bf16 = build(model_dir, torch.bfloat16)
     fp32 = build(model_dir, torch.float32)
     input_ids = torch.randint(0, 49152, (batch, seq_len), generator=torch.Generator().manual_seed(1))
-    targets = torch.full_like(input_ids, -100)
+    targets = torch.full_like(input_ids, nanoft.loss.IGNORE_INDEX)
     targets[:, :-1] = input_ids[:, 1:]
 
     def run(variant: str) -> float:

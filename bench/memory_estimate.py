@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from nanoft.loss import IGNORE_INDEX  # noqa: E402
 from nanoft.memory import GiB, TrainingShape, count_parameters, estimate_memory  # noqa: E402
 from nanoft.model import ModelConfig, Transformer  # noqa: E402
 from nanoft.weights import save_pretrained  # noqa: E402
@@ -114,7 +115,7 @@ def child(model_dir: str, method: str, checkpointing: bool) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: loading's peak is not the step's
     model.train()
     for _ in range(STEPS):
-        n_targets = sum((batch[:, 1:] != -100).sum() for batch in batches)
+        n_targets = sum((batch[:, 1:] != IGNORE_INDEX).sum() for batch in batches)
         for batch in batches:
             with torch.autocast(device.type, precision.compute_dtype, enabled=precision.autocast):
                 loss_sum, _ = model(batch[:, :-1], batch[:, 1:])

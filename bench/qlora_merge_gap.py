@@ -45,7 +45,7 @@ from lora import (  # noqa: E402
     load_adapter,
     save_adapter,
 )
-from nanoft.batches import Batches  # noqa: E402
+from nanoft.data_batches import Batches  # noqa: E402
 from nanoft.default_data import default_data_path  # noqa: E402
 from nanoft.default_model import default_model_dir  # noqa: E402
 from nanoft.tokenizer import Tokenizer  # noqa: E402

@@ -55,6 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from nanoft.cpu_allocator import keep_freed_memory  # noqa: E402
+from nanoft.loss import IGNORE_INDEX  # noqa: E402
 
 LORA_TARGETS = {
     "lora-qv": ["q_proj", "v_proj"],
@@ -87,7 +88,7 @@ def build_nanoft(case, dtype, device, model_dir, compile_layers):
     autocast = full_autocast(case, dtype, device)
 
     def loss(input_ids, labels):
-        targets = torch.full_like(labels, -100)
+        targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]  # shifted here, as data.py does; transformers shifts inside
         with autocast:
             loss_sum, n_targets = model(input_ids, targets)

@@ -20,8 +20,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
-from nanoft.distributed import any_rank, barrier
+from nanoft.distributed import barrier
 from nanoft.errors import UserError
 from nanoft.weights import safetensors_header, shard_rows
 
@@ -268,39 +266,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():  # a CPU run saved none
         torch.cuda.set_rng_state(state["cuda"])  # this rank's GPU (torch.cuda.set_device chose it)
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (schedulers, torchrun, `kill`) ask the loop to stop after the current step,
-    save a checkpoint and exit; a second Ctrl-C quits at once."""
-
-    def __init__(self):
-        self.number = None
-        self.previous = {
-            number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)
-        }
-
-    def restore(self) -> None:
-        """Give the signals back to whoever handled them before (Python's KeyboardInterrupt, pytest ...)."""
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-    def handle(self, number, frame):
-        if self.number is not None:
-            raise KeyboardInterrupt
-        self.number = number
-        print(
-            f"\n{self.name}: finishing this step, then saving a checkpoint (Ctrl-C again quits now)",
-            file=sys.stderr,
-        )
-
-    def received(self, dist) -> bool:
-        """True on every rank once any rank got a signal (they must stop at the same step)."""
-        if any_rank(self.number is not None, dist):
-            self.number = self.number or signal.SIGTERM
-            return True
-        return False
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.number).name

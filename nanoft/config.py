@@ -23,13 +23,17 @@ from datetime import datetime
 from pathlib import Path
 
 from nanoft.errors import UserError
+from nanoft.precision import DTYPES
+from nanoft.schedule import MIN_LR_RATIO
 
+# Every choice the command line offers, listed once: the code that implements a choice imports its list from
+# here (quant.py, data.py, nanoft/distributed.py); the dtypes are nanoft/precision.py's.
 METHODS = ("lora", "qlora", "full", "auto")
 QUANT_TYPES = ("nf4", "fp4", "int8")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DEVICES = ("auto", "cuda", "cpu")
-FSDP_MODES = ("none", "full_shard", "shard_grad_op")  # distributed: none = DDP under torchrun
+# none: DDP under torchrun; full_shard: ZeRO-3-like (reshard after forward); shard_grad_op: ZeRO-2-like (keep)
+FSDP_MODES = ("none", "full_shard", "shard_grad_op")
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 ALPACA_STYLES = ("auto", "chat", "alpaca")
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # the playbook's starting points
@@ -111,7 +115,9 @@ class TrainConfig:
     # hardware and speed
     device: str = flag("auto", "where to train (auto: cuda when torch sees a GPU, else cpu)", DEVICES)
     dtype: str = flag(
-        "auto", "compute dtype: bf16 where the hardware has it, else fp16 on GPU, else fp32", DTYPES
+        "auto",
+        "compute dtype: bf16 where the hardware has it, else fp16 on GPU, else fp32",
+        ("auto", *DTYPES),
     )
     activation_checkpointing: bool = flag(
         False, "recompute activations in backward: less memory, ~30% slower"
@@ -351,7 +357,7 @@ def hyperparameter_notes(
         f"lr {config.lr:.0e} ({lr_source}): loss should fall within the first 100 steps; NaN or spikes -> "
         "halve it; flat -> try --lr-sweep",
         f"schedule: warmup {warmup_steps} of {total_steps} steps ({config.warmup_frac:.0%}), then cosine to "
-        f"{config.lr * 0.1:.0e}: a loss spike right after warmup -> lengthen warmup or lower the lr",
+        f"{config.lr * MIN_LR_RATIO:.0e}: a loss spike right after warmup -> lengthen warmup or lower the lr",
         f"effective batch {batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
         f"{world_size} device(s): >= 32 keeps updates steady; out of memory -> halve --batch-size, double "
         "--grad-accum",

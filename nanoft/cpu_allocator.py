@@ -2,7 +2,7 @@
 
     keep_freed_memory()        # once, before the model is built; train.py does it for CPU runs
     give_back_freed_memory()   # ... or this, for CPU runs under FSDP
-    trim_heap()                # after an out-of-memory (nanoft/oom.py)
+    trim_heap()                # after an out-of-memory (nanoft/interruptions.py)
 
 glibc's malloc gives a freed block above its mmap threshold (128 KiB, adapting up to 32 MiB) straight back to
 the kernel, and trims free memory off the top of its heap. A training step frees and allocates the same

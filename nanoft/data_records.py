@@ -14,7 +14,6 @@ from pathlib import Path
 
 from nanoft.errors import UserError
 
-FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 CHAT_ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
     "human": "user",

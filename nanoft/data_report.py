@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoft.dataset_cache import TokenizedExamples
+from nanoft.data_cache import TokenizedExamples
 from nanoft.loss import IGNORE_INDEX
 
 SPOT_CHECK_SAMPLES = 50

@@ -7,7 +7,7 @@
         with local_gradients(model):
             loss_sum, _ = model(input_ids, targets=targets)
             (loss_sum * dist.world_size / global_target_count).backward()  # DDP and FSDP average over ranks
-    if not any_rank(out_of_memory, dist):                      # nanoft/oom.py: retried on every rank
+    if not any_rank(out_of_memory, dist):                      # else every rank retries (interruptions.py)
         all_reduce_gradients(model, dist)
     adapter = full_state_dict(model, dist, trainable_only=True)  # every rank calls; rank 0 gets the tensors
     teardown(dist)
@@ -41,10 +41,9 @@ from torch.distributed.fsdp import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from nanoft.config import FSDP_MODES
 from nanoft.errors import UserError
 from nanoft.fsdp_qlora import prepare_4bit_linears_for_fsdp
-
-FSDP_MODES = ("full_shard", "shard_grad_op")  # ZeRO-3-like (reshard after forward) and ZeRO-2-like (keep)
 
 
 @dataclass
@@ -165,7 +164,7 @@ def wrap_model(
             model, device_ids=device_ids, find_unused_parameters=False, broadcast_buffers=False
         )
     if fsdp not in FSDP_MODES:
-        raise UserError(f"--fsdp {fsdp} is not a mode; choose one of none, {', '.join(FSDP_MODES)}")
+        raise UserError(f"--fsdp {fsdp} is not a mode; choose one of {', '.join(FSDP_MODES)}")
     if dist.backend is None:
         raise UserError(
             f"--fsdp {fsdp} shards the model across processes but this run has one: "
@@ -224,8 +223,8 @@ def local_gradients(model):
     """Run each micro-batch's forward and backward inside this; all_reduce_gradients after the last one.
 
     DDP: gradients add up on each rank (no_sync) and are all-reduced once per step, after every rank has
-    said it did not run out of memory (nanoft/oom.py): inside the micro-batches no rank ever waits for
-    another, so one that fails can retry with the rest instead of leaving them in a collective. The price
+    said it did not run out of memory (nanoft/interruptions.py): inside the micro-batches no rank ever waits
+    for another, so one that fails can retry with the rest instead of leaving them in a collective. The price
     is that the all-reduce no longer overlaps the last backward: small for LoRA's adapters; a full
     fine-tune's gradients are what FSDP is for.
     FSDP: gradients are reduce-scattered in every backward anyway. Deferring that would keep a full,

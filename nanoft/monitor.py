@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 from nanoft.gates import UtilisationSampler, flat_val_loss_advice
 from nanoft.generate import generate
+from nanoft.loss import IGNORE_INDEX
 
 BYTES_PER_KIB = 1024
-IGNORE = -100
 
 
 class Monitor:
@@ -177,7 +177,7 @@ def val_prompts(examples, n: int) -> list[tuple[list[int], list[int]]]:
     prompts = []
     for index in range(min(n, len(examples))):
         ids, targets = examples.example(index)
-        trained = (targets != IGNORE).nonzero()[0]  # targets[t] is the label of token t + 1
+        trained = (targets != IGNORE_INDEX).nonzero()[0]  # targets[t] is the label of token t + 1
         first_run = np.split(trained, np.flatnonzero(np.diff(trained) > 1) + 1)[0]
         prompts.append((ids[: first_run[0] + 1].tolist(), ids[first_run[0] + 1 : first_run[-1] + 2].tolist()))
     return prompts

@@ -39,6 +39,7 @@ from nanoft.memory import (
     estimate_memory,
 )
 from nanoft.model import ModelConfig
+from nanoft.schedule import MIN_LR_RATIO
 
 # Of a device's memory, what tensors may use. CUDA: the rest is the context and the caching allocator's
 # fragmentation. CPU: glibc keeps freed blocks cached; bench/memory_estimate.py's 34M model peaked ~1.3x its
@@ -254,7 +255,12 @@ def training_shape(method, layout, micro_batch, checkpointing, hardware, request
     )
 
 
-METHODS = ("full", "lora", "qlora")  # most to least faithful to the data
+# The methods, most to least faithful to the data: make_plan tries them in this order.
+METHOD_NAMES = {
+    "full": "full fine-tune",
+    "lora": "LoRA on a 16-bit base",
+    "qlora": "QLoRA on a 4-bit NF4 base",
+}
 DOMAIN_SHIFT_ADVICE = (
     "domain shift declared: first continue pretraining on raw in-domain text (--data-format text), with a "
     "full fine-tune if memory allows or LoRA on all-linear with r >= 64 (new knowledge needs more capacity "
@@ -274,7 +280,7 @@ def make_plan(config: ModelConfig, hardware: Hardware, request: PlanRequest) -> 
     anyway, marked as not fitting)."""
     params = count_parameters(config)
     reasons = [DOMAIN_SHIFT_ADVICE] if request.domain_shift else []
-    candidates = METHODS if request.method == "auto" else (request.method,)
+    candidates = tuple(METHOD_NAMES) if request.method == "auto" else (request.method,)
     for method in candidates:
         for layout in layouts(hardware):
             if request.method == "auto":
@@ -302,11 +308,6 @@ def make_plan(config: ModelConfig, hardware: Hardware, request: PlanRequest) -> 
     return Plan(request.method, most_sharded, 1, True, smallest, False, hardware, request, params, reasons)
 
 
-METHOD_NAMES = {
-    "full": "full fine-tune",
-    "lora": "LoRA on a 16-bit base",
-    "qlora": "QLoRA on a 4-bit NF4 base",
-}
 LAYOUT_NAMES = {
     "single": "one device",
     "ddp": "DDP",
@@ -325,7 +326,7 @@ def watch_list(plan: Plan) -> list[tuple[str, str]]:
             "--lr-sweep",
         ),
         (
-            f"warmup {request.warmup_frac:.0%} of steps, cosine to 10%",
+            f"warmup {request.warmup_frac:.0%} of steps, cosine to {MIN_LR_RATIO:.0%}",
             "no loss spike in the first steps (else lengthen warmup); most of the gain comes before mid-run",
         ),
         (
@@ -423,7 +424,7 @@ def format_plan(plan: Plan, model_name: str = "") -> str:
         f"batch: micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} x {hw.device_count} "
         f"device(s) = effective batch {plan.effective_batch} (>= {MIN_EFFECTIVE_BATCH})",
         f"lr {format_lr(plan.lr)} with {plan.request.optim}: linear warmup over "
-        f"{plan.request.warmup_frac:.0%} of the steps, then cosine decay to 10% of the peak",
+        f"{plan.request.warmup_frac:.0%} of the steps, then cosine decay to {MIN_LR_RATIO:.0%} of the peak",
         "",
         "what to watch:",
     ]

@@ -8,8 +8,12 @@ A plain function of the step, so the schedule has no state to save: resuming at 
 
 import math
 
+MIN_LR_RATIO = 0.1  # the floor the cosine decays to, as a fraction of the peak lr
 
-def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> float:
+
+def lr_at(
+    step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = MIN_LR_RATIO
+) -> float:
     """The lr for optimizer step `step` (0-based) of `total_steps`."""
     # Warmup: Adam's second-moment estimates start at zero, so the first updates are noisy; ramp up gently.
     # (step + 1) so that the very first step already moves the weights.

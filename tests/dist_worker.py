@@ -24,10 +24,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 # The repository root, for data.py, quant.py and lora.py (torchrun puts only tests/ on the path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import Batches  # noqa: E402
 from lora import LoRAConfig, inject_lora  # noqa: E402
 from nanoft.checkpoint import checkpoint_path, load_checkpoint, load_sharded, save_checkpoint  # noqa: E402
-from nanoft.dataset_cache import TokenizedExamples  # noqa: E402
+from nanoft.data_batches import Batches  # noqa: E402
+from nanoft.data_cache import TokenizedExamples  # noqa: E402
 from nanoft.distributed import (  # noqa: E402
     all_reduce_gradients,
     all_reduce_sum,
@@ -46,9 +46,10 @@ from nanoft.distributed import (  # noqa: E402
     wrap_model,
 )
 from nanoft.fsdp_qlora import parameter_bytes, quant_state_bytes  # noqa: E402
+from nanoft.interruptions import OOMRecovery  # noqa: E402
+from nanoft.loss import IGNORE_INDEX  # noqa: E402
 from nanoft.model import ModelConfig, Transformer  # noqa: E402
 from nanoft.monitor import memory_bytes, peak_since_reset, reset_peak  # noqa: E402
-from nanoft.oom import OOMRecovery  # noqa: E402
 from nanoft.weights import empty_model, load_weights  # noqa: E402
 from quant import QuantConfig, quantize_linears, weight_quantizer  # noqa: E402
 
@@ -103,7 +104,7 @@ def tiny_examples() -> TokenizedExamples:
         prompt = int(rng.integers(1, 4))
         input_ids.append(ids)
         # Shifted: position t is scored on token t + 1; the prompt and the last token are not scored.
-        targets.append([-100] * prompt + ids[prompt + 1 :] + [-100])
+        targets.append([IGNORE_INDEX] * prompt + ids[prompt + 1 :] + [IGNORE_INDEX])
     return TokenizedExamples.from_lists(
         input_ids, targets, [f"tiny:{i}" for i in range(N_EXAMPLES)], seq_len=32
     )
@@ -192,7 +193,7 @@ def train_steps(model, optimizer, batches, dist, run: Run, steps: int, record_of
     for step in range(steps):
         step_batches = [next(micro_batches) for _ in range(run.grad_accum)]
         # Normalise by the target tokens of the whole step on all ranks, counted before any backward.
-        local_targets = sum((batch["targets"] != -100).sum() for batch in step_batches)
+        local_targets = sum((batch["targets"] != IGNORE_INDEX).sum() for batch in step_batches)
         global_targets = all_reduce_sum(local_targets, dist)
         loss_sum_total = recovery.run(
             partial(forward_backward, model, dist, global_targets),

@@ -23,15 +23,14 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from data import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_WITH_INPUT,
-    Batches,
     prepare_data,
     record_tokens,
     split_train_val,
 )
-from nanoft.batches import pack_examples
+from nanoft.data_batches import Batches, pack_examples
+from nanoft.data_cache import TokenizedExamples
+from nanoft.data_dedup import WordHashes, find_duplicates, minhash_signatures, shingle_hashes
 from nanoft.data_records import Record
-from nanoft.dataset_cache import TokenizedExamples
-from nanoft.dedup import WordHashes, find_duplicates, minhash_signatures, shingle_hashes
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
 from nanoft.model import ModelConfig, Transformer

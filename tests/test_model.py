@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import transformers
 
 from nanoft.errors import UserError
+from nanoft.loss import IGNORE_INDEX
 from nanoft.model import KVCache, ModelConfig, Transformer
 from nanoft.weights import from_pretrained, save_pretrained
 
@@ -112,10 +113,12 @@ def test_chunked_loss_equals_cross_entropy_and_its_gradients(monkeypatch):
     reference = random_model(config).train()
     input_ids = torch.randint(0, 128, (2, 16))
     targets = torch.randint(0, 128, (2, 16))
-    targets[0, :5] = -100
+    targets[0, :5] = IGNORE_INDEX
     loss_sum, n_targets = model(input_ids, targets)
     logits = reference(input_ids)
-    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    expected = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     assert n_targets.item() == 27
     assert abs(loss_sum.item() - expected.item()) <= 1e-4 * expected.item()
     loss_sum.backward()

@@ -42,7 +42,7 @@ def test_each_step_reports_its_own_peak_and_the_run_keeps_the_largest():
     del big
     heavy = memory.step()
     light = memory.step()
-    assert heavy["memory_peak_bytes"] >= baseline + 2**28
+    assert heavy["memory_peak_bytes"] >= baseline + 0.9 * 2**28
     assert light["memory_peak_bytes"] < heavy["memory_peak_bytes"] - 2**27
     assert memory.peak() >= heavy["memory_peak_bytes"]
     assert set(heavy) == {"memory_bytes", "memory_peak_bytes"}  # reserved is a GPU allocator's figure

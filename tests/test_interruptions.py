@@ -1,4 +1,4 @@
-"""nanoft/oom.py: a step that runs out of memory is retried with half the micro-batch and twice the
+"""nanoft/interruptions.py: a step that runs out of memory is retried with half the micro-batch and twice the
 accumulation, and makes exactly the update the full step would have made; evaluation recovers too.
 
 Batches are the ones data.Batches makes (padded, and packed with document ids); the failure is a real one
@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from data import Batches
-from nanoft.dataset_cache import TokenizedExamples
+from nanoft.data_batches import Batches
+from nanoft.data_cache import TokenizedExamples
 from nanoft.distributed import setup_distributed
 from nanoft.errors import UserError
+from nanoft.interruptions import OOMRecovery, is_out_of_memory
+from nanoft.loss import IGNORE_INDEX
 from nanoft.model import ModelConfig, Transformer
-from nanoft.oom import OOMRecovery, is_out_of_memory
 from train import evaluate
 
 TINY = ModelConfig(
@@ -39,7 +40,7 @@ def examples() -> TokenizedExamples:
     for _ in range(24):
         ids = rng.integers(1, TINY.vocab_size, size=int(rng.integers(4, 16))).tolist()
         input_ids.append(ids)
-        targets.append([-100, -100] + ids[3:] + [-100])
+        targets.append([IGNORE_INDEX, IGNORE_INDEX] + ids[3:] + [IGNORE_INDEX])
     return TokenizedExamples.from_lists(input_ids, targets, [f"x:{i}" for i in range(24)], seq_len=32)
 
 
@@ -71,7 +72,7 @@ def forward_backward(model, n_targets, pieces):
 
 
 def train_step(model, optimizer, batches, recovery, log):
-    n_targets = sum(int((batch["targets"] != -100).sum()) for batch in batches)
+    n_targets = sum(int((batch["targets"] != IGNORE_INDEX).sum()) for batch in batches)
     attempt = lambda pieces: forward_backward(model, n_targets, pieces)
     drop_gradients = lambda: optimizer.zero_grad(set_to_none=True)
     loss_sum = recovery.run(
@@ -101,14 +102,14 @@ def test_split_keeps_every_row_and_target_of_a_real_batch(pack):
     T = batch["input_ids"].shape[1]
     for key in ("input_ids", "targets", "position_ids") + (("document_ids",) if pack else ()):
         # Each piece drops only trailing columns where it has no target: padded back, the batch again.
-        fill = {"input_ids": 0, "targets": -100, "position_ids": 0, "document_ids": -1}[key]
+        fill = {"input_ids": 0, "targets": IGNORE_INDEX, "position_ids": 0, "document_ids": -1}[key]
         restored = torch.cat(
             [torch.nn.functional.pad(p[key], (0, T - p[key].shape[1]), value=fill) for p in pieces]
         )
-        kept = batch["targets"] != -100 if key != "targets" else slice(None)
+        kept = batch["targets"] != IGNORE_INDEX if key != "targets" else slice(None)
         assert torch.equal(restored[kept], batch[key][kept]), key
     for piece in pieces:
-        assert (piece["targets"][:, -1] != -100).any()  # trimmed to the last column with a target
+        assert (piece["targets"][:, -1] != IGNORE_INDEX).any()  # trimmed to the last column with a target
         if not pack:
             assert piece["document_ids"] is None
 

@@ -16,7 +16,7 @@ import bisect
 import numpy as np
 import torch
 
-from nanoft.dataset_cache import TokenizedExamples
+from nanoft.data_cache import TokenizedExamples
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
 

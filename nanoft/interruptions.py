@@ -1,18 +1,25 @@
-"""Out of memory mid-run: halve the micro-batch, double accumulation, and retry the same step.
+"""What interrupts a training step, and how the run carries on: out of memory, and a signal to stop.
 
     recovery = OOMRecovery(micro_batch=config.batch_size, grad_accum=config.grad_accum)
-    batches = [next(loader) for _ in range(config.grad_accum)]     # the loader keeps its batch size
+    signals = StopSignals()   # SIGINT / SIGTERM from here on: finish the step, save, exit
+    while step < total_steps and stop_reason is None:
+        batches = [next(loader) for _ in range(config.grad_accum)]   # the loader keeps its batch size
 
-    def attempt(pieces):                                           # may run out of memory anywhere inside
-        for piece in pieces:
-            ... forward and backward (gradients accumulate locally) ...
-        return loss_sum
+        def attempt(pieces):                                         # may run out of memory anywhere inside
+            for piece in pieces:
+                ... forward and backward (gradients accumulate locally) ...
+            return loss_sum
 
-    loss_sum = recovery.run(attempt, batches, step, dist, sharded=..., log=print0, before_retry=zero_grad)
+        loss_sum = recovery.run(attempt, batches, step, dist, sharded=..., log=print0, before_retry=zero_grad)
+        ... optimizer step ...
+        if signals.received(dist):
+            stop_reason = "signal"
+    signals.restore()
 
-The step's data stays the same, only cut into smaller pieces, so the effective batch (micro-batch x
-accumulation) and the token count the loss is divided by do not change: the update is the one the step would
-have made. At micro-batch 1 there is nothing left to halve and the run stops with what to do instead.
+Out of memory mid-run: halve the micro-batch, double accumulation, and retry the same step. The step's data
+stays the same, only cut into smaller pieces, so the effective batch (micro-batch x accumulation) and the
+token count the loss is divided by do not change: the update is the one the step would have made. At
+micro-batch 1 there is nothing left to halve and the run stops with what to do instead.
 
 Freeing the failed attempt's memory: its activations are held by the traceback's frames, so `run` retries
 only after leaving the `except` block (Python then drops the exception and its traceback), and after
@@ -28,10 +35,15 @@ the other ranks), never a hang or ranks that disagree on the step.
 
 Evaluation (no gradients, and under DDP no collectives in the forward) recovers rank by rank: each rank
 halves its own val micro-batch, since the val loss is a sum over ranks whatever the split.
+
+SIGINT (Ctrl-C) and SIGTERM (schedulers, torchrun, `kill`): every rank stops after the same step, the run
+saves a checkpoint and exits with 128 + the signal's number; a second Ctrl-C quits at once.
 """
 
 import gc
 import math
+import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,3 +155,40 @@ class OOMRecovery:
             f"step {step}: out of memory{where} at micro-batch {before}; retrying the step with micro-batch "
             f"{self.micro_batch} x accumulation {self.grad_accum} (effective batch unchanged)"
         )
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (schedulers, torchrun, `kill`) ask the loop to stop after the current step,
+    save a checkpoint and exit; a second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.number = None
+        self.previous = {
+            number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def restore(self) -> None:
+        """Give the signals back to whoever handled them before (Python's KeyboardInterrupt, pytest ...)."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number, frame):
+        if self.number is not None:
+            raise KeyboardInterrupt
+        self.number = number
+        print(
+            f"\n{self.name}: finishing this step, then saving a checkpoint (Ctrl-C again quits now)",
+            file=sys.stderr,
+        )
+
+    def received(self, dist) -> bool:
+        """True on every rank once any rank got a signal (they must stop at the same step); a CPU flag, so
+        asking never waits for the GPU."""
+        if any_rank(self.number is not None, dist):
+            self.number = self.number or signal.SIGTERM
+            return True
+        return False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.number).name
