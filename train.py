@@ -32,12 +32,11 @@ from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapt
 from nanoft.checkpoint import (
     check_resume_config,
     latest_checkpoint,
-    load_checkpoint,
-    load_sharded,
     new_progress,
     prepare_run_dir,
     prune_checkpoints,
     record_eval,
+    restore_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -56,8 +55,6 @@ from nanoft.distributed import (
     full_state_dict,
     gather_to_main,
     is_fsdp,
-    load_full_state_dict,
-    load_optimizer_state_dict,
     local_gradients,
     optimizer_state_dict,
     print0,
@@ -200,14 +197,7 @@ def save_training_state(run_dir, model, optimizer, scaler, train_batches, progre
 def restore_training_state(run_dir, model, optimizer, scaler, train_batches, dist) -> dict:
     """Load the latest checkpoint (read by rank 0, sent to the others; under FSDP each rank reads its own rows
     of the tensors); return the run's progress."""
-    path = latest_checkpoint(run_dir)
-    if is_fsdp(model):
-        load_sharded(path, model, optimizer)
-        checkpoint = load_checkpoint(path, tensors=False) if dist.is_main else {}
-    else:
-        checkpoint = load_checkpoint(path) if dist.is_main else {}
-        load_full_state_dict(model, checkpoint.get("trainable", {}), dist)
-        load_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), dist)
+    checkpoint = restore_checkpoint(latest_checkpoint(run_dir), model, optimizer, dist)
     state = scatter_from_main([checkpoint["state"]] * dist.world_size if dist.is_main else None, dist)
     train_batches.load_state_dict(state.pop("data"))
     scaler.load_state_dict(state.pop("scaler"))

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
-from nanoft.distributed import barrier
+from nanoft.distributed import barrier, is_fsdp, load_full_state_dict, load_optimizer_state_dict
 from nanoft.errors import UserError
 from nanoft.weights import safetensors_header, shard_rows
 
@@ -194,6 +194,19 @@ def load_checkpoint(path, tensors: bool = True) -> dict:
         raise UserError(
             f"{path}: checkpoint unreadable ({error}); delete it to resume from the one before"
         ) from None
+    return checkpoint
+
+
+def restore_checkpoint(path, model, optimizer, dist) -> dict:
+    """Put a checkpoint's trained tensors and optimizer state into a (wrapped) model and its optimizer; every
+    rank calls this. Under FSDP each rank reads its own rows; otherwise rank 0 reads them and sends them.
+    Returns the rest ("rng", "state", "config") on rank 0, {} on the others."""
+    if is_fsdp(model):
+        load_sharded(path, model, optimizer)
+        return load_checkpoint(path, tensors=False) if dist.is_main else {}
+    checkpoint = load_checkpoint(path) if dist.is_main else {}
+    load_full_state_dict(model, checkpoint.pop("trainable", {}), dist)
+    load_optimizer_state_dict(model, optimizer, checkpoint.pop("optimizer", {}), dist)
     return checkpoint
 
 

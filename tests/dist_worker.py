@@ -25,7 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora import LoRAConfig, inject_lora  # noqa: E402
-from nanoft.checkpoint import checkpoint_path, load_checkpoint, load_sharded, save_checkpoint  # noqa: E402
+from nanoft.checkpoint import checkpoint_path, restore_checkpoint, save_checkpoint  # noqa: E402
 from nanoft.data_batches import Batches  # noqa: E402
 from nanoft.data_cache import TokenizedExamples  # noqa: E402
 from nanoft.distributed import (  # noqa: E402
@@ -36,8 +36,6 @@ from nanoft.distributed import (  # noqa: E402
     full_state_dict,
     gather_to_main,
     is_fsdp,
-    load_full_state_dict,
-    load_optimizer_state_dict,
     local_gradients,
     optimizer_state_dict,
     scatter_from_main,
@@ -237,13 +235,7 @@ def run_once(run: Run, dist, out_dir: Path) -> None:
         # A fresh process would start here: other weights (seed 1), nothing in memory but what it reads.
         model, optimizer, batches = set_up_training(run, dist, seed=1)
         path = checkpoint_path(out_dir / run.name, run.resume_at)
-        if is_fsdp(model):  # each rank reads its own rows
-            load_sharded(path, model, optimizer)
-            checkpoint = load_checkpoint(path, tensors=False) if dist.is_main else {}
-        else:
-            checkpoint = load_checkpoint(path) if dist.is_main else {}
-            load_full_state_dict(model, checkpoint.get("trainable", {}), dist)
-            load_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), dist)
+        checkpoint = restore_checkpoint(path, model, optimizer, dist)  # under FSDP each rank reads its rows
         data_position = [checkpoint["state"]["data"]] * dist.world_size if dist.is_main else None
         batches.load_state_dict(scatter_from_main(data_position, dist))
         torch.set_rng_state(scatter_from_main(checkpoint.get("rng"), dist))
