@@ -331,7 +331,7 @@ def main(argv=None):
         model = inject_lora(model, lora_config, device=dist.device)  # freezes the base; adapters are fp32
         print0(dist, trainable_parameters_line(model))
     model.activation_checkpointing = config.activation_checkpointing
-    if config.compile:
+    if config.compile:  # each layer in place, before wrap_model shards it: FSDP's hooks stay out of the graph
         for layer in model.model.layers:
             layer.compile()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

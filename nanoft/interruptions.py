@@ -54,7 +54,9 @@ from nanoft.distributed import any_rank
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
 
-OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory")  # CUDA's, and the CPU allocator's
+# CUDA's, the CPU allocator's, and oneDNN's (CPU bf16 matmuls) when it cannot get memory for a kernel: seen
+# under `prlimit --as` when a retried SmolLM2 step at micro-batch 8 ran into the limit in a linear layer.
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "could not create a primitive")
 ADVICE = (
     "turn on --activation-checkpointing, lower --batch-size (raise --grad-accum to keep the effective "
     "batch), shorten --seq-len, use --method qlora, or see what fits with python train.py --plan"

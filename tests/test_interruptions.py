@@ -88,6 +88,7 @@ def test_out_of_memory_is_recognised_and_other_errors_are_not():
         torch.empty(2**60, dtype=torch.uint8)
     assert is_out_of_memory(caught.value)
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("could not create a primitive"))  # oneDNN's, seen under prlimit
     assert not is_out_of_memory(ValueError("bad shape"))
 
 
