@@ -136,12 +136,6 @@ def safetensors_header(file: Path) -> list[StoredTensor]:
     return stored
 
 
-def iter_checkpoint_tensors(path):
-    """Yield (name, tensor) for every tensor, one at a time."""
-    for stored in checkpoint_tensors(path):
-        yield stored.name, stored.read()
-
-
 def empty_model(path, dtype=torch.float32) -> Transformer:
     """The architecture `path`/config.json describes, on the meta device (no memory), parameters in `dtype`:
     what quant.py, lora.py and FSDP reshape before load_weights fills it."""
