@@ -1,15 +1,15 @@
 """Per-rank peak memory of train.py under FSDP against one process: sharded loading (nanoft/weights.py).
 
-    python bench/fsdp_memory.py                  # a SmolLM2-1.7B-shaped Llama; writes bench/fsdp_memory.json
+    python bench/fsdp_memory.py                  # SmolLM2-1.7B-shaped; writes bench/fsdp_memory_1.7b.json
     python bench/fsdp_memory.py --size 0.9b      # the issue's 0.9B case (weights 1.8 GB)
-    python bench/fsdp_memory.py --ranks 4 --methods lora full
+    python bench/fsdp_memory.py --size 0.9b --ranks 4 --methods lora
 
 The checkpoint is a Llama written by transformers (AutoConfig.for_model + from_config + save_pretrained, bf16,
 random weights) with the built-in model's tokenizer, written once under --work. Each case is one optimizer
 step of train.py on the built-in data (LoRA r=16 q,v or QLoRA NF4: 2 micro-batches of 1 x 128 tokens), once
 as one process and once under `torchrun --nproc_per_node=N --fsdp full_shard`; the peak is each rank's
 peak resident memory from start to end, loading included (summary.json's peak_memory_bytes_per_rank).
-Runs one at a time: the 1.7B case needs about 4 GB for one process and 2.7 GB per rank.
+Runs one at a time: the 1.7B LoRA case needs 4.0 GiB for one process and 2.9 GiB per rank.
 """
 
 import argparse
@@ -75,8 +75,9 @@ def main():
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["lora", "qlora"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/nanoft-fsdp-memory"))
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "fsdp_memory.json")
+    parser.add_argument("--json", type=Path, help="default: bench/fsdp_memory_SIZE.json")
     args = parser.parse_args()
+    args.json = args.json or REPO / "bench" / f"fsdp_memory_{args.size}.json"
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
     print(cpu.strip(), "|", os.getloadavg())
     model_dir = args.work / f"llama-{args.size}"
