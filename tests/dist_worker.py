@@ -218,6 +218,7 @@ def run_once(run: Run, dist, out_dir: Path) -> None:
     model, optimizer, batches = set_up_training(run, dist, seed=0, record_of=result)
     if run.checkpoint and run.method == "full":  # every weight, as loaded
         result["loaded"] = full_state_dict(model, dist, trainable_only=True)
+    result["broadcast_buffers"] = getattr(model, "broadcast_buffers", None)  # DDP's setting
     result["parameter_bytes"] = gather_to_main(parameter_bytes(model), dist)
     result["quant_state_bytes"] = gather_to_main(quant_state_bytes(model), dist)
     if run.resume_at:

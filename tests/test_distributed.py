@@ -198,6 +198,11 @@ def test_fsdp_rank_out_of_memory_stops_every_rank_with_the_advice(tmp_path):
     assert "--activation-checkpointing" in output
 
 
+def test_ddp_broadcasts_no_buffers(distributed):
+    """The RoPE table is computed alike on every rank: no collective before each forward for it."""
+    assert distributed["ddp_lora"]["broadcast_buffers"] is False
+
+
 def test_every_rank_reads_different_samples_and_together_the_epoch_once(distributed):
     for name in ("ddp_lora", "fsdp_lora"):
         per_rank = [[i for batch in batches for i in batch] for batches in distributed[name]["samples"]]
