@@ -92,11 +92,23 @@ class LoRALinear(nn.Module):
     """A linear layer (nn.Linear, or a bitsandbytes one used as is, never copied) plus a LoRA update."""
 
     def __init__(
-        self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora=False, use_dora=False
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora=False,
+        use_dora=False,
+        device=None,
     ):
         super().__init__()
         self.base_layer = base_layer
-        device = base_layer.weight.device
+        # Beside the base weight, or on `device` when the base is still on the meta device (train.py loads it
+        # after FSDP has sharded the model): the adapters are drawn now, from the seed, alike on every rank.
+        on_meta = base_layer.weight.device.type == "meta"
+        if use_dora and on_meta:
+            raise UserError("DoRA's magnitudes come from the base weights: load them before injecting LoRA")
+        device = device if on_meta else base_layer.weight.device
         # fp32 adapters even on a bf16 base: the optimizer updates them, and bf16 would round small steps off.
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
@@ -225,8 +237,9 @@ def lora_layers(model: nn.Module, cfg: LoRAConfig):
     return linears, targeted, saved
 
 
-def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Wrap the targeted linear layers of the decoder blocks (never lm_head), freeze everything else."""
+def inject_lora(model: nn.Module, cfg: LoRAConfig, device=None) -> nn.Module:
+    """Wrap the targeted linear layers of the decoder blocks (never lm_head), freeze everything else.
+    device: where the adapters go when the base is on the meta device (else beside its weights)."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UserError("the model already has LoRA adapters; inject or load only once")
     linears, targeted, saved = lora_layers(model, cfg)
@@ -234,7 +247,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for name, linear in linears:
         if id(linear) in targeted:
             parent, _, child = name.rpartition(".")
-            wrapped = LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
+            wrapped = LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora, device)
             setattr(model.get_submodule(parent), child, wrapped)
     for module in saved:  # trained in place: on a tied model, embed_tokens and lm_head move together
         module.requires_grad_(True)
@@ -254,7 +267,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     modules_to_save and counts the copy too; we train them in place, so "all" is smaller by that much."""
     trainable = total = 0
     for param in model.parameters():  # shared (tied) tensors are listed once
-        is_4bit = type(param).__name__ == "Params4bit"
+        is_4bit = type(param).__name__ == "Params4bit" and param.bnb_quantized  # on meta: not packed yet
         n = param.numel() * 2 * param.element_size() if is_4bit else param.numel()
         total += n
         trainable += n if param.requires_grad else 0

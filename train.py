@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,8 +46,7 @@ from nanoft.data_batches import Batches
 from nanoft.data_report import DataReport
 from nanoft.default_data import default_data_path
 from nanoft.default_model import resolve_model
-from nanoft.model import Transformer
-from nanoft.monitor import Monitor, generate_samples, peak_memory_bytes, val_prompts
+from nanoft.monitor import Monitor, generate_samples, val_prompts
 from nanoft.precision import Precision, choose_precision
 from nanoft.tokenizer import Tokenizer
 
@@ -109,8 +109,6 @@ def resolve_config(config: TrainConfig, started: float) -> Run:
     """Join the other processes, settle every setting the config left open and check them against the run
     directory and the model, before anything expensive happens."""
     dist = distributed.setup_distributed(config.device, timeout_s=config.dist_timeout)
-    if dist.device.type == "cpu":
-        cpu_allocator.keep_freed_memory()  # reuse what a step frees, not fault in fresh pages
     if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
         # Planned on rank 0 alone: free memory differs from rank to rank, and so could the plans.
         plan = planner.plan_for_run(config, planning_only=False) if dist.is_main else None
@@ -118,12 +116,16 @@ def resolve_config(config: TrainConfig, started: float) -> Run:
         config = planner.apply_plan(config, plan)
         reason = f"{plan.reasons[-1]} (--plan shows why)"
         distributed.print0(dist, f"--method auto: {plan.method}, {plan.layout}; {reason}")
+    # CPU: reuse what a step frees, not fault in fresh pages; under FSDP give the gathered layers back at once
+    # (nanoft/cpu_allocator.py).
+    if dist.device.type == "cpu" and config.fsdp == "none":
+        cpu_allocator.keep_freed_memory()
+    elif dist.device.type == "cpu":
+        cpu_allocator.give_back_freed_memory()
     config = config.with_defaults()  # the lr by method, --out by a time stamp, NF4 for QLoRA
     run_dir = checkpoint.prepare_run_dir(
         config.out, resume=config.resume, overwrite=config.overwrite, dist=dist
     )
-    if config.resume:  # a failed resume must leave the run's config.json as it was
-        checkpoint.check_resume_config(run_dir, config.to_dict())
     model_dir = resolve_model(config.model)
     context = weights.load_config(model_dir).max_position_embeddings
     if config.seq_len > context:
@@ -134,12 +136,13 @@ def resolve_config(config: TrainConfig, started: float) -> Run:
     if config.method in ("lora", "qlora"):  # a bad --lora-targets now, not after the data is tokenized
         targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
         lora_config = lora.LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
-        with torch.device("meta"):  # the layer names, without a byte of weights
-            lora.lora_layers(Transformer(weights.load_config(model_dir)), lora_config)
+        lora.lora_layers(weights.empty_model(model_dir), lora_config)  # on the meta device: no weights read
     precision = choose_precision(config.dtype, dist.device, config.method)
     # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls; LoRA needs none (precision.py).
     autocast = torch.autocast(dist.device.type, precision.compute_dtype, enabled=precision.autocast)
     config = replace(config, dtype=precision.name)
+    if config.resume:  # before anything is written: a failed resume leaves the run's config.json as it was
+        checkpoint.check_resume_config(run_dir, config.to_dict())
     return Run(config, dist, run_dir, model_dir, precision, autocast, lora_config, started)
 
 
@@ -230,19 +233,22 @@ def prepare_data(run: Run) -> TrainingData:
 
 def build_model(run: Run):
     """The model to train: the base (4-bit for QLoRA), LoRA adapters on it or every weight trainable, then
-    wrapped for DDP or FSDP. Returns it with its (trainable, total) parameter counts."""
+    wrapped for DDP or FSDP. Returns it with its (trainable, total) parameter counts.
+
+    It is built empty on the meta device, where nothing is allocated, and its weights are read once it has
+    its final shape (wrap_model: under FSDP each rank then reads and holds only its shards)."""
     config, dist, precision = run.config, run.dist, run.precision
-    if config.method == "qlora":
-        model = quant.load_quantized(
-            run.model_dir, quant=config.quant, compute_dtype=precision.compute_dtype, device=dist.device
-        )
-    else:
-        model = weights.from_pretrained(run.model_dir, dtype=precision.base_dtype, device=dist.device)
-    if run.lora_config:
-        model = lora.inject_lora(model, run.lora_config)  # freezes the base; adapters are fp32
+    model = weights.empty_model(run.model_dir, precision.base_dtype)
+    quantize = None
+    if config.method == "qlora":  # the decoder's linears become bitsandbytes layers, quantized as read
+        quant_config = quant.QuantConfig(config.quant, compute_dtype=precision.compute_dtype)
+        quant.quantize_linears(model, quant_config)
+        quantize = quant.weight_quantizer(quant_config, dist.device)
+    if run.lora_config:  # freezes the base; adapters are fp32, made on the device the weights will be on
+        model = lora.inject_lora(model, run.lora_config, device=dist.device)
         distributed.print0(dist, lora.trainable_parameters_line(model))
     model.activation_checkpointing = config.activation_checkpointing
-    if config.compile:
+    if config.compile:  # each layer in place, before wrap_model shards it: FSDP's hooks stay out of the graph
         for layer in model.model.layers:
             layer.compile()
     parameters = lora.count_parameters(
@@ -251,7 +257,10 @@ def build_model(run: Run):
     # DDP under torchrun; --fsdp shards instead. FSDP's mixed precision only where autocast would be used
     # (full fine-tunes): a LoRA base is already stored in the compute dtype and its adapters stay fp32.
     mixed_precision = precision.compute_dtype if precision.autocast else None
-    model = distributed.wrap_model(model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision)
+    load = lambda model, device: weights.load_weights(model, run.model_dir, device, quantize=quantize)
+    model = distributed.wrap_model(
+        model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision, load=load
+    )
     # From here on (dropout) each rank draws its own random numbers.
     torch.manual_seed(distributed.seed_for_rank(config.seed, dist))
     return model, parameters
@@ -281,8 +290,14 @@ def sweep_lr(model, train_batches, run: Run) -> None:
             loss_sum, n_targets = forward(model, to_device(batch, run.dist.device))
         return loss_sum / n_targets
 
+    dist = run.dist
     make_sweep_optimizer = lambda params, lr: quant.make_optimizer(params, run.config.optim, lr=lr)
-    result = lr_sweep.run_lr_sweep(model, train_batches, run.config.lr, mean_loss, make_sweep_optimizer)
+    make_scaler = lambda: torch.amp.GradScaler(dist.device.type, enabled=run.precision.grad_scaler)
+    # Every rank takes the mean over ranks: all see the same loss and stop a diverging lr together.
+    mean_over_ranks = lambda loss: distributed.all_reduce_sum(loss.detach(), dist).item() / dist.world_size
+    result = lr_sweep.run_lr_sweep(
+        model, train_batches, run.config.lr, mean_loss, make_sweep_optimizer, make_scaler, mean_over_ranks
+    )
     distributed.print0(run.dist, lr_sweep.sweep_table(result))
     distributed.teardown(run.dist)
 
@@ -324,11 +339,12 @@ def train(
     prompts = val_prompts(val_batches.examples, n=3)  # generated from at every eval: what the model writes
     micro_batches = epoch_after_epoch(train_batches)
     oom = interruptions.OOMRecovery(config.batch_size, config.grad_accum)  # out of memory: smaller pieces
+    eval_oom = interruptions.OOMRecovery(config.batch_size, 1, evaluation=True)
     first_step, stop_reason = progress.step, None  # a resumed run's first step is checkpointed already
     step, resume_changes = first_step, run.resume_changes
 
     def evaluate_and_keep_best():
-        val_loss = evaluate(model, val_batches, dist, run.autocast)
+        val_loss = evaluate(model, val_batches, dist, run.autocast, eval_oom, step, monitor.print)
         if progress.record_eval(step, val_loss):
             save_best_weights(model, run)
         if dist.is_main and not distributed.is_fsdp(model):  # FSDP would need every rank to take part
@@ -336,7 +352,7 @@ def train(
         monitor.log_eval(step, val_loss, progress, warmup_steps)
 
     def record_peak_memory():  # the run's peak takes in this session's once it has trained
-        progress.peak_memory_bytes = max(progress.peak_memory_bytes, peak_memory_bytes(dist.device))
+        progress.peak_memory_bytes = max(progress.peak_memory_bytes, monitor.memory.peak())
 
     def save_checkpoint():
         progress.wall_seconds = time.perf_counter() - run.started
@@ -398,32 +414,39 @@ def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run
     first), so every token weighs the same however the tokens fall into micro-batches; a mean of
     per-micro-batch means would overweight short ones."""
     dist = run.dist
-    counts = [
-        sum(int((batch["targets"] != loss.IGNORE_INDEX).sum()) for batch in batches),
-        sum(int(lengths[batch["sample_ids"]].sum()) for batch in batches),
-    ]
-    n_targets, n_tokens = distributed.all_reduce_sum(torch.tensor(counts, device=dist.device), dist).tolist()
-    while True:  # out of memory: the same step again, each micro-batch cut in halves (interruptions.py)
-        try:
-            pieces = [piece for batch in batches for piece in oom.split(batch)]
-            loss_sum_total = torch.zeros((), device=dist.device)
-            for micro_step, batch in enumerate(pieces):
-                # DDP all-reduces gradients only in the last micro-batch's backward; others accumulate.
-                with distributed.gradient_sync(model, enabled=micro_step == len(pieces) - 1), run.autocast:
-                    loss_sum, _ = forward(model, to_device(batch, dist.device))
-                # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
-                scaler.scale(loss_sum * dist.world_size / n_targets).backward()
-                loss_sum_total += loss_sum.detach()
-            break
-        except Exception as error:
-            monitor.print(oom.handle(error, step, optimizer))  # re-raises anything but out-of-memory
-    train_loss = distributed.all_reduce_sum(loss_sum_total, dist).item() / n_targets
+    # Counted on the CPU, where the batches are, and summed over ranks there: no wait for the GPU.
+    counts = torch.tensor(
+        [
+            sum(int((batch["targets"] != loss.IGNORE_INDEX).sum()) for batch in batches),
+            sum(int(lengths[batch["sample_ids"]].sum()) for batch in batches),
+        ]
+    )
+    n_targets, n_tokens = distributed.all_reduce_sum(counts, dist).tolist()
+    # Out of memory on any rank: all retry the step, its micro-batches cut in halves (interruptions.py).
+    loss_sum_total = oom.run(
+        partial(forward_backward, model, dist, scaler, run.autocast, n_targets),
+        batches,
+        step,
+        dist,
+        sharded=distributed.is_fsdp(model) and dist.world_size > 1,
+        log=monitor.print,
+        before_retry=lambda: optimizer.zero_grad(set_to_none=True),
+    )
+    distributed.all_reduce_gradients(
+        model, dist
+    )  # DDP: once per step, now that every rank's micro-batches ran
+    scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
+    grad_norm = distributed.clip_grad_norm(model, run.config.grad_clip or math.inf)
+    # The step's one wait for the GPU: the loss and the gradient norm come back together.
+    loss_sum_total, grad_norm = torch.stack(
+        [distributed.all_reduce_sum(loss_sum_total, dist), grad_norm]
+    ).tolist()
+    train_loss = loss_sum_total / n_targets
     if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
+        optimizer.zero_grad(set_to_none=True)
         return None
     for group in optimizer.param_groups:
         group["lr"] = lr
-    scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
-    grad_norm = distributed.clip_grad_norm(model, run.config.grad_clip or math.inf).item()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -437,8 +460,13 @@ def epoch_after_epoch(batches):
 
 
 def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device`. To a GPU through pinned memory, without waiting for the copy: the
+    host runs ahead to the next micro-batch while the GPU still works on this one."""
+    if device.type != "cuda":
+        return batch
     return {
-        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+        key: value.pin_memory().to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
     }
 
 
@@ -448,16 +476,38 @@ def forward(model, batch: dict):
     return model(ids, targets, position_ids=batch["position_ids"], document_ids=batch["document_ids"])
 
 
+def forward_backward(model, dist, scaler, autocast, n_targets: int, pieces: list[dict]) -> torch.Tensor:
+    """Forward and backward of a step's micro-batches, the gradients adding up on this rank (each piece's loss
+    divided by the step's target tokens on all ranks); returns the summed loss, on the device."""
+    loss_sum_total = torch.zeros((), device=dist.device)
+    for batch in pieces:
+        with distributed.local_gradients(model), autocast:
+            loss_sum, _ = forward(model, to_device(batch, dist.device))
+        # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
+        scaler.scale(loss_sum * dist.world_size / n_targets).backward()
+        loss_sum_total += loss_sum.detach()
+    return loss_sum_total
+
+
 @torch.no_grad()
-def evaluate(model, val_batches, dist, autocast) -> float:
-    """Val loss per target token over the whole val split (each rank its share, summed over ranks)."""
+def evaluate(model, val_batches, dist, autocast, oom, step: int, log) -> float:
+    """Val loss per target token over the whole val split (each rank its share, summed over ranks). Out of
+    memory: this rank halves its val micro-batch and goes on (nanoft/interruptions.py)."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
+
+    def attempt(pieces):
+        sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
+        for piece in pieces:
+            with autocast:
+                loss_sum, n_targets = forward(model, to_device(piece, dist.device))
+            sums += torch.stack([loss_sum.double(), n_targets.double()])
+        return sums
+
+    sharded = distributed.is_fsdp(model) and dist.world_size > 1
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
     n_batches = 0
     for batch in val_batches:
-        with autocast:
-            loss_sum, n_targets = forward(model, to_device(batch, dist.device))
-        totals += torch.stack([loss_sum.double(), n_targets.double()])
+        totals += oom.run(attempt, [batch], step, dist, sharded=sharded, log=log, agree=False)
         n_batches += 1
     if distributed.is_fsdp(model):
         # FSDP's forward is a collective: where this rank's share of the last batch was empty, it still joins
@@ -513,12 +563,10 @@ def save_training_state(run: Run, model, optimizer, scaler, train_batches, progr
 
 
 def restore_training_state(run: Run, model, optimizer, scaler, training_data: TrainingData):
-    """Load the latest checkpoint (read by rank 0, sent to the others) and say what this resume changes;
-    return the run's progress."""
+    """Load the latest checkpoint (read by rank 0, sent to the others; under FSDP each rank reads its own rows
+    of the tensors) and say what this resume changes; return the run's progress."""
     dist, latest, train_batches = run.dist, checkpoint.latest(run.dir), training_data.train_batches
-    saved = checkpoint.load(latest) if dist.is_main else {}
-    distributed.load_full_state_dict(model, saved.get("trainable", {}), dist)
-    distributed.load_optimizer_state_dict(model, optimizer, saved.get("optimizer", {}), dist)
+    saved = checkpoint.restore_checkpoint(latest, model, optimizer, dist)
     state = distributed.scatter_from_main([saved["state"]] * dist.world_size if dist.is_main else None, dist)
     train_batches.load_state_dict(state.pop("data"))
     scaler.load_state_dict(state.pop("scaler"))
@@ -557,6 +605,7 @@ def report_run(run: Run, model, training_data: TrainingData, progress, monitor, 
     the base (--merge); a run stopped by a NaN loss then exits with an error."""
     config, dist = run.config, run.dist
     best_dir = run.dir / ("model" if config.method == "full" else "adapter")
+    peak_memory_per_rank = distributed.gather_to_main(monitor.memory.peak(), dist)  # this session's
     if dist.is_main:
         facts = dict(
             stop_reason=stop_reason,
@@ -565,6 +614,7 @@ def report_run(run: Run, model, training_data: TrainingData, progress, monitor, 
             warmup_steps=training_data.warmup_steps,
             best_dir=best_dir,
             wall_s=time.perf_counter() - run.started,
+            peak_memory_bytes_per_rank=peak_memory_per_rank,
             device=dist.device,
             world_size=dist.world_size,
             utilisation=monitor.utilisation,

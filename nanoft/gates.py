@@ -259,5 +259,10 @@ class UtilisationSampler:
             return
         self.last_time = time.monotonic()
         self.seen += 1
+        try:
+            busy = float(torch.cuda.utilization(self.device))
+        except Exception as error:  # NVML can fail mid-run (driver reset, lost GPU): stop sampling, train on
+            self.available, self.reason = False, f"NVML failed during the run ({error})"
+            return
         if self.seen > self.skip_first:
-            self.samples.append(float(torch.cuda.utilization(self.device)))
+            self.samples.append(busy)

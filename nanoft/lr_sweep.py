@@ -1,6 +1,6 @@
 """LR range test (`python train.py --lr-sweep ...`): which learning rate makes this model learn this data?
 
-    result = run_lr_sweep(model, train_batches, 2e-4, mean_loss, make_optimizer)  # what train.py calls
+    result = run_lr_sweep(model, train_batches, 2e-4, mean_loss, make_optimizer, make_scaler, mean_over_ranks)
     print(sweep_table(result))                       # one row per lr, then the recommendation and its rule
     result = lr_range_test(train_steps, 2e-4, n_steps=12, window=4)   # any train_steps(lr, n) -> SweepRun
 
@@ -179,19 +179,28 @@ def restartable_train_steps(
     loss_of_batch: Callable[[torch.nn.Module, object], torch.Tensor],
     make_optimizer: Callable[[list, float], torch.optim.Optimizer] | None = None,
     max_grad_norm: float | None = 1.0,
+    make_scaler: Callable[[], torch.amp.GradScaler] | None = None,
+    mean_over_ranks: Callable[[torch.Tensor], float] | None = None,
 ) -> Callable[[float, int], SweepRun]:
     """A train_steps(lr, n) for lr_range_test: every call restores the trainable weights it started from,
     builds a fresh optimizer (AdamW by default) at the constant lr, cycles through `batches` clipping
     gradients like the real run, and scores the `held_out` batches before and after. It keeps one copy of
-    the trainable weights (adapters: small)."""
+    the trainable weights (adapters: small).
+
+    make_scaler: a fresh gradient scaler per lr, as the run uses (fp16: small gradients would underflow to
+    zero and every lr look flat). mean_over_ranks: the loss every rank records; under DDP/FSDP the mean over
+    ranks, so all see the same divergence and stop together (one rank stopping alone would leave the others
+    in the next step's collectives)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in trainable]
     make_optimizer = make_optimizer or (lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+    make_scaler = make_scaler or (lambda: torch.amp.GradScaler("cpu", enabled=False))
+    mean_over_ranks = mean_over_ranks or (lambda loss: loss.item())
 
     def held_out_loss() -> float:
         model.eval()  # no dropout: the same number for the same weights
         with torch.no_grad():
-            losses = [loss_of_batch(model, batch).item() for batch in held_out]
+            losses = [mean_over_ranks(loss_of_batch(model, batch)) for batch in held_out]  # ranks agree
         model.train()
         return mean(losses)
 
@@ -200,18 +209,20 @@ def restartable_train_steps(
             for param, value in zip(trainable, start, strict=True):
                 param.copy_(value)
         before = held_out_loss()
-        optimizer = make_optimizer(trainable, lr)
+        optimizer, scaler = make_optimizer(trainable, lr), make_scaler()
         model.train()
         losses = []
         for step in range(n_steps):
             loss = loss_of_batch(model, batches[step % len(batches)])
-            losses.append(loss.item())
+            losses.append(mean_over_ranks(loss))
             if not math.isfinite(losses[-1]):
                 break  # a NaN only spreads; the row is marked diverged
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clipping sees the true gradients
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         after = held_out_loss() if math.isfinite(losses[-1]) else math.nan
         with torch.no_grad():
@@ -222,15 +233,23 @@ def restartable_train_steps(
     return train_steps
 
 
-def run_lr_sweep(model, train_batches, default_lr, loss_of_batch, make_optimizer) -> SweepResult:
+def run_lr_sweep(
+    model, train_batches, default_lr, loss_of_batch, make_optimizer, make_scaler=None, mean_over_ranks=None
+) -> SweepResult:
     """The range test on the first ~1% of `train_batches` (an iterable with len()), PASSES passes over them,
     each step one micro-batch (comparing lrs does not need the full effective batch), scored on as many
-    batches after them."""
+    batches after them. make_scaler and mean_over_ranks: see restartable_train_steps."""
     n_batches = sweep_batch_count(len(train_batches))
     # Epoch after epoch: a split of fewer than 2 x n_batches batches scores on reshuffled training examples.
     epochs = itertools.chain.from_iterable(itertools.repeat(train_batches))
     batches = list(itertools.islice(epochs, 2 * n_batches))
     train_steps = restartable_train_steps(
-        model, batches[:n_batches], batches[n_batches:], loss_of_batch, make_optimizer
+        model,
+        batches[:n_batches],
+        batches[n_batches:],
+        loss_of_batch,
+        make_optimizer,
+        make_scaler=make_scaler,
+        mean_over_ranks=mean_over_ranks,
     )
     return lr_range_test(train_steps, default_lr, n_steps=PASSES * n_batches, window=n_batches)

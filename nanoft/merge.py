@@ -19,7 +19,6 @@ base the adapter was trained on, as on the CPU (quant.py). The adapter on the or
 better val loss (bench/qlora_merge_gap.py, README "QLoRA: which base to merge into").
 """
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -67,12 +66,12 @@ def merge_adapter(
     scale = lora.lora_scale(cfg.r, cfg.alpha, cfg.use_rslora)
     updates, replacements = split_adapter(lora.read_adapter_tensors(adapter_dir))
     files = weights.checkpoint_files(model_dir)
-    headers = {file: read_header(file) for file in files}
-    shapes = {name: entry["shape"] for header in headers.values() for name, entry in header.items()}
+    stored = weights.checkpoint_tensors(model_dir)  # headers only, checked before anything is written
+    shapes = {tensor.name: list(tensor.shape) for tensor in stored}
     check_adapter_fits(adapter_dir, updates, replacements, shapes, model_dir)
     requantize = quantized_linear_names(model_dir, quant_config) if base == "quantized" else set()
     counts = {"adapted": 0, "replaced": 0, "requantized": 0}
-    dtypes = sorted({entry["dtype"] for header in headers.values() for entry in header.values()})
+    dtypes = sorted({dtype_name(tensor.dtype) for tensor in stored})
 
     def merged_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if name in replacements:
@@ -90,20 +89,22 @@ def merge_adapter(
 
     def write(tmp: Path) -> None:
         for file in files:
-            write_shard(file, tmp / file.name, merged_tensor)
+            in_file = [tensor for tensor in stored if tensor.file == file]  # in the order of their bytes
+            write_shard(file, tmp / file.name, in_file, merged_tensor)
         for name in ("config.json", "model.safetensors.index.json"):
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
         weights.copy_tokenizer_files(model_dir, tmp)
 
     checkpoint.write_directory_atomically(out_dir, write)
-    return Merged(**counts, dtypes="/".join(dtype_name(dtype) for dtype in dtypes))
+    return Merged(**counts, dtypes="/".join(dtypes))
 
 
-def dtype_name(safetensors_dtype: str) -> str:
-    """ "BF16" -> "bf16", as the flags name dtypes; others as safetensors does."""
-    dtype = weights.SAFETENSORS_DTYPES[safetensors_dtype]
-    return next((name for name, known in precision.DTYPES.items() if known == dtype), safetensors_dtype)
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bf16", as the flags name dtypes; others as torch does ("float64")."""
+    return next(
+        (name for name, known in precision.DTYPES.items() if known == dtype), str(dtype).split(".")[-1]
+    )
 
 
 def split_adapter(tensors: dict) -> tuple[dict[str, AdapterUpdate], dict[str, torch.Tensor]]:
@@ -146,25 +147,19 @@ def check_adapter_fits(adapter_dir, updates, replacements, shapes: dict, model_d
             )
 
 
-def read_header(file: Path) -> dict:
-    """A safetensors file's header: {name: {dtype, shape, data_offsets}}, without its __metadata__."""
-    with open(file, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    header.pop("__metadata__", None)
-    return header
-
-
-def write_shard(source: Path, destination: Path, merged_tensor) -> None:
-    """`source` with each tensor replaced by merged_tensor(name, tensor), which keeps its dtype and shape: the
-    header (and so every offset) is copied as is, then the tensors' bytes in the order of their offsets."""
+def write_shard(source: Path, destination: Path, stored: list, merged_tensor) -> None:
+    """`source` with each of its tensors (`stored`: weights.StoredTensor, in the order of their bytes)
+    replaced by merged_tensor(name, tensor), which keeps its dtype and shape: the header (and so every
+    offset) is copied as is, then the tensors' bytes."""
     with open(source, "rb") as f:
         header_size = f.read(8)
         header = f.read(int.from_bytes(header_size, "little"))
     with open(destination, "wb") as out:
         out.write(header_size + header)
-        for name, tensor in weights.read_safetensors(source):  # one at a time, in the order of their offsets
-            merged = merged_tensor(name, tensor)
-            assert merged.dtype == tensor.dtype and merged.shape == tensor.shape, name
+        for entry in stored:  # one tensor in memory at a time
+            tensor = entry.read()
+            merged = merged_tensor(entry.name, tensor)
+            assert merged.dtype == tensor.dtype and merged.shape == tensor.shape, entry.name
             out.write(merged.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 

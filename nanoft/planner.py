@@ -209,6 +209,7 @@ def training_shape(
         lora_targets=request.lora_targets,
         lora_dropout=request.lora_dropout,
         optim=request.optim,
+        packed=request.pack,
         shards=hardware.device_count if layout.startswith("fsdp") else 1,
         cpu_offload=layout == "fsdp_offload",
         ddp=layout == "ddp",

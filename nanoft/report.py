@@ -5,10 +5,11 @@
 
 summary.json holds at least: stop_reason, baseline_val_loss (step 0, the untuned model), best_val_loss,
 best_step, final_val_loss, steps, tokens_seen, train_s (in optimizer steps), train_tokens_per_s,
-peak_memory_bytes (the most any session of the run used), changed_on_resume (settings a resume changed, and
-from which step), wall_s, val_curve, samples (prompt, generated, reference at the last eval), best_dir, data
-(the data report with dedup counts), config (resolved) and gates (nanoft/gates.py: each PASS / FAIL / N-A with
-evidence and what to do).
+peak_memory_bytes (the most any session of the run used, rank 0's), peak_memory_bytes_per_rank (this session's
+peak on every rank: device memory on GPUs, resident memory on CPU), changed_on_resume (settings a resume
+changed, and from which step), wall_s, val_curve, samples (prompt, generated, reference at the last eval),
+best_dir, data (the data report with dedup counts), config (resolved) and gates (nanoft/gates.py: each PASS /
+FAIL / N-A with evidence and what to do).
 """
 
 import json
@@ -25,7 +26,7 @@ STOP_REASONS = {None: "finished", "early_stop": "early stop (patience)", "nan": 
 
 def write_run_report(run_dir, config, progress, data_report, facts: dict) -> dict:
     """progress: checkpoint.Progress; facts: stop_reason, steps, total_steps, warmup_steps, best_dir, wall_s,
-    device, world_size, utilisation (UtilisationSampler)."""
+    peak_memory_bytes_per_rank, device, world_size, utilisation (UtilisationSampler)."""
     run_dir, curve = Path(run_dir), progress.val_curve
     summary = {
         "stop_reason": STOP_REASONS[facts["stop_reason"]],
@@ -39,6 +40,7 @@ def write_run_report(run_dir, config, progress, data_report, facts: dict) -> dic
         "train_s": progress.train_seconds,  # the optimizer steps alone: what tokens/s divides by
         "train_tokens_per_s": progress.tokens_seen / max(progress.train_seconds, 1e-9),
         "peak_memory_bytes": progress.peak_memory_bytes,  # the most any session of the run used
+        "peak_memory_bytes_per_rank": facts["peak_memory_bytes_per_rank"],
         "changed_on_resume": progress.changed_on_resume,
         "wall_s": facts["wall_s"],
         "best_dir": str(facts["best_dir"]),

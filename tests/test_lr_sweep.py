@@ -1,15 +1,19 @@
 """LR range test: the grid, the recommendation rule, and a real sweep on a tiny model where lr 10 diverges."""
 
 import math
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 
+from nanoft.distributed import Dist, all_reduce_sum, wrap_model
 from nanoft.lr_sweep import (
     SweepRow,
     SweepRun,
     lr_grid,
     lr_range_test,
     restartable_train_steps,
+    run_lr_sweep,
     sweep_batch_count,
     sweep_table,
 )
@@ -147,3 +151,46 @@ def test_train_lr_sweep_prints_the_table_and_an_lr(tiny_model_dir, tmp_path, cap
     assert "recommended lr" in printed or "no recommendation" in printed
     assert not (tmp_path / "run" / "summary.json").exists()  # nothing was trained
     assert not (tmp_path / "run" / "config.json").exists()  # so the run with the chosen lr may use this --out
+
+
+def sweep_on_two_ranks(rank: int, store: str, out: str, agree: bool) -> None:
+    """One of 2 gloo processes: the same tiny model under DDP; only rank 1's batches hold a token whose
+    embedding is inf, so only its loss is NaN. Writes the rank's rows of the sweep to out/rank.pt."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    dist = Dist(
+        rank=rank,
+        local_rank=rank,
+        world_size=2,
+        device=torch.device("cpu"),
+        is_main=rank == 0,
+        backend="gloo",
+    )
+    torch.manual_seed(0)
+    model = Transformer(TINY)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[TINY.vocab_size - 1] = float("inf")
+    model = wrap_model(model, dist)
+    generator = torch.Generator().manual_seed(rank)
+    batches = [torch.randint(0, TINY.vocab_size - 1, (2, 9), generator=generator) for _ in range(4)]
+    if rank == 1:
+        batches[0][0, 3] = TINY.vocab_size - 1
+    mean_loss = lambda model, ids: (lambda s, n: s / n)(*model(ids[:, :-1], ids[:, 1:]))
+    mean_over_ranks = (lambda loss: all_reduce_sum(loss.detach(), dist).item() / 2) if agree else None
+    result = run_lr_sweep(
+        model, batches, 1e-2, mean_loss, lambda p, lr: torch.optim.AdamW(p, lr=lr), None, mean_over_ranks
+    )
+    torch.save([row.losses for row in result.rows], Path(out) / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_every_rank_stops_a_diverging_lr_at_the_same_step(tmp_path):
+    """Rank 1's loss is NaN from the first step; with the loss averaged over ranks both ranks see it and stop
+    every lr there, together (rank 1 stopping alone would leave rank 0 waiting in DDP's all-reduce)."""
+    torch.multiprocessing.spawn(
+        sweep_on_two_ranks, args=(str(tmp_path / "store"), str(tmp_path), True), nprocs=2
+    )
+    for rank in range(2):
+        rows = torch.load(tmp_path / f"{rank}.pt")
+        assert len(rows) == 4 and all(len(losses) == 1 and math.isnan(losses[0]) for losses in rows), rows

@@ -371,3 +371,17 @@ def test_bitsandbytes_optional_kernel_notice_does_not_reach_the_user():
         text=True,
     )
     assert notice not in ours.stderr and ours.stderr.strip() == "x"  # its other warnings still show
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_base_is_quantized_while_loading_on_cuda(tiny_dir):
+    """Int8Params quantizes only when moved off the CPU: every int8 weight must arrive on the GPU as int8, and
+    the load must never hold the model's 16-bit linears there."""
+    torch.cuda.reset_peak_memory_stats()
+    model = load_quantized(tiny_dir, quant="int8", device="cuda")
+    layers = linear_layers(model, "Linear8bitLt")
+    assert layers and all(
+        layer.weight.dtype == torch.int8 and layer.weight.device.type == "cuda" for _, layer in layers
+    )
+    bf16_linears = sum(2 * layer.in_features * layer.out_features for _, layer in layers)
+    assert torch.cuda.max_memory_allocated() < quantized_weight_bytes(model).stored + bf16_linears / 4

@@ -335,6 +335,44 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_file
     assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == stopped_at + 2
 
 
+ADDRESS_SPACE_PEAK = """import atexit, runpy, sys
+peak = lambda: next(line for line in open("/proc/self/status") if line.startswith("VmPeak"))
+atexit.register(lambda: print(peak(), file=sys.stderr))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
+def test_out_of_memory_under_an_address_space_cap_halves_the_micro_batch_and_finishes(
+    tiny_tokenizer_dir, tmp_path
+):
+    """A real out-of-memory: train.py at micro-batch 32 in a process whose address space is capped (prlimit
+    --as) 600 MB above what a micro-batch-4 run peaked at. 32 rows of 256 tokens need about 1.5 GB of
+    activations, 4 rows 190 MB: the step fails, is retried at 16 and 8 (or less), and the run finishes."""
+    bigger = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8)
+    config = ModelConfig(**{**TINY, **bigger, "num_key_value_heads": 4, "max_position_embeddings": 512})
+    model_dir = tmp_path / "model"
+    save_pretrained(Transformer(config).state_dict(), config, model_dir)
+    copy_tokenizer_files(tiny_tokenizer_dir, model_dir)
+    train_file = write_data(tmp_path / "train.jsonl", 40, seed=1, n_words_range=(100, 121))
+    val_file = write_data(tmp_path / "val.jsonl", 4, seed=2, n_words_range=(100, 121))
+    flags = "--seq-len 256 --dtype fp32 --max-steps 1 --grad-accum 1 --eval-every 1000 --lora-dropout 0"
+
+    def run(batch_size: int, cap: list[str]) -> subprocess.CompletedProcess:
+        args = cli_args(model_dir, train_file, val_file, tmp_path / f"run{batch_size}", flags)
+        args = [*cap, sys.executable, "-c", ADDRESS_SPACE_PEAK, *args[1:], "--batch-size", str(batch_size)]
+        return run_cli([str(arg) for arg in args], tmp_path / "cache")
+
+    fits = run(4, cap=[])
+    assert fits.returncode == 0, fits.stderr[-3000:]
+    peak_kib = int(fits.stderr.split("VmPeak:")[1].split()[0])
+    capped = run(32, cap=["prlimit", f"--as={peak_kib * 1024 + 600 * 2**20}"])
+    assert capped.returncode == 0, capped.stdout[-3000:] + capped.stderr[-3000:]
+    assert "step 0: out of memory at micro-batch 32; retrying the step with micro-batch 16" in capped.stdout
+    assert json.loads((tmp_path / "run32/summary.json").read_text())["steps"] == 1
+
+
 # ---------------------------------------------------------------------------- outputs
 
 
