@@ -18,7 +18,8 @@ report.md, resumable checkpoints, TensorBoard logs and metrics.jsonl.
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from nanoft import (
     interruptions,
     loss,
     lr_sweep,
+    merge,
     planner,
     report,
     schedule,
@@ -67,12 +69,12 @@ def main(argv=None):
         sweep_lr(model, training_data.train_batches, run)
         return
     # The input is checked and the model built (bad weights or LoRA targets fail above): from here on the
-    # directory holds a run, and resume needs this file.
-    if run.dist.is_main:
+    # directory holds a run, and resume needs this file (a resumed run rewrites it with its checkpoints).
+    if run.dist.is_main and not run.config.resume:
         save_config(run.config, run.dir / "config.json")
     progress = checkpoint.Progress()
     if run.config.resume:
-        progress = restore_training_state(run, model, optimizer, scaler, training_data.train_batches)
+        progress = restore_training_state(run, model, optimizer, scaler, training_data)
         run.started -= progress.wall_seconds  # the earlier sessions' wall-clock time counts too
     print_what_to_watch(run, training_data, parameter_counts)
     total_steps, dtype = training_data.total_steps, run.precision.compute_dtype
@@ -98,15 +100,16 @@ class Run:
     model_dir: Path  # the Hugging Face model directory trained from (--model, or the built-in one)
     precision: Precision  # the dtypes of compute, of the frozen base and of the trained weights, and why
     autocast: torch.autocast  # the forward's mixed precision: on for full fine-tunes in bf16 or fp16 only
+    lora_config: lora.LoRAConfig | None  # the adapters to train; None for a full fine-tune
     started: float  # time.perf_counter() when the run started (moved back by earlier sessions' time)
+    # Settings this resume changes (checkpoint.resume_changes): recorded in the progress once a step trains.
+    resume_changes: list = field(default_factory=list)
 
 
 def resolve_config(config: TrainConfig, started: float) -> Run:
     """Join the other processes, settle every setting the config left open and check them against the run
     directory and the model, before anything expensive happens."""
     dist = distributed.setup_distributed(config.device, timeout_s=config.dist_timeout)
-    if dist.device.type == "cpu":
-        cpu_allocator.keep_freed_memory()  # reuse what a step frees, not fault in fresh pages
     if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
         # Planned on rank 0 alone: free memory differs from rank to rank, and so could the plans.
         plan = planner.plan_for_run(config, planning_only=False) if dist.is_main else None
@@ -114,12 +117,16 @@ def resolve_config(config: TrainConfig, started: float) -> Run:
         config = planner.apply_plan(config, plan)
         reason = f"{plan.reasons[-1]} (--plan shows why)"
         distributed.print0(dist, f"--method auto: {plan.method}, {plan.layout}; {reason}")
+    # CPU: reuse what a step frees, not fault in fresh pages; under FSDP give the gathered layers back at once
+    # (nanoft/cpu_allocator.py).
+    if dist.device.type == "cpu" and config.fsdp == "none":
+        cpu_allocator.keep_freed_memory()
+    elif dist.device.type == "cpu":
+        cpu_allocator.give_back_freed_memory()
     config = config.with_defaults()  # the lr by method, --out by a time stamp, NF4 for QLoRA
     run_dir = checkpoint.prepare_run_dir(
         config.out, resume=config.resume, overwrite=config.overwrite, dist=dist
     )
-    if config.resume:  # a failed resume must leave the run's config.json as it was
-        checkpoint.check_resume_config(run_dir, config.to_dict())
     model_dir = resolve_model(config.model)
     if config.gguf:  # a model llama.cpp cannot run is refused now, not after the training
         export.read_exportable(model_dir)
@@ -128,11 +135,18 @@ def resolve_config(config: TrainConfig, started: float) -> Run:
         raise errors.UserError(
             f"--seq-len {config.seq_len} is longer than the model's context ({context}); lower it"
         )
+    lora_config = None
+    if config.method in ("lora", "qlora"):  # a bad --lora-targets now, not after the data is tokenized
+        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
+        lora_config = lora.LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+        lora.lora_layers(weights.empty_model(model_dir), lora_config)  # on the meta device: no weights read
     precision = choose_precision(config.dtype, dist.device, config.method)
     # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls; LoRA needs none (precision.py).
     autocast = torch.autocast(dist.device.type, precision.compute_dtype, enabled=precision.autocast)
     config = replace(config, dtype=precision.name)
-    return Run(config, dist, run_dir, model_dir, precision, autocast, started)
+    if config.resume:  # before anything is written: a failed resume leaves the run's config.json as it was
+        checkpoint.check_resume_config(run_dir, config.to_dict())
+    return Run(config, dist, run_dir, model_dir, precision, autocast, lora_config, started)
 
 
 # ---------------------------------------------------------------- prepare the data
@@ -202,6 +216,8 @@ def prepare_data(run: Run) -> TrainingData:
     val_batches = Batches(
         val_examples, config.batch_size, tokenizer.pad_id, shuffle=False, drop_last=False, **shard
     )
+    if config.pack:
+        distributed.print0(dist, "data: " + train_batches.packing_line())
     steps_per_epoch = len(train_batches) / config.grad_accum
     total_steps = config.max_steps or math.floor(config.epochs * len(train_batches) / config.grad_accum)
     if total_steps == 0:
@@ -220,31 +236,34 @@ def prepare_data(run: Run) -> TrainingData:
 
 def build_model(run: Run):
     """The model to train: the base (4-bit for QLoRA), LoRA adapters on it or every weight trainable, then
-    wrapped for DDP or FSDP. Returns it with its (trainable, total) parameter counts."""
+    wrapped for DDP or FSDP. Returns it with its (trainable, total) parameter counts.
+
+    It is built empty on the meta device, where nothing is allocated, and its weights are read once it has
+    its final shape (wrap_model: under FSDP each rank then reads and holds only its shards)."""
     config, dist, precision = run.config, run.dist, run.precision
-    if config.method == "qlora":
-        model = quant.load_quantized(
-            run.model_dir, quant=config.quant, compute_dtype=precision.compute_dtype, device=dist.device
-        )
-    else:
-        model = weights.from_pretrained(run.model_dir, dtype=precision.base_dtype, device=dist.device)
-    if config.method in ("lora", "qlora"):
-        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
-        lora_config = lora.LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
-        model = lora.inject_lora(model, lora_config)  # freezes the base; adapters are fp32
+    model = weights.empty_model(run.model_dir, precision.base_dtype)
+    quantize = None
+    if config.method == "qlora":  # the decoder's linears become bitsandbytes layers, quantized as read
+        quant_config = quant.QuantConfig(config.quant, compute_dtype=precision.compute_dtype)
+        quant.quantize_linears(model, quant_config)
+        quantize = quant.weight_quantizer(quant_config, dist.device)
+    if run.lora_config:  # freezes the base; adapters are fp32, made on the device the weights will be on
+        model = lora.inject_lora(model, run.lora_config, device=dist.device)
         distributed.print0(dist, lora.trainable_parameters_line(model))
     model.activation_checkpointing = config.activation_checkpointing
-    if config.compile:
+    if config.compile:  # each layer in place, before wrap_model shards it: FSDP's hooks stay out of the graph
         for layer in model.model.layers:
             layer.compile()
-    parameters = (
-        sum(p.numel() for p in model.parameters() if p.requires_grad),
-        sum(p.numel() for p in model.parameters()),
-    )
+    parameters = lora.count_parameters(
+        model
+    )  # (trainable, all); a 4-bit weight counted as one, not half a byte
     # DDP under torchrun; --fsdp shards instead. FSDP's mixed precision only where autocast would be used
     # (full fine-tunes): a LoRA base is already stored in the compute dtype and its adapters stay fp32.
     mixed_precision = precision.compute_dtype if precision.autocast else None
-    model = distributed.wrap_model(model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision)
+    load = lambda model, device: weights.load_weights(model, run.model_dir, device, quantize=quantize)
+    model = distributed.wrap_model(
+        model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision, load=load
+    )
     # From here on (dropout) each rank draws its own random numbers.
     torch.manual_seed(distributed.seed_for_rank(config.seed, dist))
     return model, parameters
@@ -274,8 +293,14 @@ def sweep_lr(model, train_batches, run: Run) -> None:
             loss_sum, n_targets = forward(model, to_device(batch, run.dist.device))
         return loss_sum / n_targets
 
+    dist = run.dist
     make_sweep_optimizer = lambda params, lr: quant.make_optimizer(params, run.config.optim, lr=lr)
-    result = lr_sweep.run_lr_sweep(model, train_batches, run.config.lr, mean_loss, make_sweep_optimizer)
+    make_scaler = lambda: torch.amp.GradScaler(dist.device.type, enabled=run.precision.grad_scaler)
+    # Every rank takes the mean over ranks: all see the same loss and stop a diverging lr together.
+    mean_over_ranks = lambda loss: distributed.all_reduce_sum(loss.detach(), dist).item() / dist.world_size
+    result = lr_sweep.run_lr_sweep(
+        model, train_batches, run.config.lr, mean_loss, make_sweep_optimizer, make_scaler, mean_over_ranks
+    )
     distributed.print0(run.dist, lr_sweep.sweep_table(result))
     distributed.teardown(run.dist)
 
@@ -317,18 +342,24 @@ def train(
     prompts = val_prompts(val_batches.examples, n=3)  # generated from at every eval: what the model writes
     micro_batches = epoch_after_epoch(train_batches)
     oom = interruptions.OOMRecovery(config.batch_size, config.grad_accum)  # out of memory: smaller pieces
-    step, stop_reason = progress.step, None
+    eval_oom = interruptions.OOMRecovery(config.batch_size, 1, evaluation=True)
+    first_step, stop_reason = progress.step, None  # a resumed run's first step is checkpointed already
+    step, resume_changes = first_step, run.resume_changes
 
     def evaluate_and_keep_best():
-        val_loss = evaluate(model, val_batches, dist, run.autocast)
+        val_loss = evaluate(model, val_batches, dist, run.autocast, eval_oom, step, monitor.print)
         if progress.record_eval(step, val_loss):
             save_best_weights(model, run)
         if dist.is_main and not distributed.is_fsdp(model):  # FSDP would need every rank to take part
             progress.samples = generate_samples(distributed.unwrap(model), training_data.tokenizer, prompts)
         monitor.log_eval(step, val_loss, progress, warmup_steps)
 
+    def record_peak_memory():  # the run's peak takes in this session's once it has trained
+        progress.peak_memory_bytes = max(progress.peak_memory_bytes, monitor.memory.peak())
+
     def save_checkpoint():
         progress.wall_seconds = time.perf_counter() - run.started
+        record_peak_memory()
         save_training_state(run, model, optimizer, scaler, train_batches, progress)
 
     while step < total_steps and stop_reason is None:
@@ -339,7 +370,7 @@ def train(
             stop_reason = "early_stop"
             best = progress.best_step
             monitor.print(f"early stop: no better val loss in {config.patience} evals (best at step {best})")
-        elif step > 0 and step % config.save_every == 0:
+        elif step > first_step and step % config.save_every == 0:
             save_checkpoint()
         if stop_reason is None and signals.received(dist):  # on any rank: every rank stops at this step
             stop_reason = "signal"
@@ -362,6 +393,8 @@ def train(
                 seconds = time.perf_counter() - step_started
                 progress.step, progress.tokens_seen = step, progress.tokens_seen + n_tokens
                 progress.train_seconds += seconds
+                progress.changed_on_resume += resume_changes  # this session trains with them from here on
+                resume_changes = []
                 context = max(batch["input_ids"].shape[1] for batch in batches)
                 monitor.log_step(
                     step, train_loss, lr, grad_norm, tokens=n_tokens, seconds=seconds, context=context
@@ -369,8 +402,10 @@ def train(
 
     if stop_reason is None and not progress.evaluated_at(step):  # the final val loss of the last weights
         evaluate_and_keep_best()
-    if step > 0 and stop_reason != "nan":  # the checkpoint to resume from
-        save_checkpoint()
+    if step > first_step:  # a session that trained nothing leaves the run as it was
+        record_peak_memory()  # (a NaN stop saves no checkpoint at its step)
+        if stop_reason != "nan":  # the checkpoint to resume from
+            save_checkpoint()
     return stop_reason
 
 
@@ -382,32 +417,39 @@ def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run
     first), so every token weighs the same however the tokens fall into micro-batches; a mean of
     per-micro-batch means would overweight short ones."""
     dist = run.dist
-    counts = [
-        sum(int((batch["targets"] != loss.IGNORE_INDEX).sum()) for batch in batches),
-        sum(int(lengths[batch["sample_ids"]].sum()) for batch in batches),
-    ]
-    n_targets, n_tokens = distributed.all_reduce_sum(torch.tensor(counts, device=dist.device), dist).tolist()
-    while True:  # out of memory: the same step again, each micro-batch cut in halves (interruptions.py)
-        try:
-            pieces = [piece for batch in batches for piece in oom.split(batch)]
-            loss_sum_total = torch.zeros((), device=dist.device)
-            for micro_step, batch in enumerate(pieces):
-                # DDP all-reduces gradients only in the last micro-batch's backward; others accumulate.
-                with distributed.gradient_sync(model, enabled=micro_step == len(pieces) - 1), run.autocast:
-                    loss_sum, _ = forward(model, to_device(batch, dist.device))
-                # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
-                scaler.scale(loss_sum * dist.world_size / n_targets).backward()
-                loss_sum_total += loss_sum.detach()
-            break
-        except Exception as error:
-            monitor.print(oom.handle(error, step, optimizer))  # re-raises anything but out-of-memory
-    train_loss = distributed.all_reduce_sum(loss_sum_total, dist).item() / n_targets
+    # Counted on the CPU, where the batches are, and summed over ranks there: no wait for the GPU.
+    counts = torch.tensor(
+        [
+            sum(int((batch["targets"] != loss.IGNORE_INDEX).sum()) for batch in batches),
+            sum(int(lengths[batch["sample_ids"]].sum()) for batch in batches),
+        ]
+    )
+    n_targets, n_tokens = distributed.all_reduce_sum(counts, dist).tolist()
+    # Out of memory on any rank: all retry the step, its micro-batches cut in halves (interruptions.py).
+    loss_sum_total = oom.run(
+        partial(forward_backward, model, dist, scaler, run.autocast, n_targets),
+        batches,
+        step,
+        dist,
+        sharded=distributed.is_fsdp(model) and dist.world_size > 1,
+        log=monitor.print,
+        before_retry=lambda: optimizer.zero_grad(set_to_none=True),
+    )
+    distributed.all_reduce_gradients(
+        model, dist
+    )  # DDP: once per step, now that every rank's micro-batches ran
+    scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
+    grad_norm = distributed.clip_grad_norm(model, run.config.grad_clip or math.inf)
+    # The step's one wait for the GPU: the loss and the gradient norm come back together.
+    loss_sum_total, grad_norm = torch.stack(
+        [distributed.all_reduce_sum(loss_sum_total, dist), grad_norm]
+    ).tolist()
+    train_loss = loss_sum_total / n_targets
     if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
+        optimizer.zero_grad(set_to_none=True)
         return None
     for group in optimizer.param_groups:
         group["lr"] = lr
-    scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
-    grad_norm = distributed.clip_grad_norm(model, run.config.grad_clip or math.inf).item()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -421,8 +463,13 @@ def epoch_after_epoch(batches):
 
 
 def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device`. To a GPU through pinned memory, without waiting for the copy: the
+    host runs ahead to the next micro-batch while the GPU still works on this one."""
+    if device.type != "cuda":
+        return batch
     return {
-        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+        key: value.pin_memory().to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
     }
 
 
@@ -432,16 +479,38 @@ def forward(model, batch: dict):
     return model(ids, targets, position_ids=batch["position_ids"], document_ids=batch["document_ids"])
 
 
+def forward_backward(model, dist, scaler, autocast, n_targets: int, pieces: list[dict]) -> torch.Tensor:
+    """Forward and backward of a step's micro-batches, the gradients adding up on this rank (each piece's loss
+    divided by the step's target tokens on all ranks); returns the summed loss, on the device."""
+    loss_sum_total = torch.zeros((), device=dist.device)
+    for batch in pieces:
+        with distributed.local_gradients(model), autocast:
+            loss_sum, _ = forward(model, to_device(batch, dist.device))
+        # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
+        scaler.scale(loss_sum * dist.world_size / n_targets).backward()
+        loss_sum_total += loss_sum.detach()
+    return loss_sum_total
+
+
 @torch.no_grad()
-def evaluate(model, val_batches, dist, autocast) -> float:
-    """Val loss per target token over the whole val split (each rank its share, summed over ranks)."""
+def evaluate(model, val_batches, dist, autocast, oom, step: int, log) -> float:
+    """Val loss per target token over the whole val split (each rank its share, summed over ranks). Out of
+    memory: this rank halves its val micro-batch and goes on (nanoft/interruptions.py)."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
+
+    def attempt(pieces):
+        sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
+        for piece in pieces:
+            with autocast:
+                loss_sum, n_targets = forward(model, to_device(piece, dist.device))
+            sums += torch.stack([loss_sum.double(), n_targets.double()])
+        return sums
+
+    sharded = distributed.is_fsdp(model) and dist.world_size > 1
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
     n_batches = 0
     for batch in val_batches:
-        with autocast:
-            loss_sum, n_targets = forward(model, to_device(batch, dist.device))
-        totals += torch.stack([loss_sum.double(), n_targets.double()])
+        totals += oom.run(attempt, [batch], step, dist, sharded=sharded, log=log, agree=False)
         n_batches += 1
     if distributed.is_fsdp(model):
         # FSDP's forward is a collective: where this rank's share of the last batch was empty, it still joins
@@ -491,21 +560,33 @@ def save_training_state(run: Run, model, optimizer, scaler, train_batches, progr
         config = run.config.to_dict()
         checkpoint.save(run.dir, progress.step, trainable, optimizer_state, rng_states, state, config)
         checkpoint.prune(run.dir, run.config.keep_last, keep_step=progress.best_step)
+        # A resumed run's config.json changes once it has trained (a resume that trains nothing leaves it).
+        changes = [report.change_line(change) for change in progress.changed_on_resume]
+        save_config(run.config, run.dir / "config.json", changes)
 
 
-def restore_training_state(run: Run, model, optimizer, scaler, train_batches):
-    """Load the latest checkpoint (read by rank 0, sent to the others); return the run's progress."""
-    dist, latest = run.dist, checkpoint.latest(run.dir)
-    saved = checkpoint.load(latest) if dist.is_main else {}
-    distributed.load_full_state_dict(model, saved.get("trainable", {}), dist)
-    distributed.load_optimizer_state_dict(model, optimizer, saved.get("optimizer", {}), dist)
+def restore_training_state(run: Run, model, optimizer, scaler, training_data: TrainingData):
+    """Load the latest checkpoint (read by rank 0, sent to the others; under FSDP each rank reads its own rows
+    of the tensors) and say what this resume changes; return the run's progress."""
+    dist, latest, train_batches = run.dist, checkpoint.latest(run.dir), training_data.train_batches
+    saved = checkpoint.restore_checkpoint(latest, model, optimizer, dist)
     state = distributed.scatter_from_main([saved["state"]] * dist.world_size if dist.is_main else None, dist)
     train_batches.load_state_dict(state.pop("data"))
     scaler.load_state_dict(state.pop("scaler"))
     # Last: nothing may draw from the random generators after this.
     checkpoint.set_rng_state(distributed.scatter_from_main(saved.get("rng"), dist))
-    distributed.print0(dist, f"resumed from {latest} at step {state['step']}")
-    return checkpoint.Progress(**state)
+    progress = checkpoint.Progress(**state)
+    distributed.print0(dist, f"resumed from {latest} at step {progress.step}")
+    run.resume_changes = checkpoint.resume_changes(run.dir, run.config.to_dict(), progress.step)
+    for change in run.resume_changes:
+        distributed.print0(dist, f"  {report.change_line(change)}")
+    if progress.step >= training_data.total_steps:
+        distributed.print0(
+            dist,
+            f"nothing left to train: the run is at step {progress.step} of {training_data.total_steps}; it "
+            "stays as it was (raise --max-steps or --epochs to train on)",
+        )
+    return progress
 
 
 # ---------------------------------------------------------------- report
@@ -523,29 +604,12 @@ def exit_on_signal(run: Run, monitor, signals, step: int) -> None:
 
 
 def report_run(run: Run, model, training_data: TrainingData, progress, monitor, stop_reason) -> None:
-    """The best weights merged into the base (--merge) and as a GGUF file (--gguf), summary.json and
-    report.md with the quality gates, the final lines; a run stopped by a NaN loss then exits with an
-    error."""
-    config, dist, precision = run.config, run.dist, run.precision
+    """summary.json and report.md with the quality gates, the final lines, then the best adapter merged into
+    the base (--merge) and the best weights as a GGUF file (--gguf); a run stopped by a NaN loss then exits
+    with an error."""
+    config, dist = run.config, run.dist
     best_dir = run.dir / ("model" if config.method == "full" else "adapter")
-    if config.merge and dist.is_main:
-        merge_into = distributed.unwrap(model)
-        if distributed.is_fsdp(model):  # shards are not merged in place: rank 0 loads a base into CPU memory
-            base = (
-                quant.load_quantized(run.model_dir, quant=config.quant, compute_dtype=precision.compute_dtype)
-                if config.method == "qlora"
-                else weights.from_pretrained(run.model_dir, dtype=precision.base_dtype)
-            )
-            merge_into = lora.inject_lora(base, merge_into.lora_config)
-        lora.load_adapter_tensors(merge_into, best_dir)  # the best weights, not the last ones
-        merged = lambda tmp: lora.export_merged(
-            merge_into, merge_into.config, run.model_dir, tmp, dtype=precision.compute_dtype
-        )
-        checkpoint.write_directory_atomically(run.dir / "merged", merged)
-    if config.gguf and dist.is_main:  # the best weights for llama.cpp: an adapter merged into the fp32 base
-        source, adapter = (best_dir, None) if config.method == "full" else (run.model_dir, best_dir)
-        gguf = export.export_gguf(source, run.dir / f"model-{config.gguf}.gguf", config.gguf, adapter)
-        print(f"gguf ({config.gguf}): {gguf}; llama-cli -m {gguf} -cnv")
+    peak_memory_per_rank = distributed.gather_to_main(monitor.memory.peak(), dist)  # this session's
     if dist.is_main:
         facts = dict(
             stop_reason=stop_reason,
@@ -554,6 +618,7 @@ def report_run(run: Run, model, training_data: TrainingData, progress, monitor, 
             warmup_steps=training_data.warmup_steps,
             best_dir=best_dir,
             wall_s=time.perf_counter() - run.started,
+            peak_memory_bytes_per_rank=peak_memory_per_rank,
             device=dist.device,
             world_size=dist.world_size,
             utilisation=monitor.utilisation,
@@ -564,6 +629,18 @@ def report_run(run: Run, model, training_data: TrainingData, progress, monitor, 
             print(line)
     monitor.close()
     distributed.teardown(dist)
+    # After teardown: the merge reads the checkpoint and the best adapter from disk (nanoft/merge.py), so the
+    # other ranks are gone and none waits in a collective past --dist-timeout while rank 0 merges.
+    if config.merge and dist.is_main:
+        compute_dtype = run.precision.compute_dtype
+        quant_config = quant.QuantConfig(config.quant, compute_dtype=compute_dtype) if config.quant else None
+        merged_dir = run.dir / "merged"
+        merged = merge.merge_adapter(run.model_dir, best_dir, merged_dir, config.merge_base, quant_config)
+        print(merge.merge_line(merged, best_dir, run.model_dir, merged_dir, config.merge_base, config.quant))
+    if config.gguf and dist.is_main:  # the best weights for llama.cpp: an adapter merged into the fp32 base
+        source, adapter = (best_dir, None) if config.method == "full" else (run.model_dir, best_dir)
+        gguf = export.export_gguf(source, run.dir / f"model-{config.gguf}.gguf", config.gguf, adapter)
+        print(f"gguf ({config.gguf}): {gguf}; llama-cli -m {gguf} -cnv")
     if stop_reason == "nan":
         sys.exit(
             f"error: loss is NaN or inf at step {progress.step + 1}; stopped, best weights kept in {best_dir}"

@@ -28,9 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 
-from nanoft.distributed import all_reduce_sum
+from nanoft.distributed import barrier, is_fsdp, load_full_state_dict, load_optimizer_state_dict
 from nanoft.errors import UserError
+from nanoft.weights import safetensors_header, shard_rows
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -53,8 +56,7 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
             f"--out {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
             "replace it, or choose another --out"
         )
-    # Every rank has checked before rank 0 changes anything.
-    all_reduce_sum(torch.zeros(1, device=dist.device), dist)
+    barrier(dist)  # every rank has checked before rank 0 changes anything
     if dist.is_main:
         if holds_run and overwrite:  # only a run's directory: a typo in --out must not delete other files
             shutil.rmtree(run_dir)
@@ -65,16 +67,18 @@ def prepare_run_dir(out, resume: bool, overwrite: bool, dist) -> Path:
     return run_dir
 
 
-# What a resumed run must share with its checkpoint: the names and shapes of the trained tensors, and the data
-# stream the saved position points into. The rest (--max-steps, --eval-every, --lr ...) may change.
+# What a resumed run must share with its checkpoint: the names and shapes of the trained tensors, the data
+# stream the saved position points into, and the precision the weights and optimizer state were made in
+# (dtype as resolved: a bf16 GPU run resumed on a CPU that would pick fp32 must say --dtype bf16). The rest
+# (--max-steps, --eval-every, --lr, the devices ...) may change.
 RESUME_MUST_MATCH = (
     "model method quant lora_r lora_alpha lora_targets data val_data data_format alpaca_style seq_len "
-    "val_frac pack group_by_length dedup near_dup_threshold train_on_everything seed batch_size"
+    "val_frac pack group_by_length dedup near_dup_threshold train_on_everything seed batch_size dtype"
 ).split()
 
 
 def check_resume_config(run_dir, config: dict) -> None:
-    """Before anything is written: a resumed run's settings against its latest checkpoint's."""
+    """Before anything is written: a resumed run's settings (dtype resolved) against its last checkpoint's."""
     checkpoint = latest(run_dir)
     saved = json.loads((checkpoint / "config.json").read_text())
     for name in RESUME_MUST_MATCH:
@@ -83,6 +87,24 @@ def check_resume_config(run_dir, config: dict) -> None:
                 f"--resume: {checkpoint} was made with {name} = {saved[name]!r}, this run has "
                 f"{config[name]!r}; resume with the run's setting, or start a new run with another --out"
             )
+
+
+# What a resumed run may change that changes what it learns from there on: said when it resumes, recorded in
+# the progress (summary.json, report.md) and in config.json.
+RESUME_MAY_CHANGE = (
+    "lr epochs max_steps warmup_frac weight_decay grad_clip grad_accum optim lora_dropout".split()
+)
+
+
+def resume_changes(run_dir, config: dict, step: int) -> list[dict]:
+    """{"setting", "from", "to", "step"} for each RESUME_MAY_CHANGE setting this run has changed against its
+    latest checkpoint; `step`: the step it resumes at, the first the new setting trains."""
+    saved = json.loads((latest(run_dir) / "config.json").read_text())
+    return [
+        {"setting": name, "from": saved[name], "to": config[name], "step": step}
+        for name in RESUME_MAY_CHANGE
+        if name in saved and saved[name] != config[name]
+    ]
 
 
 @dataclass
@@ -99,6 +121,8 @@ class Progress:
     best_step: int | None = None  # the eval whose weights are kept as the best (run_dir/adapter or /model)
     evals_since_best: int = 0  # evals after step 0 without a better val loss: early stopping counts them
     samples: list = field(default_factory=list)  # (prompt, generated, reference) texts at the latest eval
+    changed_on_resume: list = field(default_factory=list)  # resume_changes() of every resume that trained on
+    peak_memory_bytes: int = 0  # the most any session of the run used (nanoft.monitor.peak_memory_bytes)
 
     def record_eval(self, step: int, val_loss: float) -> bool:
         """Add an eval to the val curve; True when it is the best so far (its weights should be kept)."""
@@ -182,21 +206,80 @@ def save(
     return path
 
 
-def load(path) -> dict:
-    """{"trainable", "optimizer", "rng", "state", "config"} of a checkpoint directory."""
+def load(path, tensors: bool = True) -> dict:
+    """{"trainable", "optimizer", "rng", "state", "config"} of a checkpoint directory; without `tensors`,
+    no "trainable" and "optimizer" (under FSDP each rank reads its own rows of them: load_sharded)."""
     path = Path(path)
     try:
-        return {
-            "trainable": load_file(path / "trainable.safetensors"),
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-            "rng": torch.load(path / "rng.pt", weights_only=True),
+        checkpoint = {
+            # On the CPU whatever device saved them: a GPU run resumes on fewer GPUs, or on a CPU.
+            "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
             "state": json.loads((path / "state.json").read_text()),
             "config": json.loads((path / "config.json").read_text()),
         }
+        if tensors:
+            checkpoint["trainable"] = load_file(path / "trainable.safetensors")
+            checkpoint["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as error:
         raise UserError(
             f"{path}: checkpoint unreadable ({error}); delete it to resume from the one before"
         ) from None
+    return checkpoint
+
+
+def restore_checkpoint(path, model, optimizer, dist) -> dict:
+    """Put a checkpoint's trained tensors and optimizer state into a (wrapped) model and its optimizer; every
+    rank calls this. Under FSDP each rank reads its own rows; otherwise rank 0 reads them and sends them.
+    Returns the rest ("rng", "state", "config") on rank 0, {} on the others."""
+    if is_fsdp(model):
+        load_sharded(path, model, optimizer)
+        return load(path, tensors=False) if dist.is_main else {}
+    checkpoint = load(path) if dist.is_main else {}
+    load_full_state_dict(model, checkpoint.pop("trainable", {}), dist)
+    load_optimizer_state_dict(model, optimizer, checkpoint.pop("optimizer", {}), dist)
+    return checkpoint
+
+
+def load_sharded(path, model, optimizer) -> None:
+    """Under FSDP: each rank reads only its rows of a checkpoint's trained tensors and optimizer state into
+    its shards (optimizer.pt memory-mapped, so the other rows are never read), so resuming a full fine-tune
+    never puts its whole weights and Adam moments on one rank."""
+    path = Path(path)
+    parameters = dict(model.named_parameters())
+    try:
+        with torch.no_grad():
+            for stored in safetensors_header(path / "trainable.safetensors"):
+                parameter = parameters[stored.name]
+                parameter.to_local().copy_(stored.read(shard_rows(parameter)))
+        full = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise UserError(
+            f"{path}: checkpoint unreadable ({error}); delete it to resume from the one before"
+        ) from None
+    sharded = {"param_groups": full["param_groups"], "state": {}}
+    for name, state in full["state"].items():
+        parameter = parameters[name]
+        sharded["state"][name] = {
+            key: shard_like(parameter, value) if value.shape == parameter.shape else value
+            for key, value in state.items()
+        }
+    set_optimizer_state_dict(
+        model, optimizer, sharded, options=StateDictOptions(full_state_dict=False, cpu_offload=False)
+    )
+
+
+def shard_like(parameter: DTensor, full: torch.Tensor) -> DTensor:
+    """This rank's rows of `full` as a DTensor sharded like `parameter` (copied: `full` may map a file)."""
+    start, end = shard_rows(parameter)
+    local = full[start:end].to(parameter.to_local().device, copy=True)
+    return DTensor.from_local(
+        local,
+        parameter.device_mesh,
+        parameter.placements,
+        run_check=False,
+        shape=parameter.shape,
+        stride=parameter.stride(),
+    )
 
 
 def prune(run_dir, keep_last: int, keep_step: int | None = None) -> None:
@@ -208,13 +291,14 @@ def prune(run_dir, keep_last: int, keep_step: int | None = None) -> None:
 
 
 def rng_state() -> dict:
-    """Every random generator this process draws from, as tensors and plain values."""
+    """Every random generator this process draws from, as tensors and plain values: the CUDA one of this
+    rank's GPU only (each rank saves its own), so the state fits any number of GPUs on resume."""
     numpy_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
     }
 
 
@@ -223,5 +307,5 @@ def set_rng_state(state: dict) -> None:
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():  # a CPU run saved none
+        torch.cuda.set_rng_state(state["cuda"])  # this rank's GPU (torch.cuda.set_device chose it)

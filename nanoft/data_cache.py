@@ -21,7 +21,7 @@ import torch
 
 from nanoft.loss import IGNORE_INDEX
 
-CACHE_FORMAT_VERSION = 1  # bump when what data.py produces for the same inputs changes
+CACHE_FORMAT_VERSION = 2  # bump when what data.py produces for the same inputs changes
 
 
 @dataclass

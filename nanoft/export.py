@@ -39,8 +39,8 @@ from gguf.quants import quantize
 
 from lora import base_state_dict, load_adapter, merge_lora
 from nanoft.config import GGUF_OUTTYPES, OneLineErrorParser
-from nanoft.default_model import resolve_model
 from nanoft.errors import UserError, exit_on_user_error
+from nanoft.generate import model_for
 from nanoft.gguf_layout import (
     HYPERPARAMETER_KEYS,
     ROPE_FACTORS_TENSOR,
@@ -53,10 +53,9 @@ from nanoft.gguf_layout import (
 from nanoft.model import ModelConfig, rope_inverse_frequencies
 from nanoft.tokenizer import Tokenizer
 from nanoft.weights import (
-    checkpoint_shapes,
+    checkpoint_tensors,
     from_pretrained,
     is_redundant,
-    iter_checkpoint_tensors,
     load_config,
     write_atomically,
 )
@@ -74,7 +73,9 @@ class ExportWeights:
 def weights_to_export(model_dir: Path, adapter_dir: Path | None) -> ExportWeights:
     """The checkpoint as stored, or with the adapter merged in (fp32, so the merge itself rounds nothing)."""
     if adapter_dir is None:
-        return ExportWeights(checkpoint_shapes(model_dir), lambda: iter_checkpoint_tensors(model_dir))
+        stored = checkpoint_tensors(model_dir)  # one tensor read at a time, in the order of the files' bytes
+        shapes = {tensor.name: tensor.shape for tensor in stored}
+        return ExportWeights(shapes, lambda: ((tensor.name, tensor.read()) for tensor in stored))
     model = load_adapter(from_pretrained(model_dir, dtype=torch.float32), adapter_dir)
     merged = base_state_dict(merge_lora(model))
     return ExportWeights({name: tuple(t.shape) for name, t in merged.items()}, lambda: iter(merged.items()))
@@ -272,7 +273,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m nanoft.export",
         description="Write a model (with a LoRA adapter merged in) as a GGUF file for llama.cpp and Ollama.",
     )
-    parser.add_argument("--model", default="", help="Hugging Face model directory (default: built-in)")
+    parser.add_argument(
+        "--model",
+        default="",
+        help="Hugging Face model directory (default: the base the adapter names, else the built-in model)",
+    )
     parser.add_argument("--adapter", default="", help="LoRA adapter directory (PEFT format) to merge in")
     parser.add_argument("--gguf", required=True, help="the .gguf file to write")
     parser.add_argument(
@@ -287,9 +292,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    model_dir = resolve_model(args.model)
     if args.adapter and not Path(args.adapter).is_dir():
         raise UserError(f"--adapter {args.adapter}: no such directory")
+    model_dir, model_source = model_for(args)  # --model, else the base the adapter names, else built-in
+    if model_source:
+        print(f"nanoft: {model_dir}{model_source}", file=sys.stderr)
     out = export_gguf(model_dir, args.gguf, args.outtype, adapter_dir=args.adapter or None)
     merged = f" with {args.adapter} merged in" if args.adapter else ""
     print(f"wrote {out} ({args.outtype}, {out.stat().st_size / 1e6:.0f} MB): {model_dir}{merged}")

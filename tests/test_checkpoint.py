@@ -126,7 +126,33 @@ def test_resume_refuses_settings_that_change_the_trained_tensors_or_the_data(tmp
     config = TrainConfig(lr=2e-4).to_dict()
     checkpoint.save(tmp_path, 4, {}, {}, [rng_state()], {"best_step": 4}, config)
     check_resume_config(tmp_path, {**config, "max_steps": 99, "lr": 1e-4})  # a longer run, a lower lr: fine
-    for name, value in [("lora_r", 8), ("method", "full"), ("data", ["other.jsonl"]), ("seq_len", 32)]:
+    changes = [("lora_r", 8), ("method", "full"), ("data", ["x.jsonl"]), ("seq_len", 32), ("dtype", "fp32")]
+    for name, value in changes:
         with pytest.raises(UserError, match=f"step-0000004 was made with {name} = ") as error:
             check_resume_config(tmp_path, {**config, name: value})
         assert repr(value) in str(error.value)
+
+
+def test_checkpoints_are_device_independent(tmp_path):
+    """The random states hold this rank's own GPU generator only (none from a CPU run), and everything loads
+    onto the CPU: a GPU run's checkpoint resumes on fewer GPUs, or on a CPU."""
+    state = rng_state()
+    assert state["cuda"] is None or (torch.is_tensor(state["cuda"]) and state["cuda"].dim() == 1)
+    path = save(tmp_path, 3)
+    loaded = checkpoint.load(path)
+    tensors = [loaded["optimizer"]["state"]["lora_A.weight"]["exp_avg"], loaded["rng"][0]["torch"]]
+    assert {tensor.device.type for tensor in tensors} == {"cpu"}
+    set_rng_state(loaded["rng"][0])  # a CPU checkpoint sets no GPU generator, wherever it resumes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_checkpoint_keeps_this_gpus_generator_and_loads_on_the_cpu(tmp_path):
+    torch.cuda.init()
+    torch.rand(1, device="cuda")
+    path = save(tmp_path, 5)
+    loaded = checkpoint.load(path)
+    assert torch.equal(loaded["rng"][0]["cuda"], torch.cuda.get_rng_state())
+    assert loaded["rng"][0]["cuda"].device.type == "cpu"
+    expected = torch.rand(4, device="cuda")
+    set_rng_state(loaded["rng"][0])
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
