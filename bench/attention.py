@@ -39,7 +39,7 @@ def nanoft(scores_limit: int, block: int):
 
     def attention(q, k, v, bias):
         cpu_attention.CPU_ATTENTION_SCORES, cpu_attention.BLOCK_QUERIES = scores_limit, block
-        return cpu_attention.grouped_attention(q, k, v, bias)
+        return cpu_attention.grouped_attention(q, k, v, bias, q.shape[-1] ** -0.5)
 
     return attention
 

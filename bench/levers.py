@@ -50,8 +50,10 @@ from nanoft.weights import from_pretrained  # noqa: E402
 from quant import make_optimizer  # noqa: E402
 
 
-def sdpa_causal(q, k, v, bias):  # the lever's steps are plain causal: no cache, no packing
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+def sdpa_causal(q, k, v, bias, scale, softcap):  # the lever's steps are plain causal: no cache, no packing
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def rmsnorm_by_autograd(self, x):

@@ -3,9 +3,10 @@
     python bench/memory_estimate.py             # the README table, then estimated vs measured on this machine
     python bench/memory_estimate.py --table     # the table only
 
-Measured: a ~34M-parameter Llama (vocab 32000, random weights written to disk) trains two optimizer steps of
-2 micro-batches x 2 sequences x 256 tokens with LoRA, QLoRA and a full fine-tune, and LoRA's variants (DoRA,
-modules_to_save: VARIANTS), each in a fresh process (`--child`), set up the way train.py sets up a run
+Measured: a ~34M-parameter Llama (vocab 32000, random weights written to disk), and a Gemma 2 of the same
+sizes (four norms a layer, head_dim 256, soft-capped attention, sliding window 128), train two optimizer steps
+of 2 micro-batches x 2 sequences x 256 tokens with LoRA, QLoRA and a full fine-tune, and LoRA's variants
+(DoRA, modules_to_save: VARIANTS), each in a fresh process (`--child`), set up the way train.py sets up a run
 (nanoft/precision.py's dtypes, lora.py, quant.py, AdamW).
 "Peak memory" is the same quantity on both sides: the process's peak RSS while it trains (VmHWM, reset after
 loading with /proc/self/clear_refs so loading's own peak is not counted) minus its RSS after importing torch,
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 from nanoft.loss import IGNORE_INDEX  # noqa: E402
 from nanoft.memory import GiB, TrainingShape, count_parameters, estimate_memory  # noqa: E402
 from nanoft.model import ModelConfig, Transformer  # noqa: E402
-from nanoft.weights import save_pretrained  # noqa: E402
+from nanoft.weights import load_config, save_pretrained  # noqa: E402
 
 MEASURED_MODEL = ModelConfig(
     vocab_size=32000,
@@ -40,6 +41,17 @@ MEASURED_MODEL = ModelConfig(
     num_attention_heads=6,
     num_key_value_heads=2,
 )
+# The same sizes as Gemma 2 (model_type gemma2): its own head_dim, norms, soft-capping and windows.
+MEASURED_GEMMA2 = ModelConfig.from_hf(
+    {
+        **MEASURED_MODEL.to_hf(),
+        "model_type": "gemma2",
+        "head_dim": 256,
+        "sliding_window": 128,
+        "tie_word_embeddings": True,
+    }
+)
+MEASURED_MODELS = {"llama": MEASURED_MODEL, "gemma2": MEASURED_GEMMA2}
 MICRO_BATCH, SEQ_LEN, GRAD_ACCUM, STEPS = 2, 256, 2, 2
 
 REFERENCE_MODELS = {
@@ -114,7 +126,8 @@ def child(model_dir: str, method: str, checkpointing: bool, variant: str) -> dic
     model.activation_checkpointing = checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = quant.make_optimizer(trainable, "adamw", lr=1e-4)
-    batches = [torch.randint(0, MEASURED_MODEL.vocab_size, (MICRO_BATCH, SEQ_LEN + 1), device=device)]
+    vocab_size = model.config.vocab_size
+    batches = [torch.randint(0, vocab_size, (MICRO_BATCH, SEQ_LEN + 1), device=device)]
     batches = batches * GRAD_ACCUM
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak starts at what is allocated now: the loaded model
@@ -136,10 +149,11 @@ def child(model_dir: str, method: str, checkpointing: bool, variant: str) -> dic
     return {"peak_bytes": peak, "compute_bytes": precision.compute_dtype.itemsize, "device": device.type}
 
 
-def write_measured_model(path: Path) -> None:
+def write_measured_model(path: Path, family: str = "llama") -> None:
     torch.manual_seed(0)
-    model = Transformer(MEASURED_MODEL)
-    save_pretrained(model.state_dict(), MEASURED_MODEL, path)
+    config = MEASURED_MODELS[family]
+    model = Transformer(config)
+    save_pretrained(model.state_dict(), config, path)
 
 
 def measure(
@@ -165,15 +179,17 @@ def measure(
         device_type=report["device"],
         **VARIANTS[variant],
     )
-    report["estimate_bytes"] = estimate_memory(MEASURED_MODEL, shape).total
+    report["estimate_bytes"] = estimate_memory(load_config(model_dir), shape).total
     report["ratio"] = report["estimate_bytes"] / report["peak_bytes"]
     return report
 
 
 def measured_table(model_dir: Path) -> str:
-    params = count_parameters(MEASURED_MODEL).total / 1e6
+    config = load_config(model_dir)
+    params = count_parameters(config).total / 1e6
     lines = [
-        f"{params:.0f}M-parameter Llama (vocab 32000), {STEPS} steps of {GRAD_ACCUM} micro-batches x "
+        f"{params:.0f}M-parameter {config.model_type} (vocab 32000), {STEPS} steps of {GRAD_ACCUM} "
+        "micro-batches x "
         f"{MICRO_BATCH} x {SEQ_LEN} tokens; MiB",
         "",
         "| method | estimated | measured | estimate / measured | measured, glibc's default caching |",
@@ -226,10 +242,11 @@ def main():
     print(reference_table())
     if args.table:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        write_measured_model(Path(tmp))
-        print("\nEstimated vs measured on this machine:\n")
-        print(measured_table(Path(tmp)))
+    for family in MEASURED_MODELS:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_measured_model(Path(tmp), family)
+            print("\nEstimated vs measured on this machine:\n")
+            print(measured_table(Path(tmp)))
 
 
 if __name__ == "__main__":

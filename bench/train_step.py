@@ -5,6 +5,7 @@
     python bench/train_step.py --device cuda --cases lora-qv qlora-nf4 full
     python bench/train_step.py --cases lora-qv --profile 1 --log-dir /tmp/logs          # + profiler tables
     python bench/train_step.py --threads 1                                               # busy shared machine
+    python bench/train_step.py --model gemma2 --cases lora-qv --shapes 4x256 --dtypes bf16  # another family
 
 Each side runs in its own worker process, so that its peak memory is its own: the model is loaded, two
 warm-up steps are taken, then the parent asks the two workers for one step at a time, alternately (nanoft
@@ -13,8 +14,10 @@ the median over --steps steps; a step is forward + backward + optimizer step + z
 The CPU time of each step is recorded too: with --threads 1 it leaves out the time other processes take the
 core, so its ratio ("speed, CPU time") is the one to trust on a machine that others are using.
 
-What both sides do, per case (model: SmolLM2-135M-Instruct; data: the same random token ids; every token a
-target, i.e. labels=input_ids for transformers and the same ids shifted left for nanoft):
+What both sides do, per case (model: SmolLM2-135M-Instruct, a Hugging Face directory, or a model family of
+FAMILY_MODELS: a ~100M model of SmolLM2's widths in that family's architecture, random weights written by
+transformers; data: the same random token ids; every token a target, i.e. labels=input_ids for transformers
+and the same ids shifted left for nanoft):
 - lora-qv: LoRA r=16, alpha=32, dropout 0.05 on q_proj and v_proj; base weights loaded in --dtype; adapters
   stored in fp32 on both sides (PEFT's default; lora.py's). lora-all: the same on all linears of a block.
 - qlora-nf4: the decoder linears as bitsandbytes NF4 Linear4bit (double quant, uint8 storage, compute in
@@ -63,11 +66,31 @@ LORA_TARGETS = {
     "qlora-nf4": ["q_proj", "v_proj"],
 }
 CASES = [*LORA_TARGETS, "full"]
+# --model gemma2 / qwen3: SmolLM2-135M's widths and vocabulary over 12 layers, in each family's architecture
+# (Gemma 2: four norms a layer, GeGLU, soft-capped attention and logits, every other layer a 128-token window,
+# tied embeddings; Qwen3: q/k norms).
+FAMILY_MODELS = {
+    "gemma2": dict(head_dim=64, sliding_window=128, tie_word_embeddings=True),
+    "qwen3": dict(head_dim=64, tie_word_embeddings=True),
+}
+FAMILY_SIZES = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)  # fmt: skip
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LR, WARMUP_STEPS = 16, 32, 0.05, 1e-4, 2
 
 
 # ---------------------------------------------------------------- the two sides
+
+
+def write_family_model(family: str, path: Path) -> None:
+    """A random model of FAMILY_MODELS' family, written by transformers."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(family, **FAMILY_SIZES, **FAMILY_MODELS[family])
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
 
 
 def build_nanoft(case, dtype, device, model_dir, compile_layers):
@@ -385,7 +408,10 @@ def main() -> None:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
     )
     parser.add_argument(
-        "--model", default=None, help="Hugging Face model dir (default: the built-in SmolLM2)"
+        "--model",
+        default=None,
+        help=f"Hugging Face model dir, or a family ({', '.join(FAMILY_MODELS)}) at SmolLM2's sizes with "
+        "random weights (default: the built-in SmolLM2)",
     )
     parser.add_argument("--compile", action="store_true", help="nanoft: torch.compile each decoder layer")
     parser.add_argument(
@@ -409,9 +435,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)  # the peak below is measured with the workers' thread count
-    args.model = args.model or str(default_model_dir())
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="nanoft-bench-")
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    if args.model in FAMILY_MODELS:
+        write_family_model(args.model, Path(args.log_dir) / args.model)
+        args.model = str(Path(args.log_dir) / args.model)
+    args.model = args.model or str(default_model_dir())
     config = load_config(args.model)
     tokens = max(int(b) * int(t) for b, t in (shape.split("x") for shape in args.shapes))
     peaks = {

@@ -1,6 +1,7 @@
 """Causal attention on CPU with plain batched matmuls, which run near the CPU's matmul peak.
 
-    y = grouped_attention(q, k, v, bias)   # q (B, H, T, D), k and v (B, KVH, S, D), bias (B or 1, 1, T, S)
+    y = grouped_attention(q, k, v, bias, scale)   # q (B, H, T, D), k, v (B, KVH, S, D), bias (B|1, 1, T, S)
+    y = grouped_attention(q, k, v, bias, scale, softcap=50.0)   # Gemma 2's capped scores (SDPA has none)
 
 SDPA's CPU flash kernel works in small tiles, and its backward is far from matmul speed: it took a fifth of a
 LoRA step of SmolLM2-135M at 4 x 256 tokens. Two ways round it, chosen by size:
@@ -34,43 +35,51 @@ def keeps_attention_probabilities(batch: int, heads: int, queries: int, keys: in
     return batch * heads * queries * keys <= CPU_ATTENTION_SCORES
 
 
-def grouped_attention(q, k, v, bias):
-    """softmax(q k^T / sqrt(D) + bias) v. bias holds 0 (may look) and -inf (may not) and is at least causal
-    when S = T (no cache): the queries up to t never look past key t. Returns (B, H, T, D)."""
+def grouped_attention(q, k, v, bias, scale: float, softcap: float | None = None):
+    """softmax(cap(q k^T * scale) + bias) v, cap(s) = softcap * tanh(s / softcap) when softcap is given. bias
+    holds 0 (may look) and -inf (may not) and is at least causal when S = T (no cache): the queries up to t
+    never look past key t. Returns (B, H, T, D)."""
     B, H, T, _ = q.shape
     S = k.shape[2]
     if S != T or T < 2:
-        return _grouped_attention(q, k, v, bias)
+        return _grouped_attention(q, k, v, bias, scale, softcap)
     if not keeps_attention_probabilities(B, H, T, S):
-        return _BlockwiseAttention.apply(q, k, v, bias)
+        return _BlockwiseAttention.apply(q, k, v, bias, scale, softcap)
     # The first half of the queries may not look at the second half of the keys: computing the halves apart
     # skips that masked quarter of the matmuls, softmax and kept probabilities.
     half = T // 2
     v = v.contiguous()  # then both halves read it through views, not copies
-    first = _grouped_attention(q[:, :, :half], k[:, :, :half], v[:, :, :half], bias[..., :half, :half])
-    second = _grouped_attention(q[:, :, half:], k, v, bias[..., half:, :])
+    first = _grouped_attention(
+        q[:, :, :half], k[:, :, :half], v[:, :, :half], bias[..., :half, :half], scale, softcap
+    )
+    second = _grouped_attention(q[:, :, half:], k, v, bias[..., half:, :], scale, softcap)
     return torch.cat((first, second), dim=2)
 
 
-def _grouped_attention(q, k, v, bias):
+def _grouped_attention(q, k, v, bias, scale, softcap):
     B, H, T, D = q.shape
-    _, _, probs = _probabilities(q, k, bias)
+    _, _, probs, _ = _probabilities(q, k, bias, scale, softcap)
     n_kv_heads, S = k.shape[1], k.shape[2]
     return (probs @ v.reshape(B * n_kv_heads, S, D)).view(B, H, T, D)
 
 
-def _probabilities(q, k, bias):
+def _probabilities(q, k, bias, scale, softcap):
     """The query heads that share a key/value head are stacked along time: one (G*T, D) x (D, S) matmul per
     key/value head instead of G, and no copies of k. Returns the stacked scaled q (B*KVH, G*T, D), k
-    (B*KVH, S, D) and the probabilities (B*KVH, G*T, S), bf16 in and out of a softmax summed in fp32."""
+    (B*KVH, S, D), the probabilities (B*KVH, G*T, S), bf16 in and out of a softmax summed in fp32, and the
+    capped scores' tanh (None without softcap), which backward needs: d cap(s) / ds = 1 - tanh^2."""
     B, H, T, D = q.shape
     n_kv_heads, S = k.shape[1], k.shape[2]
     group = H // n_kv_heads
-    q = (q * D**-0.5).reshape(B * n_kv_heads, group * T, D)
+    q = (q * scale).reshape(B * n_kv_heads, group * T, D)
     k = k.reshape(B * n_kv_heads, S, D)
     scores = (q @ k.transpose(1, 2)).view(B, n_kv_heads, group, T, S)
+    tanh = None
+    if softcap is not None:  # before the mask, as Gemma 2 does
+        tanh = torch.tanh(scores / softcap)
+        scores = tanh * softcap
     probs = torch.softmax(scores + bias[:, :, None], dim=-1)
-    return q, k, probs.view(B * n_kv_heads, group * T, S)
+    return q, k, probs.view(B * n_kv_heads, group * T, S), tanh
 
 
 def _query_blocks(T: int):
@@ -82,15 +91,16 @@ class _BlockwiseAttention(torch.autograd.Function):
     """grouped_attention a block of queries at a time; keeps q, k, v and the bias, not the probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias):
+    def forward(ctx, q, k, v, bias, scale, softcap):
         v = v.contiguous()
         y = torch.empty_like(q)
         for start, end in _query_blocks(q.shape[2]):
             block_bias = bias[..., start:end, :end]
             y[:, :, start:end] = _grouped_attention(
-                q[:, :, start:end], k[:, :, :end], v[:, :, :end], block_bias
+                q[:, :, start:end], k[:, :, :end], v[:, :, :end], block_bias, scale, softcap
             )
         ctx.save_for_backward(q, k, v, bias)
+        ctx.scale, ctx.softcap = scale, softcap
         return y
 
     @staticmethod
@@ -104,13 +114,15 @@ class _BlockwiseAttention(torch.autograd.Function):
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for start, end in _query_blocks(q.shape[2]):
             n = end - start
-            q_block, k_block, probs = _probabilities(
-                q[:, :, start:end], k[:, :, :end], bias[..., start:end, :end]
+            q_block, k_block, probs, tanh = _probabilities(
+                q[:, :, start:end], k[:, :, :end], bias[..., start:end, :end], ctx.scale, ctx.softcap
             )
             grad_y_block = grad_y[:, :, start:end].reshape(B * n_kv_heads, H // n_kv_heads * n, D)
             grad_v[:, :, :end] += (probs.transpose(1, 2) @ grad_y_block).view(B, n_kv_heads, end, D)
             grad_probs = grad_y_block @ v[:, :, :end].reshape(B * n_kv_heads, end, D).transpose(1, 2)
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            grad_q[:, :, start:end] = (grad_scores @ k_block).view(B, H, n, D) * D**-0.5
+            if tanh is not None:
+                grad_scores = grad_scores * (1 - tanh.square()).view(grad_scores.shape)
+            grad_q[:, :, start:end] = (grad_scores @ k_block).view(B, H, n, D) * ctx.scale
             grad_k[:, :, :end] += (grad_scores.transpose(1, 2) @ q_block).view(B, n_kv_heads, end, D)
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None

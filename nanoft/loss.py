@@ -1,6 +1,8 @@
 """Cross-entropy over a large vocabulary without materialising full fp32 logits.
 
     loss_sum, n_targets = chunked_cross_entropy(hidden, lm_head_weight, targets)
+    loss_sum, n_targets = chunked_cross_entropy(hidden, weight, targets, logits_scaling=8.0)  # Granite
+    loss_sum, n_targets = chunked_cross_entropy(hidden, weight, targets, softcap=30.0)  # Gemma 2
 
 A 49,152-word vocabulary at 4 x 2048 tokens is 1.6 GB of fp32 logits, plus as much again for their gradient.
 Here the logits exist one chunk of rows at a time: each chunk's softmax gradient is computed right away in the
@@ -15,6 +17,8 @@ cost).
 The log-normaliser comes from the largest probability, which never underflows (it is >= 1/vocab):
 logsumexp = max_logit - log(p_max). In bf16 that is exact to about +-0.004 per token (one rounding of p_max);
 in fp32 to float precision.
+Families that reshape their logits (Granite divides them, Gemma 2 caps them with tanh) have it done to each
+chunk, and its derivative folded into the chunk's gradient, here as in `final_logits`.
 """
 
 import torch
@@ -26,15 +30,27 @@ LOGITS_PER_CHUNK = 2**23
 WEIGHT_GRAD_CHUNK_FACTOR = 8
 
 
-def chunked_cross_entropy(hidden, weight, targets):
-    """hidden (B, T, C), weight (V, C), targets (B, T) with -100 = ignore -> (fp32 loss sum, int64 count)."""
+def final_logits(logits, logits_scaling: float = 1.0, softcap: float | None = None):
+    """The model's logits from lm_head's output: divided by logits_scaling (Granite), then capped to
+    softcap * tanh(logits / softcap) (Gemma 2), as transformers does."""
+    if logits_scaling != 1:
+        logits = logits / logits_scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def chunked_cross_entropy(hidden, weight, targets, logits_scaling: float = 1.0, softcap: float | None = None):
+    """hidden (B, T, C), weight (V, C), targets (B, T) with -100 = ignore -> (fp32 loss sum, int64 count), the
+    logits shaped as `final_logits` does."""
     keep = targets != IGNORE_INDEX
     n_targets = keep.sum()
     hidden = hidden[keep]  # (N, C): only the positions that are scored
     # Under no_grad (eval) autograd still reports inputs as needing grads: skip the gradient work ourselves.
     grad_enabled = torch.is_grad_enabled()
     wanted = (grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad)
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets[keep], wanted), n_targets
+    shaping = (logits_scaling, softcap)
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets[keep], wanted, shaping), n_targets
 
 
 def rows_per_chunk(vocab_size: int, want_grad_weight: bool) -> int:
@@ -48,7 +64,7 @@ def rows_per_chunk(vocab_size: int, want_grad_weight: bool) -> int:
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, wanted):
+    def forward(ctx, hidden, weight, targets, wanted, shaping):
         want_grad_hidden, want_grad_weight = wanted
         grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
         grad_weight = None  # fp32, the sum of every chunk's product
@@ -69,6 +85,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             matmul_dtype = logits.dtype  # bf16 under autocast even when the weights are fp32
             if logits.dtype == torch.float16:
                 logits = logits.float()  # fp16 probabilities of 1/vocab would be subnormal: keep fp32 there
+            logits_scaling, softcap = shaping
+            if logits_scaling != 1:
+                logits.div_(logits_scaling)
+            if softcap is not None:
+                logits.div_(softcap).tanh_().mul_(softcap)
             largest, largest_at = logits.max(dim=-1)  # (n,)
             probs = torch.softmax(logits, dim=-1)  # (n, V), accumulated in fp32 whatever the dtype
             log_normaliser = largest.float() - probs[rows, largest_at].float().log()  # logsumexp of each row
@@ -76,6 +97,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if not (want_grad_hidden or want_grad_weight):
                 continue
             probs[rows, t] -= 1.0  # d loss / d logits = softmax - one_hot
+            if softcap is not None:  # d cap(z) / dz = 1 - tanh(z / cap)^2, made in place of the logits
+                probs.mul_(logits.div_(softcap).square_().neg_().add_(1))
+            if logits_scaling != 1:
+                probs.div_(logits_scaling)
             grad_logits = probs.to(matmul_dtype)
             if want_grad_hidden:
                 grad_hidden[start : start + chunk_rows] = grad_logits @ weight
@@ -92,4 +117,4 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None

@@ -19,12 +19,14 @@ their gradients and AdamW moments are in that dtype too; DoRA's magnitudes are f
 import math
 from dataclasses import dataclass
 
+import torch
+
 from nanoft.cpu_attention import keeps_attention_probabilities, uses_matmul_attention
+from nanoft.errors import UserError
 from nanoft.loss import rows_per_chunk
-from nanoft.model import ModelConfig
+from nanoft.model import ModelConfig, cuda_sdpa_shares_kv_heads
 
 GiB = 2**30
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # NF4 with double quantization: 4 bits per weight, an 8-bit absmax per 64-weight block, and an fp32 scale per
 # 256 absmax values. Without double quantization the absmax is fp32: 0.5 + 4/64.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -35,10 +37,22 @@ OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}  
 RUNTIME_WORKSPACE = 32 * 2**20
 
 
+# The block linears under self_attn and under mlp (modules_to_save may name either whole), fused or not.
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+
+
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each linear layer of a decoder block."""
     C, M = config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    if config.fused_projections:
+        return {
+            "qkv_proj": (C, q + 2 * kv),
+            "o_proj": (q, C),
+            "gate_up_proj": (C, 2 * M),
+            "down_proj": (M, C),
+        }
     return {
         "q_proj": (C, q),
         "k_proj": (C, kv),
@@ -54,7 +68,7 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 class ParameterCount:
     embedding: int
     block_linear: int  # the weights of q/k/v/o and the MLP in every layer: what QLoRA quantizes
-    block_other: int  # norms and q/k/v biases
+    block_other: int  # norms (q/k norms too) and attention biases
     final_norm: int
     lm_head: int  # 0 when tied to the embedding
 
@@ -65,30 +79,50 @@ class ParameterCount:
 
 def count_parameters(config: ModelConfig) -> ParameterCount:
     """From the shapes alone (equals sum(p.numel()) of nanoft's Transformer, a tied lm_head counted once)."""
-    shapes = linear_shapes(config)
-    biases = sum(shapes[name][1] for name in ("q_proj", "k_proj", "v_proj")) if config.attention_bias else 0
+    shapes, C = linear_shapes(config), config.hidden_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    biases = (q + 2 * kv if config.attention_bias else 0) + (C if config.attention_output_bias else 0)
+    norms = C * block_norms(config) + {None: 0, "head": 2 * config.head_dim, "width": q + kv}[config.qk_norm]
     per_layer_linear = sum(n_in * n_out for n_in, n_out in shapes.values())
-    embedding = config.vocab_size * config.hidden_size
+    embedding = config.vocab_size * C
     return ParameterCount(
         embedding=embedding,
         block_linear=config.num_hidden_layers * per_layer_linear,
-        block_other=config.num_hidden_layers * (2 * config.hidden_size + biases),
+        block_other=config.num_hidden_layers * (norms + biases),
         final_norm=config.hidden_size,
         lm_head=0 if config.tie_word_embeddings else embedding,
     )
 
 
-def lora_targets(targets) -> tuple[str, ...]:
+def block_norms(config: ModelConfig) -> int:
+    """hidden_size-wide RMSNorms in a decoder layer: 2 (Llama: before attention and MLP; OLMo 2: after), 4
+    (Gemma 2/3: before and after each)."""
+    return 4 if config.norm_placement == "sandwich" else 2
+
+
+def lora_targets(config: ModelConfig, targets) -> tuple[str, ...]:
+    """The linear layers `targets` names; "all-linear" is every linear of the family's block."""
+    names = tuple(linear_shapes(config))
     if targets == "all-linear" or list(targets) == ["all-linear"]:
-        return LINEAR_NAMES
+        return names
+    if unknown := [target for target in targets if target not in names]:
+        raise unknown_targets_error(unknown, names)
     return tuple(targets)
+
+
+def unknown_targets_error(unknown: list[str], names) -> UserError:
+    """LoRA targets that name no linear layer of the blocks (`names`)."""
+    layers = ", ".join(sorted(names))
+    hint = " (this family fuses q, k, v into qkv_proj and gate, up into gate_up_proj)"
+    fused = hint if "qkv_proj" in names else ""
+    return UserError(f"LoRA targets {unknown} are not linear layers of the decoder blocks ({layers}){fused}")
 
 
 def lora_parameter_count(config: ModelConfig, targets, r: int, use_dora: bool = False) -> int:
     """A and B of every adapted layer, and with DoRA its magnitude vector (one number per output row)."""
     shapes = linear_shapes(config)
     per_layer = sum(
-        r * (shapes[t][0] + shapes[t][1]) + use_dora * shapes[t][1] for t in lora_targets(targets)
+        r * (shapes[t][0] + shapes[t][1]) + use_dora * shapes[t][1] for t in lora_targets(config, targets)
     )
     return config.num_hidden_layers * per_layer
 
@@ -106,12 +140,12 @@ class SavedModules:
 def saved_modules(config: ModelConfig, names) -> SavedModules:
     """Count modules_to_save by PEFT's names (lora.matches' rule: a module's name or its last part)."""
     C, layers, shapes = config.hidden_size, config.num_hidden_layers, linear_shapes(config)
-    biases = (
-        {name: shapes[name][1] for name in ("q_proj", "k_proj", "v_proj")} if config.attention_bias else {}
-    )
-    linear = {name: n_in * n_out + biases.get(name, 0) for name, (n_in, n_out) in shapes.items()}
-    linear["self_attn"] = sum(linear[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    linear["mlp"] = sum(linear[name] for name in ("gate_proj", "up_proj", "down_proj"))
+    with_bias = ("q_proj", "k_proj", "v_proj", "qkv_proj") if config.attention_bias else ()
+    linear = {
+        name: n_in * n_out + (n_out if name in with_bias else 0) for name, (n_in, n_out) in shapes.items()
+    }
+    linear["self_attn"] = sum(n for name, n in linear.items() if name in ATTENTION_LINEARS)
+    linear["mlp"] = sum(n for name, n in linear.items() if name in MLP_LINEARS)
     names = {name.rpartition(".")[2] for name in names}
     tied = config.tie_word_embeddings
     embedding = "embed_tokens" in names or (tied and "lm_head" in names)
@@ -132,7 +166,7 @@ class TrainingShape:
     activation_checkpointing: bool = False
     compute_bytes: int = 2  # bf16/fp16; 4 on a CPU without native bf16 (nanoft/precision.py decides)
     lora_r: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_targets: tuple[str, ...] | str = ("q_proj", "v_proj")  # or "all-linear" (lora_targets resolves it)
     lora_dropout: float = 0.05
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()  # trained whole beside the adapters (LoRA / QLoRA)
@@ -141,9 +175,7 @@ class TrainingShape:
     cpu_offload: bool = False  # FSDP: the shards live in host memory; the device holds gathered layers
     ddp: bool = False  # DDP keeps a second copy of the gradients in its all-reduce buckets
     device_type: str = "cuda"
-
-    def __post_init__(self):
-        self.lora_targets = lora_targets(self.lora_targets)
+    packed: bool = False  # --pack: attention takes a (B, 1, T, T) mask (examples see only themselves)
 
 
 @dataclass
@@ -179,25 +211,30 @@ class MemoryEstimate:
 def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
     """Bytes one decoder layer keeps for backward per token: what autograd saves in nanoft's model.
 
-    Derived by listing the tensors torch.autograd.graph.saved_tensors_hooks sees on a tiny model, and checked
-    against that listing for all three methods in tests/test_memory.py. C hidden size, M MLP width, c bytes
-    per compute-dtype element, r the residual stream's bytes per element (c; fp32 under autocast):
-    - each of the two RMSNorms keeps its input as it came and one fp32 number per token: r C + 4 each;
+    Derived by listing the tensors torch.autograd.graph.saved_tensors_hooks sees on tiny models of each kind
+    of block, and checked against that listing for all three methods in tests/test_memory.py. C hidden size,
+    M MLP width, c bytes per compute-dtype element, r the residual stream's bytes per element (c; fp32 under
+    autocast):
+    - each RMSNorm keeps its input as it came and one fp32 number per token: r C + 4 for a norm before a
+      branch (it reads the residual stream), c C + 4 for one after it (Gemma 2/3, OLMo 2);
     - attention: see `attention_bytes_per_token`;
-    - SwiGLU keeps gate's and up's outputs (it recomputes silu(gate) in backward): 2 c M;
+    - the gated MLP keeps gate's and up's outputs (it recomputes act(gate) in backward): 2 c M;
     - LoRA / QLoRA: a frozen linear keeps nothing (bitsandbytes' 4-bit matmul neither); the adapters' share
       is `lora_activation_bytes_per_token`;
-    - full fine-tune, fp32 weights under autocast: autocast casts a norm's fp32 output once per linear that
-      reads it (q, k, v: 3 cC; gate, up: 2 cC) and down_proj keeps its input (c M). Without autocast (fp32
-      compute) each norm's output is one shared copy (4C, twice) and down_proj's input is 4M.
+    - full fine-tune, fp32 weights under autocast: autocast casts the fp32 input of attention and of the MLP
+      once per linear that reads it (q, k, v: 3 cC, or 1 for Phi-3's fused qkv_proj; gate, up: 2 cC, or 1)
+      and down_proj keeps its input (c M). Without autocast (fp32 compute) each input is one shared copy
+      (4C, twice) and down_proj's input is 4M.
     """
-    C, M, c = config.hidden_size, config.intermediate_size, shape.compute_bytes
-    norms = 2 * (residual_bytes(shape) * C + 4)
+    C, M, c, r = config.hidden_size, config.intermediate_size, shape.compute_bytes, residual_bytes(shape)
+    after = 0 if config.norm_placement == "pre" else 2
+    norms = (block_norms(config) - after) * (r * C + 4) + after * (c * C + 4)
     attention = attention_bytes_per_token(config, shape)
     mlp = 2 * c * M
     if shape.method == "full":
         if c < 4:
-            return norms + 5 * c * C + attention + mlp + c * M
+            input_readers = 2 if config.fused_projections else 5
+            return norms + input_readers * c * C + attention + mlp + c * M
         return norms + 2 * 4 * C + attention + mlp + 4 * M
     return (
         norms
@@ -214,7 +251,7 @@ def dora_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
     if not shape.use_dora or shape.method == "full":
         return 0
     shapes = linear_shapes(config)
-    return sum(2 * shape.compute_bytes * shapes[t][1] for t in shape.lora_targets)
+    return sum(2 * shape.compute_bytes * shapes[t][1] for t in lora_targets(config, shape.lora_targets))
 
 
 def dora_dequantized_weight_bytes(config: ModelConfig, shape: TrainingShape) -> int:
@@ -223,7 +260,8 @@ def dora_dequantized_weight_bytes(config: ModelConfig, shape: TrainingShape) -> 
     if not (shape.use_dora and shape.method == "qlora" and shape.lora_dropout > 0):
         return 0
     shapes = linear_shapes(config)
-    return sum(shape.compute_bytes * shapes[t][0] * shapes[t][1] for t in shape.lora_targets)
+    targets = lora_targets(config, shape.lora_targets)
+    return sum(shape.compute_bytes * shapes[t][0] * shapes[t][1] for t in targets)
 
 
 def residual_bytes(shape: TrainingShape) -> int:
@@ -237,7 +275,10 @@ def attention_sizes(config: ModelConfig, shape: TrainingShape) -> tuple[int, int
 
 
 def matmul_attention(config: ModelConfig, shape: TrainingShape) -> bool:
-    """Whether the model computes attention with nanoft/cpu_attention.py's matmuls rather than SDPA."""
+    """Whether the model computes attention with nanoft/cpu_attention.py's matmuls rather than SDPA: where
+    they are faster, and always for soft-capped scores (Gemma 2), which SDPA cannot do."""
+    if config.attn_logit_softcapping is not None:
+        return True
     return uses_matmul_attention(shape.device_type, shape.compute_bytes, *attention_sizes(config, shape))
 
 
@@ -251,37 +292,66 @@ def attention_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> floa
     """SDPA (on GPUs, and for long fp32 sequences on CPU) keeps q, k, v after RoPE, its output and an fp32
     logsumexp per head: c (2 H D + 2 KV D) + 4 H. nanoft's CPU attention keeps q (scaled, for short
     sequences), k and v, and for short sequences the softmax probabilities too, c H 3S/4 per token for S keys
-    (it skips the masked quarter); long ones recompute them, keeping the bias (`attention_bias_bytes`).
+    (it skips the masked quarter), and as much again for soft-capped scores (their tanh); long ones recompute
+    them, keeping the bias (`attention_bias_bytes`). q/k norms (Qwen3, Gemma 3, OLMo 2) keep q and k as
+    projected, and an fp32 number per row they normalise.
     o_proj reads the output through a reshape: a view of CUDA flash attention's (B, T, H, D) output, a copy
     on CPU, kept when o_proj's weight or a dropout-free adapter on it trains."""
     H, KV, D, c = config.num_attention_heads, config.num_key_value_heads, config.head_dim, shape.compute_bytes
-    o_input_kept = shape.method == "full" or ("o_proj" in shape.lora_targets and shape.lora_dropout == 0)
+    adapted_o = shape.method != "full" and "o_proj" in lora_targets(config, shape.lora_targets)
+    o_input_kept = shape.method == "full" or (adapted_o and shape.lora_dropout == 0)
     o_input = c * H * D if o_input_kept and shape.device_type == "cpu" else 0
+    qk_norm = 0
+    if config.qk_norm is not None:
+        qk_norm = c * (H + KV) * D + 4 * ((H + KV) if config.qk_norm == "head" else 2)
     if not matmul_attention(config, shape):
-        return c * (2 * H * D + 2 * KV * D) + 4 * H + o_input
-    probabilities = c * H * shape.seq_len * 3 / 4 if keeps_probabilities(config, shape) else 0
-    return c * (H * D + 2 * KV * D) + probabilities + o_input
+        if repeats_kv_heads(config, shape):  # SDPA keeps the repeated k and v
+            KV = H
+        return c * (2 * H * D + 2 * KV * D) + 4 * H + o_input + qk_norm
+    probabilities = 0
+    if keeps_probabilities(config, shape):
+        copies = 1 if config.attn_logit_softcapping is None else 2
+        probabilities = copies * c * H * shape.seq_len * 3 / 4
+    return c * (H * D + 2 * KV * D) + probabilities + o_input + qk_norm
+
+
+def repeats_kv_heads(config: ModelConfig, shape: TrainingShape) -> bool:
+    """Whether the model gives SDPA on CUDA a copy of k and v per query head (nanoft/model.py: a mask or
+    fp32 rule out the one fused kernel that shares them)."""
+    if shape.device_type != "cuda" or config.num_key_value_heads == config.num_attention_heads:
+        return False
+    dtype = torch.float32 if shape.compute_bytes == 4 else torch.bfloat16
+    return not cuda_sdpa_shares_kv_heads(dtype, config.head_dim, mask=True if shape.packed else None)
 
 
 def attention_bias_bytes(config: ModelConfig, shape: TrainingShape) -> int:
     """CPU attention over long sequences keeps its (1, 1, T, T) causal bias, shared by the layers (packed
-    batches have one per row: B x this)."""
-    if not matmul_attention(config, shape) or keeps_probabilities(config, shape):
+    batches have one per row: B x this), and one more for sliding layers when the window is shorter. On a
+    GPU a packed batch's (B, 1, T, T) boolean mask is turned into a bias in the compute dtype by every layer's
+    SDPA call, and each keeps its own for backward."""
+    T, B, c = shape.seq_len, shape.micro_batch, shape.compute_bytes
+    if not matmul_attention(config, shape):
+        return config.num_hidden_layers * B * T * T * c if shape.packed else 0
+    if keeps_probabilities(config, shape):
         return 0
-    return shape.compute_bytes * shape.seq_len * shape.seq_len
+    windowed = config.sliding_window is not None and "sliding_attention" in config.layer_types
+    masks = 2 if windowed and config.sliding_window < T else 1
+    return masks * c * T * T * (B if shape.packed else 1)
 
 
 def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
     shapes, c, r = linear_shapes(config), shape.compute_bytes, shape.lora_r
+    targets = lora_targets(config, shape.lora_targets)
     if shape.lora_dropout > 0:
-        return sum((dropout_mask_bytes(shape) + c) * shapes[t][0] + c * r for t in shape.lora_targets)
+        return sum((dropout_mask_bytes(shape) + c) * shapes[t][0] + c * r for t in targets)
     input_groups = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "sdpa"}
+    input_groups |= {"qkv_proj": "attention", "gate_up_proj": "mlp"}
     input_groups |= {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "product"}
     # o_proj's input is attention's output, counted by attention_bytes_per_token
     group_width = {"attention": config.hidden_size, "sdpa": 0, "mlp": config.hidden_size}
     group_width["product"] = config.intermediate_size
-    kept_inputs = {input_groups[t] for t in shape.lora_targets}
-    return sum(c * group_width[group] for group in kept_inputs) + len(shape.lora_targets) * c * r
+    kept_inputs = {input_groups[t] for t in targets}
+    return sum(c * group_width[group] for group in kept_inputs) + len(targets) * c * r
 
 
 def dropout_mask_bytes(shape: TrainingShape) -> int:
@@ -297,7 +367,9 @@ def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: b
     residual = residual_bytes(shape)
     per_layer = layer_activation_bytes_per_token(config, shape)
     final_norm = residual * C + 4
-    rope = 2 * shape.compute_bytes * config.head_dim  # cos and sin, shared by the layers
+    # cos and sin, shared by the layers: one pair per RoPE base (Gemma 3's local and global layers)
+    ropes = 2 if config.rope_local_base_freq is not None and "sliding_attention" in config.layer_types else 1
+    rope = ropes * 2 * shape.compute_bytes * config.rotary_dim
     loss = residual * C + 1  # the loss keeps dL/dhidden (computed in its forward) and the target mask
     embedding_indices = 8 if trains_embedding(config, shape) else 0
     dequantized = dora_dequantized_weight_bytes(config, shape)  # per layer, whatever the tokens
@@ -320,16 +392,27 @@ def trains_lm_head(config: ModelConfig, shape: TrainingShape) -> bool:
 
 def first_layer_saving(config: ModelConfig, shape: TrainingShape) -> int:
     """With a frozen embedding the first layer's input needs no gradient, so what serves only that gradient
-    is not kept there: the input norm's input, the dropout masks of adapters on q/k/v and, in the CPU
-    attention that keeps probabilities, the scaled q when k has no adapter (it serves k's gradient). For
-    targets that adapt q or k."""
+    is not kept there: the input norm's input, the dropout masks of adapters on q/k/v, what a q/k norm keeps
+    for a q or k without an adapter and, in the CPU attention that keeps probabilities, the scaled q when k
+    has no adapter (it serves k's gradient). For targets that adapt q or k."""
     if trains_embedding(config, shape):  # the first layer's input needs its gradient after all
         return 0
-    C, c = config.hidden_size, shape.compute_bytes
-    attention_targets = [t for t in shape.lora_targets if t in ("q_proj", "k_proj", "v_proj")]
-    saving = c * C + 4 + dropout_mask_bytes(shape) * C * len(attention_targets)
-    if keeps_probabilities(config, shape) and "k_proj" not in shape.lora_targets:
-        saving += c * config.num_attention_heads * config.head_dim
+    C, c, H, KV, D = (
+        config.hidden_size, shape.compute_bytes, config.num_attention_heads, config.num_key_value_heads,
+        config.head_dim,
+    )  # fmt: skip
+    targets = lora_targets(config, shape.lora_targets)
+    attention_targets = [t for t in targets if t in ("q_proj", "k_proj", "v_proj", "qkv_proj")]
+    saving = dropout_mask_bytes(shape) * C * len(attention_targets)
+    if config.norm_placement != "post":
+        saving += c * C + 4
+    adapted = {name: f"{name}_proj" in targets or "qkv_proj" in targets for name in ("q", "k")}
+    if config.qk_norm is not None:
+        rows = {"q": H, "k": KV} if config.qk_norm == "head" else {"q": 1, "k": 1}
+        heads = {"q": H, "k": KV}
+        saving += sum(c * heads[n] * D + 4 * rows[n] for n in ("q", "k") if not adapted[n])
+    if keeps_probabilities(config, shape) and not adapted["k"]:
+        saving += c * H * D
     return saving
 
 
@@ -377,7 +460,7 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
 
     # DoRA's row norms (lora.py's weight_norm): one (out, in) fp32 matrix, of one adapted layer at a time.
     shapes = linear_shapes(config)
-    adapted = [shapes[t][0] * shapes[t][1] for t in shape.lora_targets]
+    adapted = [shapes[t][0] * shapes[t][1] for t in lora_targets(config, shape.lora_targets)]
     dora_norm = 4 * max(adapted) if shape.use_dora and shape.method != "full" else 0
 
     host_offload = 0

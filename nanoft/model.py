@@ -1,13 +1,17 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) in plain PyTorch.
+"""The decoder of the dense model families people fine-tune, in plain PyTorch: Llama 2/3, Mistral, Qwen2,
+Qwen3, SmolLM2/3, Gemma 1/2/3, Phi-3/Phi-4, OLMo 2, Granite.
 
     config = ModelConfig.from_hf(json.load(open("config.json")))
     model = Transformer(config)
     logits = model(input_ids)                            # (B, T, vocab)
     loss_sum, n_targets = model(input_ids, targets)      # summed over targets != -100
 
-Parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so checkpoints
-load without renaming and lora.py / quant.py can swap any `nn.Linear` by walking `named_modules()`.
-Loading and saving Hugging Face directories lives in nanoft/weights.py.
+Every family is the Llama block with a few switches: the fields of ModelConfig under "what the families
+change", each with the families that use it, all set from a family's config.json in one function,
+`family_settings`: the place to read what a family does differently.
+Parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, Phi-3's fused
+`qkv_proj`, ...), so checkpoints load without renaming and lora.py / quant.py can swap any `nn.Linear` by
+walking `named_modules()`. Loading and saving Hugging Face directories lives in nanoft/weights.py.
 """
 
 import math
@@ -20,15 +24,40 @@ from torch.utils.checkpoint import checkpoint
 
 from nanoft.cpu_attention import grouped_attention, uses_matmul_attention
 from nanoft.errors import UserError
-from nanoft.loss import chunked_cross_entropy
+from nanoft.loss import chunked_cross_entropy, final_logits
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# model_type -> the transformers class that loads it (written into config.json's "architectures").
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",  # Llama 2/3, SmolLM2
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",  # Gemma 3 1B, or the language model of a larger one
+    "phi3": "Phi3ForCausalLM",  # Phi-3, Phi-3.5-mini, Phi-4, Phi-4-mini
+    "olmo2": "Olmo2ForCausalLM",
+    "granite": "GraniteForCausalLM",
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+SLIDING, FULL = "sliding_attention", "full_attention"  # config.json's layer_types
+# config.json keys that mean the same in every family.
+SHARED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+    "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype",
+)  # fmt: skip
+
+
+def unsupported(what: str) -> UserError:
+    return UserError(f"{what} is not supported; nanoft supports model_type {', '.join(ARCHITECTURES)}")
 
 
 @dataclass
 class ModelConfig:
-    """The subset of a Hugging Face `config.json` that defines the architecture."""
+    """The architecture: the Llama block's sizes, then what each family changes in it (defaults: Llama)."""
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -43,28 +72,79 @@ class ModelConfig:
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v biases (Qwen2)
-    sliding_window: int | None = None  # Mistral v0.1: each token sees only the last `sliding_window` tokens
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     torch_dtype: str | None = None
 
+    # ---- what the families change in the Llama block (family_settings sets these from config.json)
+    # Biases of q, k, v and o_proj (when config.json says so: Llama, Qwen3, Gemma, OLMo 2, Granite), or of
+    # q, k, v only (Qwen2, always).
+    attention_bias: bool = False
+    attention_output_bias: bool | None = None  # o_proj's bias; None = attention_bias (Qwen2: False)
+    # The MLP's gate activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU: Gemma 1/2/3).
+    hidden_act: str = "silu"
+    # RMSNorm's weight: "llama" w * bf16(x / rms); "olmo2" bf16(w * x / rms) (OLMo 2); "gemma"
+    # bf16((1 + w) * x / rms), w stored around 0 (Gemma 1/2/3). All normalise in fp32; the last two scale in
+    # fp32 too (bf16 standing for the compute dtype).
+    norm_style: str = "llama"
+    # Where the norms sit: "pre" before attention and MLP (Llama); "sandwich" also after each, before the
+    # residual add (Gemma 2/3: four norms a layer); "post" only after each (OLMo 2: h = x + norm(attn(x))).
+    norm_placement: str = "pre"
+    # RMSNorm on q and k before RoPE: "head" over each head's head_dim (Qwen3, Gemma 3), "width" over the
+    # whole projected q and k before they are split into heads (OLMo 2). None: no q/k norm.
+    qk_norm: str | None = None
+    # Phi-3/Phi-4: q, k, v in one `qkv_proj` (rows Q, then K, then V), gate and up in one `gate_up_proj` (gate
+    # rows first), kept fused in memory as in the checkpoint.
+    fused_projections: bool = False
+    # Per layer, "full_attention" or "sliding_attention" (sees the last `sliding_window` tokens only): Qwen2/3
+    # (the layers from max_window_layers on), SmolLM3, Gemma 2 (every other), Gemma 3 (5 of 6). None: every
+    # layer slides when sliding_window is set (Mistral v0.1, Phi-3-mini), else none.
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    # SmolLM3: 0 marks a layer that uses no positional encoding at all (NoPE): every 4th by default.
+    no_rope_layers: list[int] | None = None
+    # Gemma 3: the sliding layers' RoPE base (unscaled); the full layers use rope_theta and rope_scaling.
+    rope_local_base_freq: float | None = None
+    # Phi-3 family configs (Phi-4-mini: 0.75): RoPE turns only the first int(head_dim * factor) dims.
+    partial_rotary_factor: float = 1.0
+    # Embeddings times this, rounded to their dtype: Gemma sqrt(hidden_size), Granite (12 in its releases).
+    embedding_multiplier: float = 1.0
+    # Granite: each attention and MLP output times this before it is added to the residual stream.
+    residual_multiplier: float = 1.0
+    # The attention scale: Granite gives it (attention_multiplier); Gemma 2/3 use query_pre_attn_scalar **
+    # -0.5; everyone else head_dim ** -0.5.
+    attention_multiplier: float | None = None
+    query_pre_attn_scalar: float | None = None
+    # Gemma 2: attention scores become cap * tanh(scores / cap) before the mask (no SDPA kernel does it).
+    attn_logit_softcapping: float | None = None
+    # Gemma 2 (Gemma 3 when set): the logits become cap * tanh(logits / cap), in training's loss too.
+    final_logit_softcapping: float | None = None
+    # Granite: the logits are divided by this.
+    logits_scaling: float = 1.0
+
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(
-                f"model_type '{self.model_type}' is not supported; "
-                f"nanoft supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        if self.model_type == "qwen2":
-            self.attention_bias = True  # Qwen2 always has q/k/v biases; its config.json does not say so
+        if self.model_type not in ARCHITECTURES:
+            raise unsupported(f"model_type '{self.model_type}'")
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.hidden_act not in ACTIVATIONS:
+            supported = " or ".join(ACTIVATIONS)
+            raise UserError(f"hidden_act '{self.hidden_act}' is not supported; nanoft's MLP uses {supported}")
+        if self.layer_types is None:
+            self.layer_types = [SLIDING if self.sliding_window else FULL] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - {SLIDING, FULL}:
+            layers = self.num_hidden_layers
+            raise UserError(f"layer_types must give '{FULL}' or '{SLIDING}' for each of the {layers} layers")
+        if SLIDING in self.layer_types and not self.sliding_window:
+            raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -76,62 +156,189 @@ class ModelConfig:
             if rope_type == "default":
                 self.rope_scaling = None
 
+    @property
+    def attention_scale(self) -> float:
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         """Read a Hugging Face config dict (transformers 4 or 5 layout)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in hf.items() if k in known}
-        # transformers 5 moves rope_theta and rope_scaling into one `rope_parameters` dict.
-        rope_parameters = hf.get("rope_parameters")
-        if isinstance(rope_parameters, dict):
-            values["rope_theta"] = rope_parameters.get("rope_theta", values.get("rope_theta", 10000.0))
-            if rope_parameters.get("rope_type", "default") != "default":
-                values["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
-        if hf.get("model_type") == "qwen2":
-            if not hf.get("use_sliding_window", False):
-                values["sliding_window"] = None
-        if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        model_type = hf.get("model_type")
+        if model_type == "gemma3":
             raise UserError(
-                f"model_type '{hf.get('model_type')}' is not supported; "
-                f"nanoft supports {', '.join(SUPPORTED_MODEL_TYPES)} (Llama 2/3, Mistral, Qwen2, SmolLM)"
+                "model_type 'gemma3' is Gemma 3 with its vision tower, which nanoft does not load; "
+                "fine-tune a text-only Gemma 3 (model_type gemma3_text, e.g. google/gemma-3-1b-it)"
             )
-        # The MLP here is SwiGLU without biases: anything else would load and quietly compute the wrong thing.
-        if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise UserError(f"hidden_act '{hf['hidden_act']}' is not supported; nanoft's MLP uses silu")
+        if model_type not in ARCHITECTURES:
+            raise unsupported(f"model_type '{model_type}'")
         if hf.get("mlp_bias", False):
             raise UserError("mlp_bias: true is not supported; nanoft's MLP has no biases")
-        return cls(**values)
+        if hf.get("use_bidirectional_attention"):
+            raise UserError("use_bidirectional_attention: true (an embedding model) is not supported")
+        # The family's defaults first, then what config.json says (transformers 5 writes every key; older
+        # checkpoints leave out keys that had their default, e.g. Gemma's tie_word_embeddings).
+        settings = family_settings(hf)
+        return cls(
+            model_type=model_type, **{**settings, **{key: hf[key] for key in SHARED_KEYS if key in hf}}
+        )
 
     def to_hf(self) -> dict:
-        """A config.json dict that transformers loads."""
-        hf = {f.name: getattr(self, f.name) for f in fields(self)}
-        hf["architectures"] = [
-            {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[
-                self.model_type
-            ]
-        ]
-        hf["hidden_act"] = "silu"
-        if self.model_type == "qwen2":
-            del hf["attention_bias"]
-            hf["use_sliding_window"] = self.sliding_window is not None
-        if self.model_type == "llama":
-            del hf["sliding_window"]
+        """A config.json dict that transformers loads as the same model (from_hf reads it back unchanged)."""
+        hf = {key: getattr(self, key) for key in SHARED_KEYS}
+        hf |= {"model_type": self.model_type, "architectures": [ARCHITECTURES[self.model_type]]}
+        hf |= {"rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling}
+        family = self.model_type
+        activation_key = "hidden_activation" if family in ("gemma2", "gemma3_text") else "hidden_act"
+        hf[activation_key] = self.hidden_act
+        if family not in ("mistral", "qwen2", "phi3"):
+            hf["attention_bias"] = self.attention_bias
+        if family in ("llama", "smollm3", "granite"):
             hf["mlp_bias"] = False
+        if family in ("mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text", "phi3"):
+            hf["sliding_window"] = self.sliding_window
+        if family in ("qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text"):
+            hf["layer_types"] = self.layer_types
+        if family in ("qwen2", "qwen3", "smollm3"):
+            hf["use_sliding_window"] = SLIDING in self.layer_types
+        if family == "smollm3":
+            hf["no_rope_layers"] = self.no_rope_layers
+        if family in ("gemma2", "gemma3_text"):
+            hf["query_pre_attn_scalar"] = self.query_pre_attn_scalar
+            hf["final_logit_softcapping"] = self.final_logit_softcapping
+            hf["attn_logit_softcapping"] = self.attn_logit_softcapping
+        if family == "gemma3_text":
+            hf["rope_local_base_freq"] = self.rope_local_base_freq
+        if family == "phi3":
+            hf["partial_rotary_factor"] = self.partial_rotary_factor
+        if family == "granite":
+            hf["embedding_multiplier"] = self.embedding_multiplier
+            hf["residual_multiplier"] = self.residual_multiplier
+            hf["attention_multiplier"] = self.attention_multiplier
+            hf["logits_scaling"] = self.logits_scaling
+        # A family's switches follow from its config.json: a config built by hand with other ones would be
+        # saved as a model that transformers builds differently.
+        if (reread := ModelConfig.from_hf(hf)) != self:
+            differing = [f.name for f in fields(self) if getattr(reread, f.name) != getattr(self, f.name)]
+            raise ValueError(
+                f"this {self.model_type} config differs in {differing} from what its config.json makes; "
+                f"build family configs with ModelConfig.from_hf({{'model_type': '{self.model_type}', ...}})"
+            )
         return hf
 
 
+def family_settings(hf: dict) -> dict:
+    """What a family changes in the Llama block, read from its config.json (a missing key takes the default of
+    the family's transformers config class). The one place to read a family's differences."""
+    family, get = hf["model_type"], hf.get
+    settings = read_rope(hf)
+    if family in ("llama", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite"):
+        settings["attention_bias"] = get("attention_bias", False)
+    if family in ("mistral", "phi3"):  # the window applies to every layer
+        settings["sliding_window"] = get("sliding_window")
+    if family == "qwen2":  # q/k/v biases, never in config.json; o_proj has none
+        settings |= dict(attention_bias=True, attention_output_bias=False)
+    if family in ("qwen2", "qwen3"):
+        # The window is used only with use_sliding_window, and then from layer max_window_layers on.
+        window = get("sliding_window") if get("use_sliding_window", False) else None
+        first = get("max_window_layers", 28)
+        derived = [SLIDING if window and i >= first else FULL for i in range(hf["num_hidden_layers"])]
+        settings |= dict(sliding_window=window, layer_types=get("layer_types") or derived)
+    if family == "qwen3":
+        settings |= dict(qk_norm="head", head_dim=128)
+    if family == "smollm3":
+        every = get("no_rope_layer_interval", 4)
+        no_rope = get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(hf["num_hidden_layers"])]
+        window = get("sliding_window") if get("use_sliding_window", False) else None
+        derived = [SLIDING if window and not uses_rope else FULL for uses_rope in no_rope]
+        settings |= dict(
+            no_rope_layers=no_rope, tie_word_embeddings=True, layer_types=get("layer_types") or derived
+        )
+        settings["sliding_window"] = get("sliding_window")
+    if family in ("gemma", "gemma2", "gemma3_text"):
+        settings |= dict(norm_style="gemma", head_dim=256, tie_word_embeddings=True)
+        settings["embedding_multiplier"] = hf["hidden_size"] ** 0.5
+        settings["hidden_act"] = get("hidden_activation", "gelu_pytorch_tanh")
+    if family == "gemma":
+        # Gemma 1's releases say "gelu" and mean the tanh approximation (as transformers reads them).
+        activation = get("hidden_act", "gelu_pytorch_tanh")
+        settings["hidden_act"] = "gelu_pytorch_tanh" if activation == "gelu" else activation
+    if family in ("gemma2", "gemma3_text"):
+        # Without layer_types: windows on all but the last layer of each group of 2 (Gemma 2) or 6 (Gemma 3).
+        every = 2 if family == "gemma2" else get("sliding_window_pattern", 6)
+        derived = [SLIDING if (i + 1) % every else FULL for i in range(hf["num_hidden_layers"])]
+        settings |= dict(norm_placement="sandwich", layer_types=get("layer_types") or derived)
+        settings |= dict(
+            query_pre_attn_scalar=get("query_pre_attn_scalar", 256),
+            sliding_window=get("sliding_window", 4096),
+        )
+    if family == "gemma2":
+        settings["attn_logit_softcapping"] = get("attn_logit_softcapping", 50.0)
+        settings["final_logit_softcapping"] = get("final_logit_softcapping", 30.0)
+    if family == "gemma3_text":  # transformers' Gemma 3 ignores attn_logit_softcapping
+        settings |= dict(qk_norm="head", final_logit_softcapping=get("final_logit_softcapping"))
+    if family == "phi3":
+        settings["fused_projections"] = True
+        settings["rms_norm_eps"] = 1e-5
+    if family == "olmo2":
+        settings |= dict(norm_style="olmo2", norm_placement="post", qk_norm="width", rms_norm_eps=1e-5)
+    if family == "granite":
+        multipliers = (
+            "embedding_multiplier",
+            "residual_multiplier",
+            "attention_multiplier",
+            "logits_scaling",
+        )
+        settings |= {key: get(key, 1.0) for key in multipliers}
+    if family not in ("gemma", "gemma2", "gemma3_text"):
+        activation = get("hidden_act", "silu")
+        settings["hidden_act"] = "silu" if activation == "swish" else activation
+    return settings
+
+
+def read_rope(hf: dict) -> dict:
+    """rope_theta, rope_scaling (and Gemma 3's local base, Phi-3's partial factor) from the transformers 4
+    keys or transformers 5's `rope_parameters` (per layer type for Gemma 3)."""
+    family, get = hf["model_type"], hf.get
+    default_theta = {"smollm3": 2_000_000.0, "gemma3_text": 1_000_000.0}.get(family, 10000.0)
+    rope = {"rope_theta": get("rope_theta", default_theta), "rope_scaling": get("rope_scaling")}
+    parameters = get("rope_parameters")
+    if family == "gemma3_text":
+        rope["rope_local_base_freq"] = get("rope_local_base_freq", 10000.0)
+        if isinstance(parameters, dict) and FULL in parameters:
+            local = parameters.get(SLIDING) or {}
+            if local.get("rope_type", "default") != "default":
+                raise unsupported(f"RoPE scaling on Gemma 3's sliding layers ('{local['rope_type']}')")
+            rope["rope_local_base_freq"] = local.get("rope_theta", 10000.0)
+            parameters = parameters[FULL]
+    if isinstance(parameters, dict):
+        rope["rope_theta"] = parameters.get("rope_theta", rope["rope_theta"])
+        if parameters.get("rope_type", "default") != "default":
+            ignored = ("rope_theta", "partial_rotary_factor")
+            rope["rope_scaling"] = {k: v for k, v in parameters.items() if k not in ignored}
+    if family == "phi3":
+        factor = (parameters or {}).get("partial_rotary_factor", get("partial_rotary_factor", 1.0))
+        rope["partial_rotary_factor"] = factor
+    return rope
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, style: str = "llama"):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if style == "gemma" else torch.ones(dim))  # 1 + 0 = 1
+        self.eps, self.style = eps, style
 
     def forward(self, x):
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, self.style)
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """weight * (x / rms(x)), normalised in fp32 and cast back before the weight, as the reference does.
+    """x / rms(x), normalised in fp32, times the weight as config.norm_style says (ModelConfig).
 
     Written out for memory: autograd of those seven small ops saves x in fp32; this saves x as it came (bf16)
     plus one fp32 number per row (72 MB less in a SmolLM2 LoRA step at 4 x 256), at the same speed
@@ -139,32 +346,45 @@ class _RMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, style):
         # bf16 * fp32 computes in fp32, so x is never copied to fp32 as a whole.
         rstd = torch.rsqrt(
             torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32) ** 2 / x.shape[-1] + eps
         )
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x * rstd).to(x.dtype)
+        ctx.style = style
+        if style == "llama":  # cast back, then scale
+            return weight * (x * rstd).to(x.dtype)
+        return (fp32_scale(weight, style) * (x * rstd)).to(x.dtype)  # scale in fp32, then cast back
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
         normed = x * rstd  # (..., C) fp32
-        grad_normed = (grad * weight).float()
+        if ctx.style == "llama":
+            grad_normed = (grad * weight).float()
+        else:
+            grad_normed = grad.float() * fp32_scale(weight, ctx.style)
         # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed)), all in fp32
         mean_dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1) / x.shape[-1]
         grad_x = (torch.addcmul(grad_normed, normed, mean_dot, value=-1) * rstd).to(x.dtype)
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
-        return grad_x, grad_weight, None
+            if ctx.style == "llama":
+                grad_weight = (grad * normed.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+            else:
+                grad_weight = (grad.float() * normed).flatten(0, -2).sum(0).to(weight.dtype)
+        return grad_x, grad_weight, None, None
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling
+def fp32_scale(weight, style: str):
+    """What the normalised x is multiplied by: w (OLMo 2) or 1 + w (Gemma), in fp32."""
+    return weight.float() + 1 if style == "gemma" else weight.float()
+
+
+def rope_inverse_frequencies(dim: int, base: float, scaling: dict | None) -> torch.Tensor:
+    """(dim / 2,) inverse frequencies of RoPE over `dim` dimensions of each head."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if scaling is None:
         return inv_freq
     if scaling["rope_type"] == "linear":
@@ -180,13 +400,35 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, interpolated, scaled)
 
 
+def layer_rope(config: ModelConfig, layer_index: int) -> str | None:
+    """Which RoPE a layer uses: "global" (rope_theta, rope_scaling), "local" (Gemma 3's sliding layers) or
+    None (SmolLM3's NoPE layers)."""
+    if config.no_rope_layers is not None and not config.no_rope_layers[layer_index]:
+        return None
+    if config.rope_local_base_freq is not None and config.layer_types[layer_index] == SLIDING:
+        return "local"
+    return "global"
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x, cos, sin):
+    """x (B, H, T, D) turned by the angles in cos and sin (.., T, rotary dims); the dims past them kept."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        # x * cos + rotate_half(x) * sin in one kernel less; with the contiguous term first the result is
+        # contiguous in (B, H, T, D), which the attention can reshape without a copy.
+        return torch.addcmul(rotate_half(x) * sin, x, cos)
+    turned, kept = x[..., :rotary], x[..., rotary:]  # partial rotary (Phi-3 family)
+    return torch.cat((torch.addcmul(rotate_half(turned) * sin, turned, cos), kept), dim=-1)
+
+
 class KVCache:
-    """Keys and values of every layer for incremental decoding: fixed size, filled left to right."""
+    """Keys and values of every layer for incremental decoding: fixed size, filled left to right. Sliding
+    layers keep every key too; their mask hides the ones past the window."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
@@ -212,26 +454,59 @@ class Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.scale, self.softcap = config.attention_scale, config.attn_logit_softcapping
+        C, bias = config.hidden_size, config.attention_bias
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.fused, self.widths = config.fused_projections, (q_width, kv_width, kv_width)
+        if self.fused:  # one (C, Q + K + V) matmul, rows as Hugging Face stores them
+            self.qkv_proj = nn.Linear(C, q_width + 2 * kv_width, bias=bias)
+        else:
+            self.q_proj = nn.Linear(C, q_width, bias=bias)
+            self.k_proj = nn.Linear(C, kv_width, bias=bias)
+            self.v_proj = nn.Linear(C, kv_width, bias=bias)
+        self.o_proj = nn.Linear(q_width, C, bias=config.attention_output_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm is not None:
+            q_dim, k_dim = (self.head_dim, self.head_dim) if config.qk_norm == "head" else (q_width, kv_width)
+            self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, config.norm_style)
+            self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, config.norm_style)
 
-    def forward(self, x, cos, sin, mask, kv_cache):
+    def project(self, x):
+        """q (B, T, H*D), k and v (B, T, KVH*D): from one fused matmul or three."""
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
+            # v in a tensor of its own: attention keeps v for backward, and a view would keep all of the fused
+            # output alive with it.
+            return q, k, v.contiguous()
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def normalise_qk(self, q, k):
+        # Back to q's dtype: under autocast a Llama-style norm's fp32 weight would make q and k fp32, and the
+        # whole attention with them (transformers lets that happen); with fp32 or bf16 weights it is a no-op.
+        return self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
+
+    def forward(self, x, rope, mask, kv_cache):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        # q * cos + rotate_half(q) * sin in one kernel less; with the contiguous term first the result is
-        # contiguous in (B, H, T, D), which the attention below can reshape without a copy.
-        q = torch.addcmul(rotate_half(q) * sin, q, cos)
-        k = torch.addcmul(rotate_half(k) * sin, k, cos)
+        q, k, v = self.project(x)
+        if self.qk_norm == "width":  # OLMo 2: over all heads at once
+            q, k = self.normalise_qk(q, k)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: each head on its own
+            q, k = self.normalise_qk(q, k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, KVH, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, KVH, S, D), S = cached + T
         if mask is not None and mask.is_floating_point():
-            y = grouped_attention(q, k, v, mask)
+            y = grouped_attention(q, k, v, mask, self.scale, self.softcap)
         else:
+            group = self.n_heads // self.n_kv_heads
+            if group > 1 and q.is_cuda and not cuda_sdpa_shares_kv_heads(q.dtype, self.head_dim, mask):
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, D)
+                group = 1
             # enable_gqa lets SDPA share each key/value head across its query heads without copying them.
             # No mask means causal; a single new token after a cache sees every cached key, so no mask at all.
             y = F.scaled_dot_product_attention(
@@ -240,50 +515,100 @@ class Attention(nn.Module):
                 v,
                 attn_mask=mask,
                 is_causal=mask is None and T > 1,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                scale=self.scale,
+                enable_gqa=group > 1,
             )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
+def cuda_sdpa_shares_kv_heads(dtype: torch.dtype, head_dim: int, mask) -> bool:
+    """Whether SDPA on CUDA runs grouped-query attention in a fused kernel as it is. Only flash attention
+    shares key/value heads (fp16/bf16, head_dim <= 256, no mask); otherwise, a packed or sliding-window mask
+    above all, SDPA falls back to its math kernel, whose (B, H, T, S) scores take O(T^2) memory. Repeating
+    k and v per query head (O(T)) lets the memory-efficient kernel, which takes masks, run instead."""
+    return mask is None and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+
+
 class MLP(nn.Module):
+    """The gated MLP: down(act(gate(x)) * up(x)). A mixture-of-experts block would take its place in
+    DecoderLayer, built from the same config."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        C, M = config.hidden_size, config.intermediate_size
+        self.fused = config.fused_projections
+        if self.fused:
+            self.gate_up_proj = nn.Linear(C, 2 * M, bias=False)
+        else:
+            self.gate_proj = nn.Linear(C, M, bias=False)
+            self.up_proj = nn.Linear(C, M, bias=False)
+        self.down_proj = nn.Linear(M, C, bias=False)
+        self.activation = config.hidden_act
 
     def forward(self, x):
-        return self.down_proj(_SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(_GatedActivation.apply(gate, up, self.activation))
 
 
-class _SwiGLUFunction(torch.autograd.Function):
-    """silu(gate) * up. Autograd would keep gate, up and silu(gate) for backward; this keeps gate and up and
-    recomputes silu(gate), one (B, T, intermediate) tensor less per layer (90 MB of a SmolLM2 LoRA step at
-    4 x 256 tokens) for one more elementwise kernel."""
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up (silu: SwiGLU; gelu_pytorch_tanh: GeGLU). Autograd would keep gate, up and act(gate) for
+    backward; this keeps gate and up and recomputes act(gate), one (B, T, intermediate) tensor less per layer
+    (90 MB of a SmolLM2 LoRA step at 4 x 256 tokens) for one more elementwise kernel."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, activation):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+        ctx.activation = activation
+        return ACTIVATIONS[activation](gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # the fused kernel autograd uses for silu
-        return grad_gate, grad * F.silu(gate)
+        # The fused kernels autograd uses for silu and gelu.
+        if ctx.activation == "silu":
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        else:
+            grad_gate = torch.ops.aten.gelu_backward(grad * up, gate, approximate="tanh")
+        return grad_gate, grad * ACTIVATIONS[ctx.activation](gate), None
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm_placement, self.residual_multiplier = config.norm_placement, config.residual_multiplier
+        self.sliding_window = config.sliding_window if config.layer_types[layer_index] == SLIDING else None
+        self.rope = layer_rope(config, layer_index)
+
+        def norm():
+            return RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_style)
+
+        if config.norm_placement != "post":
+            self.input_layernorm = norm()
         self.self_attn = Attention(config, layer_index)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm()  # "pre": the MLP's input norm, despite its name
+        if config.norm_placement == "sandwich":
+            self.pre_feedforward_layernorm = norm()
+        if config.norm_placement != "pre":
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, mask, kv_cache=None):
+        if self.norm_placement == "pre":  # Llama
+            x = self.add(x, self.self_attn(self.input_layernorm(x), rope, mask, kv_cache))
+            return self.add(x, self.mlp(self.post_attention_layernorm(x)))
+        if self.norm_placement == "sandwich":  # Gemma 2/3
+            attention = self.self_attn(self.input_layernorm(x), rope, mask, kv_cache)
+            x = self.add(x, self.post_attention_layernorm(attention))
+            return self.add(x, self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
+        x = self.add(x, self.post_attention_layernorm(self.self_attn(x, rope, mask, kv_cache)))  # OLMo 2
+        return self.add(x, self.post_feedforward_layernorm(self.mlp(x)))
+
+    def add(self, x, branch):
+        """The residual add (Granite scales the branch first)."""
+        return x + branch if self.residual_multiplier == 1 else x + branch * self.residual_multiplier
 
 
 class Backbone(nn.Module):
@@ -293,7 +618,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_style)
 
 
 class Transformer(nn.Module):
@@ -304,12 +629,24 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.rope_names = sorted({layer.rope for layer in self.model.layers} - {None})  # see layer_rope
+        for name, inv_freq in self.rope_frequencies().items():
+            self.register_buffer(f"rope_{name}_inv_freq", inv_freq, persistent=False)
         self.activation_checkpointing = False  # recompute each layer in backward: less memory, ~30% more time
+
+    def rope_frequencies(self) -> dict[str, torch.Tensor]:
+        """The inverse frequencies of each RoPE the layers use (see layer_rope)."""
+        config = self.config
+        bases = {
+            "global": (config.rope_theta, config.rope_scaling),
+            "local": (config.rope_local_base_freq, None),
+        }
+        return {name: rope_inverse_frequencies(config.rotary_dim, *bases[name]) for name in self.rope_names}
 
     def reset_rope(self, device=None):
         """Recompute the RoPE frequencies (they are not in checkpoints; needed after building on meta)."""
-        self.rope_inv_freq = rope_inverse_frequencies(self.config).to(device or self.lm_head.weight.device)
+        for name, inv_freq in self.rope_frequencies().items():
+            setattr(self, f"rope_{name}_inv_freq", inv_freq.to(device or self.lm_head.weight.device))
 
     def forward(
         self,
@@ -321,46 +658,58 @@ class Transformer(nn.Module):
         kv_cache=None,
     ):
         B, T = input_ids.shape
-        past = kv_cache.length if kv_cache is not None else 0
+        config, past = self.config, kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if config.embedding_multiplier != 1:
+            # Rounded to the embeddings' dtype first, like transformers for Gemma (sqrt(3072): 55.5 in bf16).
+            x = x * torch.tensor(config.embedding_multiplier, dtype=x.dtype)
         # Under autocast (full fine-tunes) x is fp32 but q and k come out of the matmuls in bf16: build cos,
         # sin and the attention bias in bf16 too, or every q * cos would promote the attention to fp32.
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        cos, sin = self._rope(position_ids, dtype)
-        mask = self._attention_mask(B, T, past, attention_mask, document_ids, input_ids.device)
-        heads = self.config.num_attention_heads
-        if uses_matmul_attention(device_type, dtype.itemsize, B, heads, T, past + T):  # faster than SDPA here
-            mask = self._attention_bias(mask, T, past, dtype, x.device)
+        ropes = {name: self._rope(position_ids, dtype, name) for name in self.rope_names}
+        windows = {layer.sliding_window for layer in self.model.layers}
+        masks = {
+            w: self._attention_mask(B, T, past, attention_mask, document_ids, w, x.device) for w in windows
+        }
+        # Soft-capped scores have no SDPA kernel; otherwise the matmuls are used where they beat SDPA.
+        sizes = (B, config.num_attention_heads, T, past + T)
+        if config.attn_logit_softcapping or uses_matmul_attention(device_type, dtype.itemsize, *sizes):
+            masks = {w: self._attention_bias(mask, T, past, dtype, x.device) for w, mask in masks.items()}
         for layer in self.model.layers:
+            rope, mask = ropes.get(layer.rope), masks[layer.sliding_window]
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache)
+                x = layer(x, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.model.norm(x)
         if targets is None:
-            return self.lm_head(x)  # (B, T, vocab)
-        return chunked_cross_entropy(x, self.lm_head.weight, targets)
+            logits = self.lm_head(x)  # (B, T, vocab)
+            return final_logits(logits, config.logits_scaling, config.final_logit_softcapping)
+        return chunked_cross_entropy(
+            x, self.lm_head.weight, targets, config.logits_scaling, config.final_logit_softcapping
+        )
 
-    def _rope(self, position_ids, dtype):
+    def _rope(self, position_ids, dtype, name):
         # Angles in fp32 (bf16 positions lose precision past 256), then cast like the reference.
-        angles = position_ids[..., None].float() * self.rope_inv_freq.float()  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        inv_freq = getattr(self, f"rope_{name}_inv_freq")
+        angles = position_ids[..., None].float() * inv_freq.float()  # (B, T, rotary / 2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, rotary)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def _attention_mask(self, B, T, past, attention_mask, document_ids, device):
-        """None means plain causal attention (SDPA's fast path); otherwise a (B, 1, T, S) boolean mask."""
-        window = self.config.sliding_window
+    def _attention_mask(self, B, T, past, attention_mask, document_ids, window, device):
+        """None means plain causal attention (SDPA's fast path); otherwise a (B or 1, 1, T, S) boolean mask,
+        S = past + T. `window`: a sliding layer's, each query sees its last `window` keys only."""
         needs_window = window is not None and past + T > window
         if attention_mask is None and document_ids is None and not needs_window and (past == 0 or T == 1):
             return None
         query_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
         key_pos = torch.arange(past + T, device=device)[None, :]  # (1, S)
-        allowed = (key_pos <= query_pos)[None].expand(B, T, past + T)  # (B, T, S)
+        allowed = (key_pos <= query_pos)[None]  # (1, T, S)
         if needs_window:
             allowed = allowed & (key_pos > query_pos - window)
         if attention_mask is not None:  # (B, S): 0 marks padding on either side

@@ -95,11 +95,14 @@ class Tokenizer:
                 " or config.json; add eos_token to tokenizer_config.json"
             )
         self.eos_ids |= {self.eos_id} | ({eos_id} if eos_id is not None else set())
-        self.pad_id = special_id("pad_token", "pad_token_id")
-        if self.pad_id is None:
-            self.pad_id = self.eos_id
+        # What the checkpoint itself declares, for exports that carry it on (GGUF): eos_token may differ from
+        # eos_id above, and a checkpoint may declare no pad token at all.
+        self.declared_eos_id = eos_id if eos_id is not None else self.eos_id
+        self.declared_pad_id = special_id("pad_token", "pad_token_id")
+        self.pad_id = self.declared_pad_id if self.declared_pad_id is not None else self.eos_id
         with_specials = backend.encode("a", add_special_tokens=True).ids
         self.add_bos = self.bos_id is not None and with_specials[:1] == [self.bos_id]
+        self.add_eos = with_specials[-1:] == [self.declared_eos_id]
 
     @classmethod
     def from_pretrained(cls, path) -> "Tokenizer":

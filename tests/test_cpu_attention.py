@@ -1,5 +1,6 @@
-"""nanoft/cpu_attention.py against SDPA in float64: outputs and gradients, both of its ways (probabilities
-kept, and recomputed block by block), with causal, padding and packed-document masks and grouped heads."""
+"""nanoft/cpu_attention.py against float64 references: outputs and gradients, both of its ways (probabilities
+kept, and recomputed block by block), with causal, padding, packed-document and sliding-window masks, grouped
+heads, and Gemma 2's soft-capped scores."""
 
 import pytest
 import torch
@@ -25,12 +26,26 @@ def allowed_keys(kind: str, batch: int, T: int) -> torch.Tensor:
         documents[0, T // 2 + 7 :] = 2
         documents[1, T - 200 :] = 1
         allowed &= documents[:, :, None] == documents[:, None, :]
+    if kind == "window":  # a sliding layer: each query sees its last 40 keys
+        positions = torch.arange(T)
+        allowed &= positions[None, :] > positions[:, None] - 40
     return (allowed | torch.eye(T, dtype=torch.bool))[:, None]
 
 
-@pytest.mark.parametrize("kind", ["causal", "padding", "documents"])
+def eager_attention(q, k, v, allowed, scale, softcap):
+    """The reference the way transformers' eager attention computes it (Gemma 2's when softcap is set)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("kind", ["causal", "padding", "documents", "window"])
 @pytest.mark.parametrize("T", [96, 1100])  # 96: probabilities kept; 1100: blocks, the last one partial
-def test_outputs_and_gradients_equal_sdpa(kind, T):
+def test_outputs_and_gradients_equal_the_reference(kind, T, softcap):
     batch = 2
     assert keeps_attention_probabilities(batch, HEADS, T, T) == (T == 96)
     assert T == 96 or T % BLOCK_QUERIES != 0
@@ -47,10 +62,12 @@ def test_outputs_and_gradients_equal_sdpa(kind, T):
         y.backward(grad_y.to(dtype))
         return [y, *(t.grad for t in inputs)]
 
-    ours = outputs_and_gradients(lambda q, k, v: grouped_attention(q, k, v, bias), torch.float32)
+    scale = 0.3  # not head_dim ** -0.5: Gemma 2 and Granite set their own
+    ours = outputs_and_gradients(
+        lambda q, k, v: grouped_attention(q, k, v, bias, scale, softcap), torch.float32
+    )
     reference = outputs_and_gradients(
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True),
-        torch.float64,
+        lambda q, k, v: eager_attention(q, k, v, allowed, scale, softcap), torch.float64
     )
     for name, mine, expected in zip(["y", "dq", "dk", "dv"], ours, reference, strict=True):
         torch.testing.assert_close(mine, expected.float(), rtol=1e-4, atol=1e-5, msg=name)
@@ -65,7 +82,7 @@ def test_bf16_blocks_stay_within_a_percent_of_float64():
     allowed = allowed_keys("causal", batch, T)
     bf16 = [t.bfloat16().requires_grad_() for t in (q, k, v)]
     bias = torch.zeros(allowed.shape, dtype=torch.bfloat16).masked_fill_(~allowed, float("-inf"))
-    grouped_attention(*bf16, bias).sum().backward()
+    grouped_attention(*bf16, bias, HEAD_DIM**-0.5).sum().backward()
     exact = [t.double().requires_grad_() for t in (q, k, v)]
     F.scaled_dot_product_attention(*exact, attn_mask=allowed, enable_gqa=True).sum().backward()
     for name, low, high in zip(["dq", "dk", "dv"], bf16, exact, strict=True):

@@ -5,34 +5,16 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import TOKENIZER_TEXTS
 
 from nanoft.default_model import default_gguf_path, default_model_dir, resolve_model
 from nanoft.errors import UserError
 from nanoft.generate import generate
-from nanoft.gguf_convert import hf_tensor_name, unpermute_rope_rows
 from nanoft.tokenizer import Tokenizer
 from nanoft.weights import from_pretrained
-
-TEXTS = [
-    "Hello world",
-    "  leading spaces, and trailing  ",
-    "The year 2024 had 365 days; π≈3.14159 and x² + y³",
-    "naïve café — “quotes” 🙂🎉 一个 中文",
-    "tabs\tand\nnewlines\r\n\n",
-    "def f(x):\n    return x**2  # 12345678901234567890",
-    "don't I'll we've a1b2c3 1,000,000.50",
-    "<|im_start|>user\nHi<|im_end|>\n<|endoftext|><repo_name>a/b<file_sep>",
-]
-
-
-def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """What llama.cpp's convert_hf_to_gguf.py does to q_proj and k_proj rows."""
-    half = weight.shape[0] // n_heads // 2
-    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +36,6 @@ def chat_prompt_ids(smollm2_dir):
     )
 
 
-def test_unpermute_undoes_llama_cpp_rope_permutation():
-    weight = np.arange(192 * 5, dtype=np.float32).reshape(192, 5)
-    for n_heads in (1, 3, 6):
-        assert np.array_equal(unpermute_rope_rows(llama_cpp_permute(weight, n_heads), n_heads), weight)
-
-
-def test_tensor_names_map_to_hugging_face():
-    assert hf_tensor_name("token_embd.weight") == "model.embed_tokens.weight"
-    assert hf_tensor_name("blk.12.attn_output.weight") == "model.layers.12.self_attn.o_proj.weight"
-    assert hf_tensor_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
-    assert hf_tensor_name("output.weight") == "lm_head.weight"
-    with pytest.raises(UserError, match="blk.0.ssm_conv1d.weight"):
-        hf_tensor_name("blk.0.ssm_conv1d.weight")
-
-
 def test_weights_and_logits_equal_transformers_gguf_loader(smollm2_dir, gguf_reference, chat_prompt_ids):
     reference, _ = gguf_reference
     ours = from_pretrained(smollm2_dir, dtype=torch.float32).eval()
@@ -88,7 +55,7 @@ def test_tokenizer_ids_equal_transformers_gguf_tokenizer(smollm2_dir, gguf_refer
     _, reference = gguf_reference
     ours = Tokenizer.from_pretrained(smollm2_dir)
     saved = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    for text in TEXTS:
+    for text in TOKENIZER_TEXTS:
         expected = reference.encode(text, add_special_tokens=False)
         assert ours.encode(text) == expected == saved.encode(text, add_special_tokens=False), text
         assert ours.decode(expected, skip_special_tokens=False) == text

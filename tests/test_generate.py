@@ -1,6 +1,7 @@
 """nanoft/generate.py: KV-cache decoding equals full recomputation, left-padded batches, sampling, the CLI."""
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -8,11 +9,12 @@ import peft
 import pytest
 import torch
 import transformers
+from families import FAMILIES, WINDOW
 
 from nanoft.generate import generate, generate_batch, main, next_token
 from nanoft.model import ModelConfig, Transformer
 from nanoft.tokenizer import Tokenizer
-from nanoft.weights import copy_tokenizer_files, save_pretrained
+from nanoft.weights import copy_tokenizer_files, from_pretrained, save_pretrained
 
 PROMPTS = [[1, 10, 11, 12, 13], [1, 20], [1, 30, 31, 32, 33, 34, 35, 36, 37]]
 
@@ -167,3 +169,56 @@ def test_cli_adapter_answers_like_peft(tiny_model, tiny_tokenizer, tiny_tokenize
     # Past the model's 128 positions RoPE meets angles it never trained on: the CLI says so, still answering.
     main(["--model", str(model_dir), "--prompt", prompt, "--max-new-tokens=126"])
     assert "exceeds the model's context of 128 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_generates_as_transformers_does(family_dir, tiny_tokenizer, family):
+    """Greedy decoding of a left-padded batch past every sliding window: nanoft's KV cache against
+    transformers' generate on the same checkpoint (tests/families.py)."""
+    prompts = [[1, 10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 20, 21]]
+    max_new_tokens = 2 * WINDOW
+    ours = from_pretrained(family_dir(family)).eval()
+    tokens = generate_batch(ours, tiny_tokenizer, prompts, max_new_tokens=max_new_tokens)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(family_dir(family), dtype=torch.float32)
+    for prompt, mine in zip(prompts, tokens, strict=True):
+        padded = torch.tensor([[0] * (len(prompts[0]) - len(prompt)) + prompt])
+        attention_mask = (torch.arange(padded.shape[1]) >= len(prompts[0]) - len(prompt)).long()[None]
+        expected = reference.generate(
+            padded,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(tiny_tokenizer.eos_ids),
+            pad_token_id=tiny_tokenizer.pad_id,
+        )[0, padded.shape[1] :].tolist()
+        stop = next((i for i, token in enumerate(expected) if token in tiny_tokenizer.eos_ids), len(expected))
+        assert mine == expected[:stop]
+
+
+def test_cli_adapter_without_model_uses_the_base_it_names(tiny_model, tiny_tokenizer_dir, tmp_path, capsys):
+    """--adapter alone: the base in adapter_config.json (said on stderr), else one line naming it, --model."""
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    save_pretrained(tiny_model.state_dict(), tiny_model.config, model_dir)
+    copy_tokenizer_files(tiny_tokenizer_dir, model_dir)
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir)  # PEFT records this path
+    peft.get_peft_model(reference, lora_config).save_pretrained(adapter_dir)
+    args = ["--prompt", "w1 w2", "--max-new-tokens=4"]
+    main(["--model", str(model_dir), "--adapter", str(adapter_dir), *args])
+    with_model = capsys.readouterr().out
+    main(["--adapter", str(adapter_dir), *args])
+    out, err = capsys.readouterr()
+    assert out == with_model
+    assert f"nanoft: {model_dir} (the base model named in {adapter_dir}/adapter_config.json" in err
+
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    for base, message in [
+        ("someone/not-here", "its base model someone/not-here is not a directory here; pass --model DIR"),
+        (None, "names no base model (base_model_name_or_path); pass --model DIR"),
+    ]:
+        config_file.write_text(json.dumps({**config, "base_model_name_or_path": base}))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--adapter", str(adapter_dir), *args])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and stderr.count("\n") == 1 and message in stderr, stderr

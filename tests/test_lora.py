@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from families import FAMILIES, QV_TARGETS, WINDOW
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -18,7 +19,6 @@ from lora import (
     LoRALinear,
     base_state_dict,
     count_parameters,
-    export_merged,
     inject_lora,
     load_adapter,
     lora_state_dict,
@@ -28,6 +28,7 @@ from lora import (
     unmerge_lora,
 )
 from nanoft.errors import UserError
+from nanoft.merge import merge_adapter
 from nanoft.model import ModelConfig, Transformer
 from nanoft.weights import from_pretrained, save_pretrained
 
@@ -46,18 +47,20 @@ ADAPTER_CASES = {
 
 
 def tiny_config(model_type="llama", tie_word_embeddings=False) -> ModelConfig:
-    return ModelConfig(
-        model_type=model_type,
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
+    return ModelConfig.from_hf(
+        dict(
+            model_type=model_type,
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     )
 
 
@@ -213,21 +216,6 @@ def test_adapter_config_agrees_with_what_peft_writes(base_dir, tmp_path):
             assert all(a.get_tensor(k).shape == b.get_tensor(k).shape for k in a.keys())
 
 
-@LLAMA_AND_TIED_QWEN2
-@pytest.mark.parametrize("case", ["lora", "dora-all-linear"])
-def test_merged_export_loads_in_transformers_with_same_logits(base_dir, tmp_path, case):
-    model = inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
-    randomize_trainable(model)
-    expected = our_logits(model)
-    export_merged(model, model.config, base_dir, tmp_path / "merged", dtype=torch.float32)
-    assert (hf_logits(load_transformers(tmp_path / "merged")) - expected).abs().max() < TOLERANCE
-    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
-    export_merged(model, model.config, base_dir, tmp_path / "merged-bf16")  # default bf16: half the bytes
-    with safe_open(tmp_path / "merged-bf16" / "model.safetensors", "pt") as merged:
-        assert "lm_head.weight" not in merged.keys() or not model.config.tie_word_embeddings
-        assert all(merged.get_tensor(k).dtype == torch.bfloat16 for k in merged.keys())
-
-
 @pytest.mark.parametrize("case", ["lora", "dora"])
 def test_merge_then_unmerge_restores_weights_and_merging_keeps_logits(base_dir, case):
     model = inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
@@ -348,7 +336,7 @@ def quantize_linears(model, quant_type):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
 @pytest.mark.parametrize("case", ["lora", "dora"])
-def test_quantized_base_trains_and_merging_dequantizes(base_dir, tmp_path, quant_type, case):
+def test_quantized_base_trains_and_merging_dequantizes(base_dir, quant_type, case):
     model = quantize_linears(from_pretrained(base_dir), quant_type)
     assert count_parameters(model)[1] == count_parameters(from_pretrained(base_dir))[1]  # 4-bit: 2 per byte
     # Train mode throughout the first part: an eval forward makes bitsandbytes (CPU, AVX512-BF16) switch to an
@@ -366,16 +354,12 @@ def test_quantized_base_trains_and_merging_dequantizes(base_dir, tmp_path, quant
         model.model.layers[0].self_attn.q_proj.lora_A.weight.grad is not None
     )  # reached through 4-bit layers
     unmerged = our_logits(model)
-    export_merged(model, model.config, base_dir, tmp_path / "merged", dtype=torch.float32)
+    merge_lora(model)
     assert type(model.model.layers[0].self_attn.q_proj.base_layer) is torch.nn.Linear
-    assert (
-        type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear
-    )  # no adapter, dequantized for export
     merged = our_logits(model)
     assert (
         merged - unmerged
     ).abs().max() < 1e-2 * unmerged.abs().max()  # bitsandbytes' CPU kernel runs in bf16
-    assert (hf_logits(load_transformers(tmp_path / "merged")) - merged).abs().max() < TOLERANCE
     with pytest.raises(UserError, match="cannot unmerge"):
         unmerge_lora(model)
 
@@ -388,3 +372,46 @@ def test_lora_linear_wraps_without_copying_and_keeps_names(base_dir):
     assert isinstance(wrapper, LoRALinear) and wrapper.base_layer is q_proj
     assert set(base_state_dict(model)) == set(Transformer(model.config).state_dict())
     assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in lora_state_dict(model)
+
+
+# ---------------------------------------------------------------- every family (tests/families.py)
+
+
+def family_input_ids():
+    """Longer than any family's sliding window."""
+    return torch.randint(3, 128, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("targets", ["q,v", "all-linear"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_peft_loads_our_adapter_with_same_logits(family_dir, tmp_path, family, targets):
+    base = family_dir(family)
+    lora_targets = "all-linear" if targets == "all-linear" else tuple(QV_TARGETS[family])
+    model = inject_lora(from_pretrained(base), LoRAConfig(r=4, alpha=8, targets=lora_targets))
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
+    reference = PeftModel.from_pretrained(load_transformers(base), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        mine, expected = model.eval()(family_input_ids()), reference(family_input_ids()).logits
+    assert (mine - expected).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_merged_export_loads_in_transformers_with_same_logits(family_dir, tmp_path, family):
+    base = family_dir(family)
+    model = inject_lora(from_pretrained(base), LoRAConfig(r=4, alpha=8, targets="all-linear"))
+    randomize_trainable(model)
+    with torch.no_grad():
+        adapted = model.eval()(family_input_ids())
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
+    merge_adapter(base, tmp_path / "adapter", tmp_path / "merged")  # what --merge writes
+    with torch.no_grad():
+        merged = load_transformers(tmp_path / "merged").eval()(family_input_ids()).logits
+    assert (merged - adapted).abs().max() < TOLERANCE
+
+
+def test_fused_families_name_their_fused_layers():
+    phi3 = ModelConfig.from_hf({**tiny_config().to_hf(), "model_type": "phi3"})
+    layers = r"\(down_proj, gate_up_proj, o_proj, qkv_proj\) \(this family fuses q, k, v into qkv_proj"
+    with pytest.raises(UserError, match=r"\['q_proj', 'v_proj'\] are not linear layers .*" + layers):
+        inject_lora(Transformer(phi3), LoRAConfig(targets=("q_proj", "v_proj")))

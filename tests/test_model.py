@@ -1,14 +1,20 @@
-"""nanoft/model.py against transformers: logits, padding, packing, KV cache, the chunked loss."""
+"""nanoft/model.py against transformers: logits, padding, packing, KV cache, the chunked loss, for every
+supported family (tiny checkpoints written by transformers: tests/families.py)."""
+
+import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from families import FAMILIES, WINDOW
 
+import nanoft.cpu_attention
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
 from nanoft.model import KVCache, ModelConfig, Transformer
-from nanoft.weights import from_pretrained, save_pretrained
+from nanoft.weights import from_pretrained, load_config, save_pretrained
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -17,7 +23,7 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-FAMILIES = {
+LLAMA_VARIANTS = {
     "llama2": dict(model_type="llama"),
     "llama3": dict(model_type="llama", rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
     "llama-linear-rope": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
@@ -38,7 +44,7 @@ def tiny_config(**overrides) -> ModelConfig:
         rms_norm_eps=1e-5,
         max_position_embeddings=256,
     )
-    return ModelConfig(**{**values, **overrides})
+    return ModelConfig.from_hf({"model_type": "llama", **values, **overrides})
 
 
 def random_model(config: ModelConfig, seed=0) -> Transformer:
@@ -57,9 +63,9 @@ def reference_pair(config, tmp_path):
     return ours, reference
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LLAMA_VARIANTS)
 def test_logits_match_transformers(family, tmp_path):
-    ours, reference = reference_pair(tiny_config(**FAMILIES[family]), tmp_path)
+    ours, reference = reference_pair(tiny_config(**LLAMA_VARIANTS[family]), tmp_path)
     input_ids = torch.randint(0, 128, (2, 40))  # 40 > sliding window and > llama3's original context
     with torch.no_grad():
         difference = (ours(input_ids) - reference(input_ids).logits).abs().max().item()
@@ -68,7 +74,7 @@ def test_logits_match_transformers(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama2", "qwen2"])
 def test_padding_matches_transformers(family, tmp_path):
-    ours, reference = reference_pair(tiny_config(**FAMILIES[family]), tmp_path)
+    ours, reference = reference_pair(tiny_config(**LLAMA_VARIANTS[family]), tmp_path)
     input_ids = torch.randint(0, 128, (2, 12))
     attention_mask = torch.ones(2, 12, dtype=torch.long)
     attention_mask[0, :4] = 0  # left padding
@@ -93,7 +99,9 @@ def test_packed_documents_do_not_see_each_other():
 
 
 def test_kv_cache_decoding_equals_full_recomputation():
-    config = tiny_config(**FAMILIES["mistral"])  # sliding window 8 < sequence: exercises the windowed mask
+    config = tiny_config(
+        **LLAMA_VARIANTS["mistral"]
+    )  # sliding window 8 < sequence: exercises the windowed mask
     model = random_model(config)
     input_ids = torch.randint(0, 128, (2, 14))
     cache = KVCache(config, batch_size=2, max_len=14, dtype=torch.float32, device="cpu")
@@ -170,12 +178,136 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.allclose(before, after, atol=1e-6)
 
 
-def test_unsupported_architecture_is_named():
-    with pytest.raises(UserError, match="model_type 'gpt2' is not supported; nanoft supports llama"):
+def test_unsupported_architecture_or_feature_is_named():
+    supported = (
+        "nanoft supports model_type llama, mistral, qwen2, qwen3, smollm3, gemma, gemma2, gemma3_text, phi3"
+    )
+    with pytest.raises(UserError, match=f"model_type 'gpt2' is not supported; {supported}"):
         ModelConfig.from_hf({"model_type": "gpt2"})
-    with pytest.raises(UserError, match="hidden_act 'gelu_pytorch_tanh' is not supported"):
-        ModelConfig.from_hf({"model_type": "llama", "hidden_act": "gelu_pytorch_tanh"})
+    with pytest.raises(UserError, match="hidden_act 'gelu' is not supported"):
+        tiny_config(hidden_act="gelu")
     with pytest.raises(UserError, match="mlp_bias: true is not supported"):
-        ModelConfig.from_hf({"model_type": "llama", "mlp_bias": True})
+        tiny_config(mlp_bias=True)
     with pytest.raises(UserError, match="rope scaling 'yarn' is not supported"):
         tiny_config(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    phi3_128k = {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    with pytest.raises(UserError, match="rope scaling 'longrope' is not supported"):
+        tiny_config(model_type="phi3", rope_scaling=phi3_128k)
+    with pytest.raises(UserError, match="model_type 'gemma3' is Gemma 3 with its vision tower"):
+        ModelConfig.from_hf({"model_type": "gemma3", "text_config": {}, "vision_config": {}})
+    with pytest.raises(UserError, match="use_bidirectional_attention: true .* is not supported"):
+        tiny_config(model_type="gemma3_text", use_bidirectional_attention=True)
+
+
+# ---------------------------------------------------------------- every family against transformers
+
+FAMILY_NAMES = list(FAMILIES)
+LONGER_THAN_WINDOWS = 3 * WINDOW
+
+
+def family_pair(family_dir, family):
+    path = family_dir(family)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return from_pretrained(path).eval(), reference
+
+
+def left_padded_batch():
+    """Two rows longer than any window; row 0 left-padded by 5, its positions counting from its first one."""
+    input_ids = torch.randint(3, 128, (2, LONGER_THAN_WINDOWS), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :5] = 0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+@pytest.mark.parametrize("attention", ["matmuls", "sdpa"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_logits_match_transformers_with_left_padding(family_dir, family, attention, monkeypatch):
+    """Both attention paths: nanoft/cpu_attention.py's matmuls (fp32 CPU, small), and with its size limit at
+    0, SDPA (or, for soft-capped Gemma 2, the matmuls a block of queries at a time)."""
+    if attention == "sdpa":
+        monkeypatch.setattr(nanoft.cpu_attention, "CPU_ATTENTION_SCORES", 0)
+    ours, reference = family_pair(family_dir, family)
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    with torch.no_grad():
+        mine = ours(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        expected = reference(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    real = attention_mask.bool()
+    assert (mine[real] - expected[real]).abs().max().item() <= 1e-4
+    assert expected[real].abs().max() > 1  # logits that a wrong norm, scale or cap would visibly change
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_packed_sequences_match_transformers_one_by_one(family_dir, family):
+    ours, reference = family_pair(family_dir, family)
+    lengths = (LONGER_THAN_WINDOWS - 10, 13)
+    documents = [torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    document_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    with torch.no_grad():
+        packed = ours(torch.cat(documents, dim=1), position_ids=position_ids, document_ids=document_ids)
+        one_by_one = torch.cat([reference(ids).logits for ids in documents], dim=1)
+    assert (packed - one_by_one).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_loss_and_gradients_match_transformers(family_dir, family):
+    ours, reference = family_pair(family_dir, family)
+    ours.train(), reference.train()
+    input_ids = torch.randint(3, 128, (2, LONGER_THAN_WINDOWS), generator=torch.Generator().manual_seed(2))
+    labels = input_ids.clone()
+    labels[0, :7] = -100  # a prompt
+    targets = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)  # pre-shifted, as data.py does
+    loss_sum, n_targets = ours(input_ids, targets)
+    loss = loss_sum / n_targets
+    expected = reference(input_ids, labels=labels).loss
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+    loss.backward()
+    expected.backward()
+    theirs = dict(reference.named_parameters())
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, theirs[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_kv_cache_decoding_equals_full_recomputation(family_dir, family):
+    """Prefill, then one token at a time past every window, with a left-padded row, as generate.py runs it."""
+    ours, _ = family_pair(family_dir, family)
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    cache = KVCache(ours.config, batch_size=2, max_len=LONGER_THAN_WINDOWS, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        full = ours(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        steps = []
+        for start, end in [(0, 6)] + [(t, t + 1) for t in range(6, LONGER_THAN_WINDOWS)]:
+            steps.append(
+                ours(
+                    input_ids[:, start:end],
+                    attention_mask=attention_mask[:, :end],  # the mask covers the cache and the new tokens
+                    position_ids=position_ids[:, start:end],
+                    kv_cache=cache,
+                )
+            )
+    real = attention_mask.bool()
+    assert (torch.cat(steps, dim=1)[real] - full[real]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_config_round_trips_through_transformers(family_dir, family, tmp_path):
+    """The config.json to_hf writes makes transformers build the same model, and from_hf reads it back."""
+    config = load_config(family_dir(family))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
+    shutil.copy(family_dir(family) / "model.safetensors", tmp_path)
+    assert load_config(tmp_path) == config
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    with torch.no_grad():
+        logits = [
+            transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(input_ids).logits
+            for path in (family_dir(family), tmp_path)
+        ]
+    assert torch.equal(*logits)
+
+
+def test_a_config_built_by_hand_must_match_its_family():
+    gemma_with_llama_norms = ModelConfig(model_type="gemma", hidden_size=64, num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"differs in \['norm_style', 'embedding_multiplier'\]"):
+        gemma_with_llama_norms.to_hf()

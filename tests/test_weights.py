@@ -11,7 +11,7 @@ import transformers
 from test_model import random_model, tiny_config
 
 from nanoft.errors import UserError
-from nanoft.weights import from_pretrained, iter_checkpoint_tensors, save_pretrained
+from nanoft.weights import checkpoint_tensors, from_pretrained, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_truncated_file_is_explained(tmp_path):
     file = tmp_path / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-1000])
     with pytest.raises(UserError, match="corrupt or truncated"):
-        list(iter_checkpoint_tensors(tmp_path))
+        checkpoint_tensors(tmp_path)  # before any weight is read
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
@@ -90,11 +90,41 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_command_line_error_is_one_line_and_exit_2(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"model_type": "gpt_neox"},
+            "model_type 'gpt_neox' is not supported; nanoft supports model_type llama",
+        ),
+        (  # Phi-3's 128k-context variants
+            {
+                "model_type": "phi3",
+                "rope_scaling": {"type": "longrope", "short_factor": [1], "long_factor": [1]},
+            },
+            "rope scaling 'longrope' is not supported",
+        ),
+    ],
+)
+def test_command_line_error_is_one_line_and_exit_2(tmp_path, config, message):
+    sizes = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    (tmp_path / "config.json").write_text(json.dumps({**sizes, **config}))
     code = "from nanoft.errors import exit_on_user_error\nfrom nanoft.weights import from_pretrained\n"
     code += f"exit_on_user_error(from_pretrained)({str(tmp_path)!r})"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert "model_type 'gpt_neox' is not supported" in result.stderr
+    assert message in result.stderr
+
+
+def test_a_tensor_read_by_rows_is_those_rows_of_the_whole(tmp_path):
+    """What a rank reads under FSDP: rows [start, end) of dim 0 straight from the file."""
+    config = tiny_config()
+    model = random_model(config)
+    save_pretrained(model.state_dict(), config, tmp_path, dtype=torch.bfloat16)
+    for stored in checkpoint_tensors(tmp_path):
+        whole = model.state_dict()[stored.name].to(torch.bfloat16)
+        assert torch.equal(stored.read(), whole)
+        rows = stored.shape[0]
+        for start, end in [(0, rows // 2), (rows // 2, rows), (rows - 1, rows), (rows, rows)]:
+            assert torch.equal(stored.read((start, end)), whole[start:end]), (stored.name, start, end)
