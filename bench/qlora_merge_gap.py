@@ -16,7 +16,7 @@ val loss (per target token, over the same held-out examples) of every way to ser
 - the merged export quantized to NF4 again (a common way to shrink a merged model for serving);
 and, for scale, the 4-bit and bf16 bases without the adapter.
 
-The measurements (README "QLoRA: which base to merge into") decided --merge's default: the original weights.
+The measurements (README, "QLoRA: which base to merge into") decided --merge's default: the original weights.
 """
 
 import argparse
