@@ -27,7 +27,15 @@ import torch
 from safetensors.torch import load_file
 
 from data import prepare_data
-from lora import PEFT_PREFIX, LoRAConfig, export_merged, inject_lora, save_adapter, trainable_parameters_line
+from lora import (
+    PEFT_PREFIX,
+    LoRAConfig,
+    export_merged,
+    inject_lora,
+    peft_expert_adapters_caveat,
+    save_adapter,
+    trainable_parameters_line,
+)
 from nanoft.checkpoint import (
     check_resume_config,
     latest_checkpoint,
@@ -291,6 +299,8 @@ def main(argv=None):
         lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
         model = inject_lora(model, lora_config)  # freezes the base; adapters are fp32
         print0(dist, trainable_parameters_line(model))
+        if caveat := peft_expert_adapters_caveat(model):
+            print0(dist, caveat)
     model.activation_checkpointing = config.activation_checkpointing
     if config.compile:
         for layer in model.model.layers:

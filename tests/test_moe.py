@@ -4,13 +4,17 @@ their gradients, dense layers among the experts, saving, and the MoE variants na
 padding and packing, KV-cache decoding, generation, PEFT and train.py run for them with every family."""
 
 import json
+import re
 
 import pytest
 import torch
 import transformers
 from families import WINDOW, reference_gradients
+from peft import PeftModel
 from safetensors import safe_open
+from test_lora import randomize_trainable
 
+from lora import LoRAConfig, LoRALinear, inject_lora, peft_expert_adapters_caveat, save_adapter
 from nanoft.errors import UserError
 from nanoft.model import ModelConfig
 from nanoft.moe import SparseMoE
@@ -170,3 +174,57 @@ def test_unsupported_mixture_of_experts_is_one_line(model_type):
         return
     with pytest.raises(UserError, match=f"model_type '{model_type}' is not supported; nanoft supports"):
         ModelConfig.from_hf({"model_type": model_type})
+
+
+# ---------------------------------------------------------------- LoRA on experts and routers
+
+
+def test_expert_adapters_load_in_peft_on_transformers_fused_experts(family_dir, tmp_path):
+    """PEFT 0.21 turns per-expert adapters (w1, w2, w3 on every expert) into adapters on transformers 5's
+    fused 3-D expert parameters: the logits are ours, when the caveats below do not apply."""
+    base = family_dir("mixtral")
+    model = inject_lora(from_pretrained(base), LoRAConfig(r=4, alpha=8, dropout=0.0, targets="w1,w2,w3"))
+    assert peft_expert_adapters_caveat(model) is None
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+    input_ids, _, _ = left_padded_batch()
+    with torch.no_grad():
+        mine, expected = model.eval()(input_ids), reference(input_ids).logits
+        base_logits = from_pretrained(base).eval()(input_ids)
+    assert (mine - expected).abs().max() < 1e-4
+    assert (mine - base_logits).abs().max() > 0.1  # the expert adapters changed the logits
+
+
+@pytest.mark.parametrize(
+    "family, targets, dropout, caveat",
+    [
+        ("mixtral", "q_proj,v_proj", 0.05, None),
+        ("mixtral", "w1,w2,w3", 0.05, r"lora_dropout is 0.05 \(train with --lora-dropout 0\)"),
+        ("mixtral", "w1,w2", 0.0, "name both w1 and w3"),
+        ("qwen3_moe", "all-linear", 0.0, r"leaves the dense layers' MLP \(mlp_only_layers\) without"),
+    ],
+)
+def test_adapters_peft_cannot_load_are_named_in_one_line(family_dir, family, targets, dropout, caveat):
+    model = inject_lora(from_pretrained(family_dir(family)), LoRAConfig(dropout=dropout, targets=targets))
+    line = peft_expert_adapters_caveat(model)
+    if caveat is None:
+        assert line is None
+    else:
+        assert "\n" not in line and re.search(caveat, line)
+
+
+def test_routers_get_adapters_only_when_named_and_train_as_modules_to_save(family_dir):
+    base = family_dir("mixtral")
+    everything = inject_lora(from_pretrained(base), LoRAConfig(targets="all-linear"))
+    adapted = {name for name, m in everything.named_modules() if isinstance(m, LoRALinear)}
+    assert "model.layers.0.block_sparse_moe.experts.7.w2" in adapted
+    assert not [name for name in adapted if name.endswith(".gate")]
+    named = inject_lora(from_pretrained(base), LoRAConfig(targets="gate"))
+    assert isinstance(named.model.layers[0].block_sparse_moe.gate, LoRALinear)
+    saved = inject_lora(from_pretrained(base), LoRAConfig(modules_to_save=("gate",))).train()
+    input_ids, _, _ = left_padded_batch()
+    saved(input_ids, torch.roll(input_ids, -1, dims=1))[0].backward()
+    assert saved.model.layers[3].block_sparse_moe.gate.weight.grad.abs().sum() > 0
+    assert saved.model.layers[3].block_sparse_moe.experts[0].w1.weight.grad is None  # frozen
