@@ -410,6 +410,7 @@ def main(argv=None):
             try:
                 pieces = [piece for batch in batches for piece in oom.split(batch)]
                 loss_sum_total = torch.zeros((), device=dist.device)
+                router_aux_total = torch.zeros((), device=dist.device)  # mixtures of experts (model.py)
                 for micro_step, batch in enumerate(pieces):
                     # DDP all-reduces gradients only in the last micro-batch's backward; others accumulate.
                     with gradient_sync(model, enabled=micro_step == len(pieces) - 1), autocast:
@@ -417,10 +418,15 @@ def main(argv=None):
                     # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
                     scaler.scale(loss_sum * dist.world_size / n_targets).backward()
                     loss_sum_total += loss_sum.detach()
+                    if unwrap(model).router_aux_loss is not None:  # its share is in loss_sum already
+                        router_aux_total += unwrap(model).router_aux_loss / len(pieces)
                 break
             except Exception as error:
                 monitor.print(oom.handle(error, step, optimizer))  # re-raises anything but out-of-memory
         train_loss = all_reduce_sum(loss_sum_total, dist).item() / n_targets
+        router_aux_loss = None
+        if unwrap(model).router_aux_loss is not None:
+            router_aux_loss = all_reduce_sum(router_aux_total, dist).item() / dist.world_size
         if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
             stop_reason = "nan"
             sources = [train_examples.sources[i] for batch in batches for i in batch["sample_ids"]]
@@ -440,7 +446,16 @@ def main(argv=None):
         progress["tokens_seen"] += n_tokens
         progress.update(step=step, train_seconds=progress["train_seconds"] + seconds)
         context = max(b["input_ids"].shape[1] for b in batches)
-        monitor.log_step(step, train_loss, lr, grad_norm, tokens=n_tokens, seconds=seconds, context=context)
+        monitor.log_step(
+            step,
+            train_loss,
+            lr,
+            grad_norm,
+            tokens=n_tokens,
+            seconds=seconds,
+            context=context,
+            router_aux_loss=router_aux_loss,
+        )
 
     # ---------------------------------------------------------------- final report
     signals.restore()

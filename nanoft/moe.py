@@ -48,10 +48,15 @@ class SparseMoE(nn.Module):
         tokens = order // self.top_k  # the token of each pair, grouped by expert
         per_expert = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()  # one device sync
         grouped = x[tokens].split(per_expert)
-        # Every expert runs, on no tokens if none chose it, so each of its weights has a gradient (zero) and
-        # DDP, which expects one for every trainable parameter, does not wait for it.
+        # In training every expert runs, on no tokens if none chose it, so each of its weights has a
+        # gradient (zero) and DDP, which expects one for every trainable parameter, does not wait for it.
+        # Decoding skips them (most experts, one token at a time; a 4-bit linear costs as much on none).
         outputs = torch.cat(
-            [expert(tokens_in) for expert, tokens_in in zip(self.experts, grouped, strict=True)]
+            [
+                expert(tokens_in)
+                for expert, tokens_in in zip(self.experts, grouped, strict=True)
+                if len(tokens_in) or torch.is_grad_enabled()
+            ]
         )
         # Weighted in fp32 and added back at each token's row (its k outputs, in expert order).
         weighted = (outputs * weights.flatten()[order, None]).to(x.dtype)  # (N * k, C)

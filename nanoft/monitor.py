@@ -68,9 +68,18 @@ class Monitor:
         self.train_losses, self.last_eval, self.warned_flat = [], None, False  # for the warnings at evals
 
     def log_step(
-        self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float, context: int
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tokens: int,
+        seconds: float,
+        context: int,
+        router_aux_loss: float | None = None,
     ) -> None:
-        """One optimizer step: `tokens` processed by all ranks in `seconds`, sequences `context` long."""
+        """One optimizer step: `tokens` processed by all ranks in `seconds`, sequences `context` long;
+        `router_aux_loss`: a mixture of experts' load-balancing loss (in `loss` times its coefficient)."""
         if not self.enabled:
             return
         self.train_losses.append(loss)
@@ -88,6 +97,8 @@ class Monitor:
             mfu=mfu,
             memory_bytes=memory_bytes(self.device),
         )
+        if router_aux_loss is not None:
+            metrics["router_aux_loss"] = router_aux_loss
         for name, value in metrics.items():
             self.writer.add_scalar(f"train/{name}", value, step)
         self.append_metrics({"step": step, **metrics})
@@ -96,8 +107,10 @@ class Monitor:
         if not self.live and (step % self.log_every == 0 or step == self.total_steps):
             minutes = (time.perf_counter() - self.started) / 60
             eta = minutes / (step - self.start_step) * (self.total_steps - step)
+            aux = f" (router aux {router_aux_loss:.4f})" if router_aux_loss is not None else ""
             self.print(
-                f"step {step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:.0f} tokens/s, "
+                f"step {step}/{self.total_steps}: loss {loss:.4f}{aux}, lr {lr:.2e}, "
+                f"{tokens_per_s:.0f} tokens/s, "
                 f"MFU {mfu:.0%}, {minutes:.1f} min, ETA {eta:.1f} min"
             )
 
