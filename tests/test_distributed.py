@@ -394,7 +394,9 @@ def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_
 def test_a_mixture_of_experts_trains_the_same_under_fsdp(family_dir, tiny_model_dir, tmp_path, method):
     """Mixtral's experts are sharded with their layer: two FSDP ranks train as one process does (the same
     losses; the experts each rank's tokens skip still join every collective). Without the load-balancing
-    loss, which like transformers' is taken over each rank's own tokens."""
+    loss, which like transformers' is taken over each rank's own tokens. A small lr: Adam's first step
+    moves each weight by about lr x the sign of its gradient, so gradients that differ in rounding alone move
+    a router by +-lr, which near a tie sends a token to another expert (at 1e-2: 0.7% apart at step 2)."""
     model_dir = shutil.copytree(family_dir("mixtral"), tmp_path / "mixtral")
     for data in ("train.jsonl", "val.jsonl"):
         shutil.copy(tiny_model_dir / data, model_dir)
