@@ -215,13 +215,16 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 def matmul_weights(model) -> tuple[int, int]:
     """(frozen, trainable) weights that take part in matrix multiplies: the decoder's and lm_head's; not the
-    norms, nor the embedding table (only indexed) unless tied to lm_head (then listed once, by its name)."""
+    norms, nor the embedding table (only indexed) unless tied to lm_head (then listed once, by its name).
+    Per token: of a mixture of experts' experts, the share of num_experts_per_tok."""
     frozen = trainable = 0
     for name, param in model.named_parameters():
         if param.dim() < 2 or (name == "model.embed_tokens.weight" and not model.config.tie_word_embeddings):
             continue
         quant_state = getattr(param, "quant_state", None)  # 4-bit weights are packed two to a byte
         numel = quant_state.shape.numel() if quant_state is not None else param.numel()
+        if ".experts." in name:  # a mixture of experts: each token passes through k of them
+            numel = numel * model.config.num_experts_per_tok // model.config.num_experts
         if param.requires_grad:
             trainable += numel
         else:

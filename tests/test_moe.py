@@ -16,8 +16,10 @@ from test_lora import randomize_trainable
 
 from lora import LoRAConfig, LoRALinear, inject_lora, peft_expert_adapters_caveat, save_adapter
 from nanoft.errors import UserError
+from nanoft.memory import count_parameters
 from nanoft.model import ModelConfig
 from nanoft.moe import SparseMoE
+from nanoft.monitor import matmul_weights
 from nanoft.weights import from_pretrained, save_pretrained
 
 MOE_FAMILIES = ["mixtral", "qwen3_moe"]
@@ -228,3 +230,12 @@ def test_routers_get_adapters_only_when_named_and_train_as_modules_to_save(famil
     saved(input_ids, torch.roll(input_ids, -1, dims=1))[0].backward()
     assert saved.model.layers[3].block_sparse_moe.gate.weight.grad.abs().sum() > 0
     assert saved.model.layers[3].block_sparse_moe.experts[0].w1.weight.grad is None  # frozen
+
+
+def test_mfu_counts_the_experts_a_token_passes_through(family_dir):
+    model = from_pretrained(family_dir("mixtral"))
+    frozen, trainable = matmul_weights(model)
+    params, config = count_parameters(model.config), model.config
+    routers = config.num_hidden_layers * config.num_experts * config.hidden_size
+    assert frozen + trainable == params.block_linear_active + routers + params.lm_head
+    assert params.block_linear_active < params.block_linear
