@@ -13,6 +13,7 @@ from families import WINDOW, reference_gradients
 from peft import PeftModel
 from safetensors import safe_open
 from test_lora import randomize_trainable
+from test_model import left_padded_batch
 
 from lora import LoRAConfig, LoRALinear, inject_lora, peft_expert_adapters_caveat, save_adapter
 from nanoft.errors import UserError
@@ -36,14 +37,6 @@ def pair(path, tmp_path=None, **config_changes):
         path = tmp_path
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return from_pretrained(path), reference
-
-
-def left_padded_batch():
-    input_ids = torch.randint(3, 128, (2, T), generator=torch.Generator().manual_seed(3))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, :5] = 0
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
