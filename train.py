@@ -96,7 +96,13 @@ def to_device(batch: dict, device) -> dict:
 def forward(model, batch: dict):
     """(fp32 sum of the target tokens' cross-entropy, number of target tokens) of one batch."""
     ids, targets = batch["input_ids"], batch["targets"]
-    return model(ids, targets, position_ids=batch["position_ids"], document_ids=batch["document_ids"])
+    return model(
+        ids,
+        targets,
+        position_ids=batch["position_ids"],
+        document_ids=batch["document_ids"],
+        real_tokens=batch["real_tokens"],
+    )
 
 
 @torch.no_grad()

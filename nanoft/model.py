@@ -761,7 +761,12 @@ class Transformer(nn.Module):
         attention_mask=None,
         document_ids=None,
         kv_cache=None,
+        real_tokens=None,
     ):
+        """input_ids (B, T); position_ids (B, T), default 0.. after the cache; attention_mask (B, cached + T),
+        0 on padding; document_ids (B, T): packed documents never see each other; real_tokens (B, T) bool,
+        False on padding, for the load-balancing loss (default: attention_mask's 1s, else every token).
+        Returns the logits (B, T, vocab), or with targets (B, T) the summed loss and the number of targets."""
         B, T = input_ids.shape
         config, past = self.config, kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
@@ -805,10 +810,8 @@ class Transformer(nn.Module):
             # transformers' training loss is the mean cross-entropy + coef x aux: added here as a sum over the
             # targets, so that loss_sum / n_targets is that loss and across micro-batches the aux loss weighs
             # like their targets. Evaluation keeps the plain cross-entropy. Padding is not counted (the
-            # attention mask's 0s, packed rows' -1 documents).
-            counted = attention_mask[:, -T:] if attention_mask is not None else None
-            if counted is None and document_ids is not None:
-                counted = document_ids >= 0
+            # attention mask's 0s, or real_tokens' False).
+            counted = real_tokens if real_tokens is not None else attention_mask
             aux_loss = load_balancing_loss(router_logits, config.num_experts_per_tok, counted)
             self.router_aux_loss = aux_loss.detach()
             loss_sum = loss_sum + config.router_aux_loss_coef * aux_loss * n_targets

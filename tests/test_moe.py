@@ -108,8 +108,8 @@ def test_aux_loss_loss_and_gradients_equal_transformers(family_dir, family, padd
 
 
 def test_padding_is_left_out_of_the_balance(family_dir, tmp_path):
-    """The same tokens with padding after them (packed rows' -1 documents) give the same aux loss as
-    without it."""
+    """The same tokens with padding after them (marked in real_tokens, as nanoft/data_batches.py marks it)
+    give the same aux loss as without it."""
     ours, _ = pair(family_dir("mixtral"), tmp_path, output_router_logits=True)
     ours.train()
     input_ids = torch.randint(3, 128, (1, T), generator=torch.Generator().manual_seed(4))
@@ -118,8 +118,8 @@ def test_padding_is_left_out_of_the_balance(family_dir, tmp_path):
     alone = ours.router_aux_loss
     padded = torch.cat([input_ids, torch.zeros(1, 7, dtype=torch.long)], dim=1)
     padded_targets = torch.cat([targets, torch.full((1, 7), -100)], dim=1)
-    document_ids = torch.cat([torch.zeros(1, T, dtype=torch.long), torch.full((1, 7), -1)], dim=1)
-    ours(padded, padded_targets, document_ids=document_ids)
+    real_tokens = torch.arange(T + 7)[None] < T
+    ours(padded, padded_targets, real_tokens=real_tokens)
     torch.testing.assert_close(ours.router_aux_loss, alone)
     ours(padded, padded_targets)  # without a mask the padding is routed and counted
     assert (ours.router_aux_loss - alone).abs() > 1e-4
