@@ -166,8 +166,15 @@ class Rendered:
     prepend_bos: bool  # the Alpaca prompt on a model whose encode adds BOS (a chat template writes its own)
 
 
+def rendered_as(record_format: str, alpaca_style: str) -> str:
+    """How records of a format become text: what the model learns to read and write."""
+    if record_format == "chat" or (record_format == "alpaca" and alpaca_style == "chat"):
+        return "the model's chat template"
+    return "the Stanford Alpaca prompt" if record_format == "alpaca" else "raw text"
+
+
 def render_record(record: Record, tokenizer, alpaca_style: str) -> Rendered:
-    if record.format == "chat" or alpaca_style == "chat":
+    if rendered_as(record.format, alpaca_style) == "the model's chat template":
         messages = record.content if record.format == "chat" else alpaca_messages(record.content)
         text, spans = chat_template_spans(messages, tokenizer)
         return Rendered(text, spans, messages[-1]["role"] == "assistant", False)
@@ -245,8 +252,8 @@ def shifted(labels: list[int]) -> list[int]:
 def tokenize_records(
     records: list[Record], tokenizer, settings: DataSettings, report: DataReport
 ) -> TokenizedExamples:
-    """Chat and Alpaca records become one example each (truncated, or dropped with nothing to learn); raw text
-    documents become one stream cut into full seq_len blocks."""
+    """Chat and Alpaca records become one example each (truncated; dropped when no answer token is left within
+    seq_len); raw text documents become one stream cut into full seq_len blocks."""
     seq_len = settings.seq_len
     rendered, sources = [], []
     for record in records:
@@ -283,7 +290,7 @@ def tokenize_records(
 
     # Raw text: one stream of documents, each closed by EOS. Block k is tokens [k*T, (k+1)*T) predicting
     # [k*T+1, (k+1)*T], so every token is a target exactly once.
-    documents = [record for record in records if record.format == "text"]
+    documents = join_paragraphs([record for record in records if record.format == "text"])
     stream, document_starts = [], []
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     for ids, _ in encode_many(tokenizer, [document.content for document in documents]):
@@ -297,6 +304,18 @@ def tokenize_records(
         targets.append(stream[start + 1 : start + seq_len + 1])
         kept_sources.append(documents[bisect.bisect_right(document_starts, start) - 1].source)
     return TokenizedExamples.from_lists(input_ids, targets, kept_sources, seq_len)
+
+
+def join_paragraphs(records: list[Record]) -> list[Record]:
+    """Raw text records with the paragraphs of each .txt file (those left after dedup) joined back into one
+    document, a blank line between them; JSONL `text` records are documents already."""
+    documents = []
+    for record in records:
+        if record.document and documents and documents[-1].document == record.document:
+            documents[-1].content += "\n\n" + record.content
+        else:
+            documents.append(Record(record.source, record.format, record.content, record.document))
+    return documents
 
 
 # ---------------------------------------------------------------- reading, dedup, split, cache
@@ -340,11 +359,12 @@ def remove_duplicates(records: list[Record], near_dup_threshold: float | None, r
 
 def build_pools(train_files, val_files, tokenizer, settings: DataSettings, report: DataReport, log):
     """Read every file, deduplicate, tokenize: ({"train": examples[, "val": examples]}, dedup examples)."""
-    records = {"train": [], "val": []}
+    records, renderings = {"train": [], "val": []}, {}
     for split, paths in (("train", train_files), ("val", val_files)):
         for path in paths:
             file_records, file_report = read_records(path, settings.format, settings.skip_bad_records)
             records[split] += file_records
+            renderings[path] = {rendered_as(r.format, settings.alpaca_style) for r in file_records}
             report.files.append({"split": split, **file_report})
             report.skipped_bad_records += file_report["skipped_bad_records"]
             report.skipped_reasons += file_report["skipped_reasons"]
@@ -353,10 +373,23 @@ def build_pools(train_files, val_files, tokenizer, settings: DataSettings, repor
             "chat data needs a chat template, and this tokenizer has none "
             "(use an instruct model, or Alpaca / raw text data)"
         )
+    trained = set().union(*(renderings[path] for path in train_files))
+    for path in val_files:  # the val loss and the gates must measure the format the model learns
+        if unseen := renderings[path] - trained:
+            raise UserError(
+                f"{path}: --val-data renders as {' and '.join(sorted(unseen))}, which the --data does not "
+                f"({' and '.join(sorted(trained))}); its val loss would measure a prompt format the model "
+                "never trained on: give val data in the training data's format"
+                + (" or --alpaca-style chat" if "the Stanford Alpaca prompt" in trained | unseen else "")
+            )
     log(
         f"data: read {len(records['train'])} train and {len(records['val'])} val records; deduplicating and "
         "tokenizing (cached for the next run)"
     )
+    units = {
+        "a paragraph of a .txt file" if file["unit"] == "paragraph" else "a record" for file in report.files
+    }
+    report.dedup_unit = " / ".join(sorted(units, reverse=True))  # "a record / a paragraph of a .txt file"
     dedup_examples = []
     if settings.dedup:
         # Validation records come first so that a copy of one in the training data is the one removed.
@@ -374,13 +407,31 @@ def build_pools(train_files, val_files, tokenizer, settings: DataSettings, repor
     return pools, dedup_examples
 
 
+def val_split_size(n: int, val_frac: float) -> tuple[int, str]:
+    """How many of n examples the split holds out, and why that many: val_frac of them, but at least
+    MIN_VAL_EXAMPLES (and at most a quarter of the data) and at most MAX_VAL_EXAMPLES."""
+    if val_frac == 0:
+        return 0, "--val-frac 0"
+    wanted = round(val_frac * n)
+    n_val = min(max(wanted, MIN_VAL_EXAMPLES), MAX_VAL_EXAMPLES, n // 4)
+    share = f"{val_frac:.0%} of {n} is {wanted}"
+    if n_val == wanted:
+        return n_val, share
+    if n_val == MAX_VAL_EXAMPLES:
+        return n_val, f"{share}, capped at {MAX_VAL_EXAMPLES}: more only slows evaluation"
+    if n_val == MIN_VAL_EXAMPLES:
+        return n_val, f"{share}, raised to {MIN_VAL_EXAMPLES}: a val loss over fewer is noise"
+    return n_val, (
+        f"{share}, raised towards {MIN_VAL_EXAMPLES} (a val loss over fewer is noise) but at most a quarter "
+        "of the data"
+    )
+
+
 def split_train_val(examples: TokenizedExamples, val_frac: float, seed: int):
-    """A seeded random val_frac of the examples, at least MIN_VAL_EXAMPLES (but at most a quarter of the data)
-    and at most MAX_VAL_EXAMPLES."""
-    n = len(examples)
-    n_val = 0 if val_frac == 0 else min(max(round(val_frac * n), MIN_VAL_EXAMPLES), MAX_VAL_EXAMPLES, n // 4)
-    order = np.random.default_rng(seed).permutation(n)
-    return examples.subset(np.sort(order[n_val:])), examples.subset(np.sort(order[:n_val]))
+    """(train, val, why val is that size): a seeded random val_split_size(...) of the examples held out."""
+    n_val, why = val_split_size(len(examples), val_frac)
+    order = np.random.default_rng(seed).permutation(len(examples))
+    return examples.subset(np.sort(order[n_val:])), examples.subset(np.sort(order[:n_val])), why
 
 
 def resolve_alpaca_style(alpaca_style: str, tokenizer) -> str:
@@ -456,14 +507,14 @@ def prepare_data(
     if val_files:
         train, val, report.val_source = pools["train"], pools["val"], "files"
     else:
-        train, val = split_train_val(pools["train"], val_frac, seed)
+        train, val, report.val_split = split_train_val(pools["train"], val_frac, seed)
         report.val_source = "split" if len(val) else "none"
     report.train_examples, report.val_examples = len(train), len(val)
     report.train_tokens, report.val_tokens = train.n_tokens, val.n_tokens
     report.train_target_tokens, report.val_target_tokens = train.n_target_tokens, val.n_target_tokens
     if not len(train):
         raise UserError(
-            f"no training examples are left: {report.dropped_examples} had nothing to learn within --seq-len "
+            f"no training examples are left: {report.dropped_examples} had no answer token within --seq-len "
             f"{seq_len} (raise it), {report.exact_duplicates_removed + report.near_duplicates_removed} were "
             f"duplicates, {len(val)} went to validation; raw text shorter than one --seq-len block gives none"
         )

@@ -4,7 +4,8 @@
     ... train: only the adapters have requires_grad ...
     save_adapter(model, "out/adapter", base_model_name_or_path=path)   # PEFT and vLLM load this directory
     model = load_adapter(from_pretrained(path), "out/adapter")
-    export_merged(model, model.config, path, "out/merged")             # a plain Hugging Face model directory
+    merge_lora(model)                                                  # fold the updates in, in memory
+    # a merged Hugging Face model on disk, streamed from the base checkpoint: nanoft/merge.py
 
 A linear layer y = W x + b (W: out x in) gets a low-rank update, y = W x + b + scale * B A dropout(x), with
 A (r x in) and B (out x r). A starts Kaiming-uniform and B at zero: step 0 is exactly the base model, and the
@@ -34,7 +35,7 @@ from nanoft.cpu_dropout import CPUFriendlyDropout
 from nanoft.errors import UserError
 from nanoft.memory import unknown_targets_error
 from nanoft.moe import SparseMoE
-from nanoft.weights import copy_tokenizer_files, save_pretrained, write_atomically
+from nanoft.weights import write_atomically
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector")
@@ -93,18 +94,30 @@ class LoRALinear(nn.Module):
     """A linear layer (nn.Linear, or a bitsandbytes one used as is, never copied) plus a LoRA update."""
 
     def __init__(
-        self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora=False, use_dora=False
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora=False,
+        use_dora=False,
+        device=None,
     ):
         super().__init__()
         self.base_layer = base_layer
-        device = base_layer.weight.device
+        # Beside the base weight, or on `device` when the base is still on the meta device (train.py loads it
+        # after FSDP has sharded the model): the adapters are drawn now, from the seed, alike on every rank.
+        on_meta = base_layer.weight.device.type == "meta"
+        if use_dora and on_meta:
+            raise UserError("DoRA's magnitudes come from the base weights: load them before injecting LoRA")
+        device = device if on_meta else base_layer.weight.device
         # fp32 adapters even on a bf16 base: the optimizer updates them, and bf16 would round small steps off.
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and the LoRA paper's code
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = CPUFriendlyDropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scale = lora_scale(r, alpha, use_rslora)
         self.use_dora = use_dora
         if use_dora:  # B = 0, so m = ||W||: the layer starts as the base
             self.lora_magnitude_vector = nn.Parameter(self.weight_norm(dense_weight(base_layer).float()))
@@ -144,11 +157,11 @@ class LoRALinear(nn.Module):
         """Fold the update into the base weight: inference at the base's cost. Dequantizes a 4/8-bit base."""
         if self.merged:
             return
-        weight = dense_weight(self.base_layer).float()
-        weight = weight + self.scale * (self.lora_B.weight @ self.lora_A.weight).float()
-        if self.use_dora:
-            self.norm_at_merge = torch.linalg.norm(weight, dim=1)  # unmerge must divide by this very value
-            weight = (self.lora_magnitude_vector / self.norm_at_merge)[:, None] * weight
+        weight, lora_A, lora_B = dense_weight(self.base_layer), self.lora_A.weight, self.lora_B.weight
+        magnitude = self.lora_magnitude_vector if self.use_dora else None
+        if self.use_dora:  # unmerge must divide by this very norm
+            self.norm_at_merge = torch.linalg.norm(merged_weight(weight, lora_A, lora_B, self.scale), dim=1)
+        weight = merged_weight(weight, lora_A, lora_B, self.scale, magnitude)
         if is_quantized(self.base_layer):
             self.base_layer = dense_linear(self.base_layer, weight)
             self.dequantized_by_merge = True
@@ -170,6 +183,21 @@ class LoRALinear(nn.Module):
         self.merged = False
 
 
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """What B A is multiplied by: alpha / r, or rsLoRA's alpha / sqrt(r)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@torch.no_grad()
+def merged_weight(weight, lora_A, lora_B, scale: float, magnitude=None) -> torch.Tensor:
+    """W + scale B A in fp32; with DoRA's magnitude m, each row scaled to length m: m (W + scale B A) / ||.||.
+    The weight that computes what LoRALinear does (PEFT merges the same way)."""
+    weight = weight.float() + scale * (lora_B.float() @ lora_A.float())
+    if magnitude is not None:
+        weight = (magnitude.float() / torch.linalg.norm(weight, dim=1))[:, None] * weight
+    return weight
+
+
 def dense_linear(quantized: nn.Linear, weight: torch.Tensor) -> nn.Linear:
     """A frozen nn.Linear in the quantized layer's compute dtype holding `weight`."""
     dtype = getattr(quantized, "compute_dtype", None) or torch.float32
@@ -187,10 +215,10 @@ def matches(module_name: str, names) -> bool:
     return any(module_name == name or module_name.endswith("." + name) for name in names)
 
 
-def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Wrap the targeted linear layers of the decoder blocks (never lm_head), freeze everything else."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise UserError("the model already has LoRA adapters; inject or load only once")
+def lora_layers(model: nn.Module, cfg: LoRAConfig):
+    """(the decoder blocks' linears as (name, module), ids of the targeted ones, the modules_to_save), or a
+    UserError naming what does not exist. The model may be on the meta device: train.py checks a config
+    against the model's layer names this way before it reads any data."""
     # isinstance(nn.Linear) also finds bitsandbytes Linear4bit / Linear8bitLt: they subclass it.
     blocks = model.model.layers.named_modules(prefix="model.layers")
     linears = [(name, m) for name, m in blocks if isinstance(m, nn.Linear)]
@@ -210,11 +238,20 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise UserError(f"modules_to_save {missing} are not in the model; its modules: {', '.join(names)}")
     if any(id(inner) in targeted for module in saved for inner in module.modules()):
         raise UserError("modules_to_save must not hold LoRA targets; name whole layers such as embed_tokens")
+    return linears, targeted, saved
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig, device=None) -> nn.Module:
+    """Wrap the targeted linear layers of the decoder blocks (never lm_head), freeze everything else.
+    device: where the adapters go when the base is on the meta device (else beside its weights)."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UserError("the model already has LoRA adapters; inject or load only once")
+    linears, targeted, saved = lora_layers(model, cfg)
     model.requires_grad_(False)
     for name, linear in linears:
         if id(linear) in targeted:
             parent, _, child = name.rpartition(".")
-            wrapped = LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora)
+            wrapped = LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.use_dora, device)
             setattr(model.get_submodule(parent), child, wrapped)
     for module in saved:  # trained in place: on a tied model, embed_tokens and lm_head move together
         module.requires_grad_(True)
@@ -264,7 +301,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     modules_to_save and counts the copy too; we train them in place, so "all" is smaller by that much."""
     trainable = total = 0
     for param in model.parameters():  # shared (tied) tensors are listed once
-        is_4bit = type(param).__name__ == "Params4bit"
+        is_4bit = type(param).__name__ == "Params4bit" and param.bnb_quantized  # on meta: not packed yet
         n = param.numel() * 2 * param.element_size() if is_4bit else param.numel()
         total += n
         trainable += n if param.requires_grad else 0
@@ -351,8 +388,8 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path="", tensors: di
     )
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
-    """Inject LoRA as an adapter directory (ours or PEFT's) describes it, then load its tensors."""
+def read_adapter_config(path) -> tuple[LoRAConfig, dict]:
+    """The LoRAConfig an adapter directory (ours or PEFT's) describes, and its adapter_config.json as read."""
     config_file, weights_file = Path(path) / "adapter_config.json", Path(path) / "adapter_model.safetensors"
     for file in (config_file, weights_file):
         if not file.is_file():
@@ -387,16 +424,50 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         use_dora=get("use_dora", False),
         modules_to_save=tuple(dict.fromkeys(get("modules_to_save") or ())),
     )
-    inject_lora(model, cfg)
-    ours, loaded = model.state_dict(keep_vars=True), set()
-    with torch.no_grad(), safe_open(weights_file, framework="pt") as adapter:
+    return cfg, peft_config
+
+
+def adapter_base_model(path) -> Path:
+    """The base model directory an adapter names (adapter_config.json's base_model_name_or_path); a UserError
+    naming it and --model when it is not a directory on this machine (a Hub id, or another machine's path)."""
+    _, peft_config = read_adapter_config(path)
+    base = peft_config.get("base_model_name_or_path")
+    config_file = Path(path) / "adapter_config.json"
+    if not base:
+        raise UserError(f"{config_file} names no base model (base_model_name_or_path); pass --model DIR")
+    if not Path(base).expanduser().is_dir():
+        raise UserError(
+            f"{config_file}: its base model {base} is not a directory here; pass --model DIR (that model's "
+            "Hugging Face directory)"
+        )
+    return Path(base).expanduser()
+
+
+def read_adapter_tensors(path) -> dict[str, torch.Tensor]:
+    """An adapter directory's tensors under our names (`model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+    tensors = {}
+    with safe_open(Path(path) / "adapter_model.safetensors", framework="pt") as adapter:
         for key in adapter.keys():
             # PEFT's in-memory names work too: `.default` (the adapter's name), the modules_to_save copy.
             name = re.sub(r"\.(modules_to_save\.)?default(?=\.|$)", "", key.removeprefix(PEFT_PREFIX))
-            name = name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+            tensors[name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")] = (
+                adapter.get_tensor(key)
+            )
+    return tensors
+
+
+def load_adapter(model: nn.Module, path) -> nn.Module:
+    """Inject LoRA as an adapter directory (ours or PEFT's) describes it, then load its tensors."""
+    cfg, _ = read_adapter_config(path)
+    weights_file = Path(path) / "adapter_model.safetensors"
+    inject_lora(model, cfg)
+    ours, loaded = model.state_dict(keep_vars=True), set()
+    with torch.no_grad():
+        for name, tensor in read_adapter_tensors(path).items():
+            key = PEFT_PREFIX + name
             if name not in ours or not ours[name].requires_grad:
                 raise UserError(f"{weights_file}: tensor '{key}' matches nothing trainable in this model")
-            tensor, target = adapter.get_tensor(key), ours[name]
+            target = ours[name]
             if tensor.shape != target.shape:
                 raise UserError(
                     f"{weights_file}: '{key}' has shape {tuple(tensor.shape)}, this model needs "
@@ -409,14 +480,3 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             f"{weights_file}: lacks {len(missing)} adapter tensors, e.g. '{PEFT_PREFIX}{missing[0]}'"
         )
     return model
-
-
-def export_merged(model, config, tokenizer_source_dir, out_dir, dtype=torch.bfloat16) -> None:
-    """Merge the adapters (in place: the model stays merged) and write a Hugging Face model directory."""
-    merge_lora(model)
-    for name, module in list(model.named_modules()):
-        if is_quantized(module):  # QLoRA layers without an adapter: a merged export is full precision
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense_linear(module, dense_weight(module)))
-    save_pretrained(base_state_dict(model), config, out_dir, dtype=dtype)
-    copy_tokenizer_files(tokenizer_source_dir, out_dir)

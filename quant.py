@@ -10,10 +10,10 @@ experts included; embeddings, norms, mixture-of-experts routers and lm_head stay
 chunked loss multiplies by lm_head's weight matrix directly). The model is built on the meta device and each
 linear weight is quantized the moment it is read, so loading peaks at the quantized model plus one
 full-precision tensor and its quantization temporaries (nanoft.weights reads each tensor into its own memory,
-never memory-maps a shard). Adapters are saved alone (lora.save_adapter); a merged export dequantizes each
-4-bit weight and adds the update (lora.export_merged). Serve the 4-bit base + adapter, or that merged bf16
-export (measured on SmolLM2 after 60 steps: +0.008 val loss); never quantize a merged model to 4-bit again
-(+1.06: the update is finer than NF4's steps).
+never memory-maps a shard). Adapters are saved alone (lora.save_adapter). `--merge` (nanoft/merge.py) merges
+the adapter into the original 16-bit checkpoint by default, or (`--merge-base quantized`) into the weights as
+this 4-bit base holds them; bench/qlora_merge_gap.py measures both against the 4-bit base + adapter. Never
+quantize a merged model to 4-bit again (+1.06 val loss: the update is finer than NF4's steps).
 `make_optimizer` adds QLoRA's third ingredient, bitsandbytes' 8-bit and paged AdamW.
 Measured: bench/quant_memory.py, bench/matmul_4bit.py, bench/qlora_merge_gap.py.
 """
@@ -24,14 +24,27 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lora import matches
 from nanoft.config import OPTIMIZERS, QUANT_TYPES
 from nanoft.errors import UserError
+from nanoft.fsdp_qlora import bitsandbytes_linear_classes, load_4bit_shard
 from nanoft.model import Transformer
 from nanoft.moe import SparseMoE
 from nanoft.precision import DTYPES
-from nanoft.weights import assign_tensor, iter_checkpoint_tensors, load_config
+from nanoft.weights import empty_model, load_weights
+
+
+def without_optional_kernel_notice(record: logging.LogRecord) -> bool:
+    """bitsandbytes (0.50, on CPUs with AVX512-BF16) logs on import that it could not load an optional CPU
+    kernel from the `kernels` package ("Failed to load CPU gemm_4bit_forward from kernels-community ..."); it
+    falls back to its own kernel, which the tests and benchmarks measure. Nothing for the user to act on."""
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# On the logger that prints it, before anything imports bitsandbytes; its other warnings still reach the user.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(without_optional_kernel_notice)
 
 
 def bitsandbytes_error(error: Exception, flag: str) -> UserError:
@@ -109,13 +122,15 @@ def make_quantized_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
 def quantize_weight(layer: nn.Module, weight: torch.Tensor, config: QuantConfig, device) -> None:
     """Quantize a full-precision (out, in) weight into `layer` on `device` (bitsandbytes does it in `.to`)."""
     bnb = import_bitsandbytes(f"--quant {config.quant}")
-    weight = weight.to(device=device, dtype=config.compute_dtype)
     try:
         if config.quant == "int8":
+            # Int8Params quantizes only when moved off the CPU (or kept there): a weight already on the GPU
+            # would stay 16-bit. So it goes over as read, and only its 8-bit form is kept there.
+            weight = weight.to(device="cpu", dtype=config.compute_dtype)
             layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
-        else:
+        else:  # Params4bit quantizes wherever it is moved: on the GPU, with the GPU's kernels
             layer.weight = bnb.nn.Params4bit(
-                weight,
+                weight.to(device=device, dtype=config.compute_dtype),
                 requires_grad=False,
                 compress_statistics=config.double_quant,
                 quant_type=config.quant,
@@ -129,8 +144,8 @@ def quantize_weight(layer: nn.Module, weight: torch.Tensor, config: QuantConfig,
 def quantize_linears(model: nn.Module, config: QuantConfig) -> list[str]:
     """Replace the model's `nn.Linear` modules (all but `config.skip`) by bitsandbytes ones, in place.
 
-    A loaded linear is quantized now, where its weight is; one on the meta device stays empty for the loader
-    to fill as the weight is read. Returns the replaced modules' names.
+    A loaded linear is quantized now, where its weight is; one on the meta device stays empty for
+    load_weights to fill as the weight is read (`weight_quantizer`). Returns the replaced modules' names.
     """
     # A mixture of experts' router stays in the compute dtype: it is small, and 4-bit rounding of its scores
     # would send tokens to other experts.
@@ -144,12 +159,33 @@ def quantize_linears(model: nn.Module, config: QuantConfig) -> list[str]:
         parent_name, _, child_name = name.rpartition(".")
         linear = model.get_submodule(name)
         layer = make_quantized_linear(linear, config)
+        if linear.bias is not None:  # kept in the compute dtype, like the layer's output
+            bias = linear.bias.detach().to(config.compute_dtype)
+            layer.bias = nn.Parameter(bias, requires_grad=False)
         if linear.weight.device.type != "meta":
             quantize_weight(layer, linear.weight.detach(), config, linear.weight.device)
-            if linear.bias is not None:
-                layer.bias = nn.Parameter(linear.bias.detach().to(config.compute_dtype), requires_grad=False)
         setattr(model.get_submodule(parent_name), child_name, layer)
     return names
+
+
+def weight_quantizer(config: QuantConfig, device):
+    """load_weights' hook (nanoft/weights.py): the weight of a layer quantize_linears made is quantized on
+    `device` the moment it is read; under FSDP this rank keeps its rows of the packed bytes."""
+    Linear4bit, Linear8bitLt = bitsandbytes_linear_classes()
+
+    def quantize(module: nn.Module, attribute: str, stored) -> bool:
+        if attribute != "weight" or not isinstance(module, Linear4bit | Linear8bitLt):
+            return False
+        weight = stored.read()
+        if isinstance(module.weight, DTensor):  # sharded: quantize the whole tensor, keep this rank's rows
+            whole = make_quantized_linear(module, config)
+            quantize_weight(whole, weight, config, device)
+            load_4bit_shard(module, whole.weight.data, whole.weight.quant_state)
+        else:
+            quantize_weight(module, weight, config, device)
+        return True
+
+    return quantize
 
 
 def load_quantized(
@@ -166,31 +202,10 @@ def load_quantized(
     The options are QuantConfig's; `device` ("cpu", "cuda") is where weights are quantized and kept.
     """
     config = QuantConfig(quant, double_quant, compute_dtype, quant_storage, skip)
-    model_config = load_config(path)
-    with torch.device("meta"):
-        model = Transformer(model_config)
-    quantized = {name + ".weight": model.get_submodule(name) for name in quantize_linears(model, config)}
-    expected = {name for name, _ in model.named_parameters()}
-    loaded = set()
-    for name, tensor in iter_checkpoint_tensors(path):
-        if model_config.tie_word_embeddings and name == "lm_head.weight":
-            continue  # some tied checkpoints store the copy anyway
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # old checkpoints saved the RoPE buffer; it is recomputed
-        if name in quantized:
-            quantize_weight(quantized[name], tensor, config, device)
-        else:
-            assign_tensor(model, name, tensor.to(device=device, dtype=config.compute_dtype), path)
-        loaded.add(name)
-    missing = expected - loaded
-    if missing:
-        raise UserError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. '{sorted(missing)[0]}'")
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)  # QLoRA trains adapters only; the base is frozen, quantized or not
-    if model_config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_rope(device)
-    return model
+    model = empty_model(path, config.compute_dtype)
+    quantize_linears(model, config)
+    load_weights(model, path, device, quantize=weight_quantizer(config, device))
+    return model.requires_grad_(False)  # QLoRA trains adapters only; the base is frozen, quantized or not
 
 
 class WeightBytes(NamedTuple):

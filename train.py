@@ -9,234 +9,164 @@
     torchrun --nproc_per_node=4 train.py --out runs/x --fsdp full_shard  # FSDP2: the model sharded
     python train.py --help                                       # every flag (--config FILE.toml sets them)
 
-config -> devices -> data -> model (4-bit for QLoRA) -> LoRA or full -> optimizer and schedule -> (resume)
--> the loop (evaluate, checkpoint, one optimizer step over accumulated micro-batches) -> the final report.
-The run directory ends up holding the best adapter (PEFT format) or best weights (Hugging Face format),
-summary.json, report.md, resumable checkpoints, TensorBoard logs and metrics.jsonl.
+`main()` is the recipe: resolve the config, prepare the data, build the model, build the optimizer, train,
+report. Each phase is a function below it, in that order; `train_step()` is one optimizer step. The run
+directory ends up holding the best adapter (PEFT format) or best weights (Hugging Face format), summary.json,
+report.md, resumable checkpoints, TensorBoard logs and metrics.jsonl.
 """
 
-import itertools
 import math
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from data import prepare_data
-from lora import (
-    PEFT_PREFIX,
-    LoRAConfig,
-    export_merged,
-    inject_lora,
-    peft_expert_adapters_caveat,
-    save_adapter,
-    trainable_parameters_line,
+import data
+import lora
+import quant
+from nanoft import (
+    checkpoint,
+    cpu_allocator,
+    distributed,
+    errors,
+    interruptions,
+    loss,
+    lr_sweep,
+    merge,
+    planner,
+    report,
+    schedule,
+    weights,
 )
-from nanoft.checkpoint import (
-    check_resume_config,
-    latest_checkpoint,
-    load_checkpoint,
-    new_progress,
-    prepare_run_dir,
-    prune_checkpoints,
-    record_eval,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    write_directory_atomically,
-)
-from nanoft.config import DEFAULT_LR, default_out_dir, hyperparameter_notes, parse_config, save_config
-from nanoft.cpu_allocator import keep_freed_memory
+from nanoft.config import TrainConfig, parse_config, save_config
 from nanoft.data_batches import Batches
-from nanoft.data_report import SPOT_CHECK_SAMPLES
+from nanoft.data_report import DataReport
 from nanoft.default_data import default_data_path
 from nanoft.default_model import resolve_model
-from nanoft.distributed import (
-    all_reduce_sum,
-    clip_grad_norm,
-    full_state_dict,
-    gather_to_main,
-    gradient_sync,
-    is_fsdp,
-    load_full_state_dict,
-    load_optimizer_state_dict,
-    optimizer_state_dict,
-    print0,
-    scatter_from_main,
-    seed_for_rank,
-    setup_distributed,
-    teardown,
-    unwrap,
-    wrap_model,
-)
-from nanoft.errors import UserError, exit_on_user_error
-from nanoft.interruptions import OOMRecovery, StopSignals
-from nanoft.loss import IGNORE_INDEX
-from nanoft.lr_sweep import run_lr_sweep, sweep_table
-from nanoft.monitor import Monitor, generate_samples, peak_memory_bytes, val_prompts
-from nanoft.planner import format_plan, plan_for_run
-from nanoft.precision import choose_precision
-from nanoft.report import nan_advice, summary_lines, write_run_report
-from nanoft.schedule import lr_at
+from nanoft.monitor import Monitor, generate_samples, val_prompts
+from nanoft.precision import Precision, choose_precision
 from nanoft.tokenizer import Tokenizer
-from nanoft.weights import copy_tokenizer_files, from_pretrained, load_config, save_pretrained
-from quant import load_quantized, make_optimizer
 
 
-def to_device(batch: dict, device) -> dict:
-    return {
-        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
-    }
-
-
-def forward(model, batch: dict):
-    """(fp32 sum of the target tokens' cross-entropy, number of target tokens) of one batch."""
-    ids, targets = batch["input_ids"], batch["targets"]
-    return model(
-        ids,
-        targets,
-        position_ids=batch["position_ids"],
-        document_ids=batch["document_ids"],
-        real_tokens=batch["real_tokens"],
-    )
-
-
-@torch.no_grad()
-def evaluate(model, val_batches, dist, autocast) -> float:
-    """Val loss per target token over the whole val split (each rank its share, summed over ranks)."""
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
-    n_batches = 0
-    for batch in val_batches:
-        with autocast:
-            loss_sum, n_targets = forward(model, to_device(batch, dist.device))
-        totals += torch.stack([loss_sum.double(), n_targets.double()])
-        n_batches += 1
-    if is_fsdp(model):
-        # FSDP's forward is a collective: where this rank's share of the last batch was empty, it still joins
-        # the others' forward, with one token and no target.
-        no_target = {
-            "input_ids": torch.zeros((1, 1), dtype=torch.long),
-            "targets": torch.full((1, 1), IGNORE_INDEX),
-        }
-        for _ in range(len(val_batches) - n_batches):
-            with autocast:
-                model(**to_device(no_target, dist.device))
-    model.train()
-    totals = all_reduce_sum(totals, dist)
-    return (totals[0] / totals[1]).item()
-
-
-def save_best_weights(model, dist, run_dir: Path, model_dir: Path, method: str) -> None:
-    """The run's best weights so far: run_dir/adapter in PEFT format, or run_dir/model for full fine-tunes."""
-    if method == "full":
-        weights = full_state_dict(model, dist, trainable_only=False)  # every rank calls: FSDP gathers
-        if dist.is_main:
-            write = lambda tmp: (
-                save_pretrained(weights, unwrap(model).config, tmp),
-                copy_tokenizer_files(model_dir, tmp),
-            )
-            write_directory_atomically(run_dir / "model", write)
-        return
-    # Under FSDP each rank holds a shard of each adapter: gather them (every rank calls) for rank 0 to write.
-    adapter = full_state_dict(model, dist, trainable_only=True) if is_fsdp(model) else None
-    if dist.is_main:
-        base = str(model_dir)
-        write = lambda tmp: save_adapter(unwrap(model), tmp, base_model_name_or_path=base, tensors=adapter)
-        write_directory_atomically(run_dir / "adapter", write)
-
-
-def export_best_merged(model, best_dir: Path, model_dir: Path, out_dir: Path, dtype) -> None:
-    """Load the best adapter back into the model and write it merged into the base (a plain HF model)."""
-    best = load_file(best_dir / "adapter_model.safetensors")
-    _, unexpected = model.load_state_dict(
-        {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in best.items()}, strict=False
-    )
-    assert not unexpected, unexpected  # the adapter was written from this very model
-    write_directory_atomically(
-        out_dir, lambda tmp: export_merged(model, model.config, model_dir, tmp, dtype=dtype)
-    )
-
-
-def save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist) -> None:
-    """A resumable checkpoint; every rank calls this (weights, optimizer shards and RNGs are gathered)."""
-    trainable = full_state_dict(model, dist, trainable_only=True)
-    optimizer_state = optimizer_state_dict(model, optimizer, dist)
-    rng_states = gather_to_main(rng_state(), dist)
-    if dist.is_main:
-        state = {**progress, "data": train_batches.state_dict(), "scaler": scaler.state_dict()}
-        step = progress["step"]
-        save_checkpoint(run_dir, step, trainable, optimizer_state, rng_states, state, config.to_dict())
-        prune_checkpoints(run_dir, config.keep_last, keep_step=progress["best_step"])
-
-
-def restore_training_state(run_dir, model, optimizer, scaler, train_batches, dist) -> dict:
-    """Load the latest checkpoint (read by rank 0, sent to the others); return the run's progress."""
-    checkpoint = load_checkpoint(latest_checkpoint(run_dir)) if dist.is_main else {}
-    load_full_state_dict(model, checkpoint.get("trainable", {}), dist)
-    load_optimizer_state_dict(model, optimizer, checkpoint.get("optimizer", {}), dist)
-    state = scatter_from_main([checkpoint["state"]] * dist.world_size if dist.is_main else None, dist)
-    train_batches.load_state_dict(state.pop("data"))
-    scaler.load_state_dict(state.pop("scaler"))
-    set_rng_state(scatter_from_main(checkpoint.get("rng"), dist))  # last: nothing may draw from them after
-    print0(dist, f"resumed from {latest_checkpoint(run_dir)} at step {state['step']}")
-    return {**new_progress(), **state}
-
-
-@exit_on_user_error
+@errors.exit_on_user_error
 def main(argv=None):
     started = time.perf_counter()
-    # ---------------------------------------------------------------- config, plan, devices
     config = parse_config(argv)
-    if config.plan:  # print what fits this model on this hardware, and why; train nothing (nanoft/planner.py)
-        print(format_plan(plan_for_run(config, planning_only=True), config.model or "SmolLM2-135M-Instruct"))
+    if config.plan:  # what fits this model on this hardware, and why; train nothing (nanoft/planner.py)
+        plan = planner.plan_for_run(config, planning_only=True)
+        print(planner.format_plan(plan, config.model or "SmolLM2-135M-Instruct"))
         return
-    dist = setup_distributed(config.device, timeout_s=config.dist_timeout)
-    if dist.device.type == "cpu":
-        keep_freed_memory()  # reuse what a step frees, not fault in fresh pages (nanoft/cpu_allocator.py)
+    run = resolve_config(config, started)
+    torch.manual_seed(run.config.seed)  # the same on every rank: LoRA's first A is the same everywhere
+    training_data = prepare_data(run)
+    model, parameter_counts = build_model(run)
+    optimizer, scaler = build_optimizer(model, run)
+    if run.config.lr_sweep:  # LR range test on ~1% of the data (nanoft/lr_sweep.py), then exit
+        sweep_lr(model, training_data.train_batches, run)
+        return
+    # The input is checked and the model built (bad weights or LoRA targets fail above): from here on the
+    # directory holds a run, and resume needs this file (a resumed run rewrites it with its checkpoints).
+    if run.dist.is_main and not run.config.resume:
+        save_config(run.config, run.dir / "config.json")
+    progress = checkpoint.Progress()
+    if run.config.resume:
+        progress = restore_training_state(run, model, optimizer, scaler, training_data)
+        run.started -= progress.wall_seconds  # the earlier sessions' wall-clock time counts too
+    print_what_to_watch(run, training_data, parameter_counts)
+    total_steps, dtype = training_data.total_steps, run.precision.compute_dtype
+    monitor = Monitor(run.dir, run.dist, total_steps, progress.step, distributed.unwrap(model), dtype)
+    signals = interruptions.StopSignals()  # SIGINT / SIGTERM from here on: finish the step, save, exit
+    stop_reason = train(run, model, optimizer, scaler, training_data, progress, monitor, signals)
+    signals.restore()
+    if stop_reason == "signal":
+        exit_on_signal(run, monitor, signals, progress.step)
+    report_run(run, model, training_data, progress, monitor, stop_reason)
+
+
+# ---------------------------------------------------------------- resolve the config
+
+
+@dataclass
+class Run:
+    """What every phase needs to know about this run once its config is resolved."""
+
+    config: TrainConfig  # as trained: --method auto's plan applied; lr, --out, --quant and --dtype filled in
+    dist: distributed.Dist  # this process's rank, the number of processes and the device
+    dir: Path  # the run directory (--out)
+    model_dir: Path  # the Hugging Face model directory trained from (--model, or the built-in one)
+    precision: Precision  # the dtypes of compute, of the frozen base and of the trained weights, and why
+    autocast: torch.autocast  # the forward's mixed precision: on for full fine-tunes in bf16 or fp16 only
+    lora_config: lora.LoRAConfig | None  # the adapters to train; None for a full fine-tune
+    started: float  # time.perf_counter() when the run started (moved back by earlier sessions' time)
+    # Settings this resume changes (checkpoint.resume_changes): recorded in the progress once a step trains.
+    resume_changes: list = field(default_factory=list)
+
+
+def resolve_config(config: TrainConfig, started: float) -> Run:
+    """Join the other processes, settle every setting the config left open and check them against the run
+    directory and the model, before anything expensive happens."""
+    dist = distributed.setup_distributed(config.device, timeout_s=config.dist_timeout)
     if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
         # Planned on rank 0 alone: free memory differs from rank to rank, and so could the plans.
-        plan = plan_for_run(config, planning_only=False) if dist.is_main else None
-        plan = scatter_from_main([plan] * dist.world_size if dist.is_main else None, dist)
-        config = replace(
-            config,
-            method=plan.method,
-            batch_size=plan.micro_batch,
-            grad_accum=plan.grad_accum,
-            activation_checkpointing=plan.activation_checkpointing,
-            fsdp="full_shard" if plan.layout.startswith("fsdp") and config.fsdp == "none" else config.fsdp,
-            fsdp_cpu_offload=config.fsdp_cpu_offload or plan.layout == "fsdp_offload",
-        )
-        print0(dist, f"--method auto: {plan.method}, {plan.layout}; {plan.reasons[-1]} (--plan shows why)")
-    quant = config.quant or ("nf4" if config.method == "qlora" else "")
-    config = replace(
-        config, lr=config.lr or DEFAULT_LR[config.method], out=config.out or default_out_dir(), quant=quant
+        plan = planner.plan_for_run(config, planning_only=False) if dist.is_main else None
+        plan = distributed.scatter_from_main([plan] * dist.world_size if dist.is_main else None, dist)
+        config = planner.apply_plan(config, plan)
+        reason = f"{plan.reasons[-1]} (--plan shows why)"
+        distributed.print0(dist, f"--method auto: {plan.method}, {plan.layout}; {reason}")
+    # CPU: reuse what a step frees, not fault in fresh pages; under FSDP give the gathered layers back at once
+    # (nanoft/cpu_allocator.py).
+    if dist.device.type == "cpu" and config.fsdp == "none":
+        cpu_allocator.keep_freed_memory()
+    elif dist.device.type == "cpu":
+        cpu_allocator.give_back_freed_memory()
+    config = config.with_defaults()  # the lr by method, --out by a time stamp, NF4 for QLoRA
+    run_dir = checkpoint.prepare_run_dir(
+        config.out, resume=config.resume, overwrite=config.overwrite, dist=dist
     )
-    run_dir = prepare_run_dir(config.out, resume=config.resume, overwrite=config.overwrite, dist=dist)
-    if config.resume:  # a failed resume must leave the run's config.json as it was
-        check_resume_config(run_dir, config.to_dict())
     model_dir = resolve_model(config.model)
-    model_config = load_config(model_dir)
-    if config.seq_len > model_config.max_position_embeddings:
-        raise UserError(
-            f"--seq-len {config.seq_len} is longer than the model's context "
-            f"({model_config.max_position_embeddings}); lower it"
+    context = weights.load_config(model_dir).max_position_embeddings
+    if config.seq_len > context:
+        raise errors.UserError(
+            f"--seq-len {config.seq_len} is longer than the model's context ({context}); lower it"
         )
+    lora_config = None
+    if config.method in ("lora", "qlora"):  # a bad --lora-targets now, not after the data is tokenized
+        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
+        lora_config = lora.LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+        lora.lora_layers(weights.empty_model(model_dir), lora_config)  # on the meta device: no weights read
     precision = choose_precision(config.dtype, dist.device, config.method)
-    config = replace(config, dtype=precision.name)
     # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls; LoRA needs none (precision.py).
-    autocast = (
-        torch.autocast(dist.device.type, precision.compute_dtype) if precision.autocast else nullcontext()
-    )
-    torch.manual_seed(config.seed)  # the same on every rank: LoRA's initial A must be identical everywhere
+    autocast = torch.autocast(dist.device.type, precision.compute_dtype, enabled=precision.autocast)
+    config = replace(config, dtype=precision.name)
+    if config.resume:  # before anything is written: a failed resume leaves the run's config.json as it was
+        checkpoint.check_resume_config(run_dir, config.to_dict())
+    return Run(config, dist, run_dir, model_dir, precision, autocast, lora_config, started)
 
-    # ---------------------------------------------------------------- data
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    train_examples, val_examples, data_report = prepare_data(
+
+# ---------------------------------------------------------------- prepare the data
+
+
+@dataclass
+class TrainingData:
+    """The tokenized examples in batches, and the optimizer steps they make."""
+
+    tokenizer: Tokenizer
+    train_batches: Batches  # this rank's slice of every global batch; .examples: the training split
+    val_batches: Batches  # this rank's share of the val split, read whole at every eval
+    report: DataReport  # what was read, deduplicated, dropped and split (summary.json's "data")
+    steps_per_epoch: float  # optimizer steps per pass over the training split (under 1: a step spans epochs)
+    total_steps: int  # optimizer steps the run takes: --max-steps, or --epochs worth
+    warmup_steps: int  # of them, the first ones that ramp the lr up
+
+
+def prepare_data(run: Run) -> TrainingData:
+    """Read, check, deduplicate, tokenize and split the data (data.py), then batch it for this rank."""
+    config, dist = run.config, run.dist
+    tokenizer = Tokenizer.from_pretrained(run.model_dir)
+    train_examples, val_examples, data_report = data.prepare_data(
         config.data or [default_data_path()],
         tokenizer,
         config.seq_len,
@@ -249,8 +179,8 @@ def main(argv=None):
         train_on_everything=config.train_on_everything,
         skip_bad_records=config.skip_bad_records,
         alpaca_style=config.alpaca_style,
-        run_dir=run_dir if dist.is_main else None,
-        log=lambda text: print0(dist, text),
+        run_dir=run.dir if dist.is_main else None,
+        log=lambda text: distributed.print0(dist, text),
     )
     if not len(val_examples):  # the best checkpoint is chosen by val loss
         if config.val_data:
@@ -260,13 +190,14 @@ def main(argv=None):
         else:  # the split holds out at most a quarter of the examples (data.py)
             n = len(train_examples)
             why = f"{n} examples are too few to split (4 at least); add data or pass --val-data"
-        raise UserError(f"no validation data: {why}")
+        raise errors.UserError(f"no validation data: {why}")
     # Tokens added to a tokenizer without resizing the model's embedding would fail deep in the first step.
     largest_id = max(tokenizer.pad_id, *(int(e.input_ids.max()) for e in (train_examples, val_examples)))
-    if largest_id >= model_config.vocab_size:
-        raise UserError(
-            f"the tokenized data holds token id {largest_id}, but {model_dir}/config.json has vocab_size "
-            f"{model_config.vocab_size}: its tokenizer.json is not this model's, or tokens were added "
+    vocab_size = weights.load_config(run.model_dir).vocab_size
+    if largest_id >= vocab_size:
+        raise errors.UserError(
+            f"the tokenized data holds token id {largest_id}, but {run.model_dir}/config.json has vocab_size "
+            f"{vocab_size}: its tokenizer.json is not this model's, or tokens were added "
             "without resizing the embeddings"
         )
     # Each rank reads its own slice of every global batch; evaluation covers the whole val split once.
@@ -282,232 +213,451 @@ def main(argv=None):
     val_batches = Batches(
         val_examples, config.batch_size, tokenizer.pad_id, shuffle=False, drop_last=False, **shard
     )
-    steps_per_epoch = len(train_batches) / config.grad_accum  # under 1 when a step spans epochs
+    if config.pack:
+        distributed.print0(dist, "data: " + train_batches.packing_line())
+    steps_per_epoch = len(train_batches) / config.grad_accum
     total_steps = config.max_steps or math.floor(config.epochs * len(train_batches) / config.grad_accum)
     if total_steps == 0:
-        raise UserError(
+        raise errors.UserError(
             f"one step takes {config.grad_accum} x {config.batch_size} x {dist.world_size} sequences; "
             f"the training split has {len(train_examples)}: lower --grad-accum or --batch-size"
         )
     warmup_steps = round(config.warmup_frac * total_steps)
+    return TrainingData(
+        tokenizer, train_batches, val_batches, data_report, steps_per_epoch, total_steps, warmup_steps
+    )
 
-    # ---------------------------------------------------------------- model: quantized base for QLoRA
-    if config.method == "qlora":
-        model = load_quantized(
-            model_dir, quant=config.quant, compute_dtype=precision.compute_dtype, device=dist.device
-        )
-    else:
-        model = from_pretrained(model_dir, dtype=precision.base_dtype, device=dist.device)
 
-    # ---------------------------------------------------------------- LoRA adapters, or every weight trains
-    if config.method in ("lora", "qlora"):
-        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
-        lora_config = LoRAConfig(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
-        model = inject_lora(model, lora_config)  # freezes the base; adapters are fp32
-        print0(dist, trainable_parameters_line(model))
-        if caveat := peft_expert_adapters_caveat(model):
-            print0(dist, caveat)
+# ---------------------------------------------------------------- build the model
+
+
+def build_model(run: Run):
+    """The model to train: the base (4-bit for QLoRA), LoRA adapters on it or every weight trainable, then
+    wrapped for DDP or FSDP. Returns it with its (trainable, total) parameter counts.
+
+    It is built empty on the meta device, where nothing is allocated, and its weights are read once it has
+    its final shape (wrap_model: under FSDP each rank then reads and holds only its shards)."""
+    config, dist, precision = run.config, run.dist, run.precision
+    model = weights.empty_model(run.model_dir, precision.base_dtype)
+    quantize = None
+    if config.method == "qlora":  # the decoder's linears become bitsandbytes layers, quantized as read
+        quant_config = quant.QuantConfig(config.quant, compute_dtype=precision.compute_dtype)
+        quant.quantize_linears(model, quant_config)
+        quantize = quant.weight_quantizer(quant_config, dist.device)
+    if run.lora_config:  # freezes the base; adapters are fp32, made on the device the weights will be on
+        model = lora.inject_lora(model, run.lora_config, device=dist.device)
+        distributed.print0(dist, lora.trainable_parameters_line(model))
+        if caveat := lora.peft_expert_adapters_caveat(model):
+            distributed.print0(dist, caveat)
     model.activation_checkpointing = config.activation_checkpointing
-    if config.compile:
+    if config.compile:  # each layer in place, before wrap_model shards it: FSDP's hooks stay out of the graph
         for layer in model.model.layers:
             layer.compile()
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    parameters = lora.count_parameters(
+        model
+    )  # (trainable, all); a 4-bit weight counted as one, not half a byte
     # DDP under torchrun; --fsdp shards instead. FSDP's mixed precision only where autocast would be used
     # (full fine-tunes): a LoRA base is already stored in the compute dtype and its adapters stay fp32.
     mixed_precision = precision.compute_dtype if precision.autocast else None
-    model = wrap_model(model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision)
-    torch.manual_seed(seed_for_rank(config.seed, dist))  # from here on (dropout), each rank its own stream
+    load = lambda model, device: weights.load_weights(model, run.model_dir, device, quantize=quantize)
+    model = distributed.wrap_model(
+        model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision, load=load
+    )
+    # From here on (dropout) each rank draws its own random numbers.
+    torch.manual_seed(distributed.seed_for_rank(config.seed, dist))
+    return model, parameters
 
-    # ---------------------------------------------------------------- optimizer and schedule
+
+# ---------------------------------------------------------------- build the optimizer
+
+
+def build_optimizer(model, run: Run):
+    """AdamW (or an 8-bit one, quant.py) over the trainable weights, and fp16's gradient scaler."""
     # Weight decay pulls matrices towards zero; on norm gains and biases it would only distort the model.
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": run.config.weight_decay},
         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = make_optimizer(groups, config.optim, lr=config.lr)  # fused AdamW on CUDA and CPU
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.grad_scaler)  # fp16 only
+    optimizer = quant.make_optimizer(groups, run.config.optim, lr=run.config.lr)  # fused AdamW on CUDA, CPU
+    scaler = torch.amp.GradScaler(run.dist.device.type, enabled=run.precision.grad_scaler)  # fp16 only
+    return optimizer, scaler
 
-    if config.lr_sweep:  # LR range test on ~1% of the data (nanoft/lr_sweep.py), then exit
 
-        def mean_loss(model, batch):
-            with autocast:
-                loss_sum, n_targets = forward(model, to_device(batch, dist.device))
-            return loss_sum / n_targets
+def sweep_lr(model, train_batches, run: Run) -> None:
+    """--lr-sweep: the LR range test (nanoft/lr_sweep.py) prints a table and an lr; nothing is trained."""
 
-        make_sweep_optimizer = lambda params, lr: make_optimizer(params, config.optim, lr=lr)
-        result = run_lr_sweep(model, train_batches, config.lr, mean_loss, make_sweep_optimizer)
-        print0(dist, sweep_table(result))
-        teardown(dist)
-        return
+    def mean_loss(model, batch):
+        with run.autocast:
+            loss_sum, n_targets = forward(model, to_device(batch, run.dist.device))
+        return loss_sum / n_targets
 
-    # The input is checked and the model built (bad weights or LoRA targets fail above): from here on the
-    # directory holds a run, and resume needs this file.
-    if dist.is_main:
-        save_config(config, run_dir / "config.json")
+    dist = run.dist
+    make_sweep_optimizer = lambda params, lr: quant.make_optimizer(params, run.config.optim, lr=lr)
+    make_scaler = lambda: torch.amp.GradScaler(dist.device.type, enabled=run.precision.grad_scaler)
+    # Every rank takes the mean over ranks: all see the same loss and stop a diverging lr together.
+    mean_over_ranks = lambda loss: distributed.all_reduce_sum(loss.detach(), dist).item() / dist.world_size
+    result = lr_sweep.run_lr_sweep(
+        model, train_batches, run.config.lr, mean_loss, make_sweep_optimizer, make_scaler, mean_over_ranks
+    )
+    distributed.print0(run.dist, lr_sweep.sweep_table(result))
+    distributed.teardown(run.dist)
 
-    # ---------------------------------------------------------------- resume, and what to watch
-    progress = new_progress()
-    if config.resume:
-        progress = restore_training_state(run_dir, model, optimizer, scaler, train_batches, dist)
-    print0(dist, f"{model_dir} ({n_total / 1e6:.0f}M), {config.method}, on {dist.device} x {dist.world_size}")
-    for line in hyperparameter_notes(
+
+def print_what_to_watch(run: Run, training_data: TrainingData, parameters) -> None:
+    """The model line, then each key hyperparameter and what to watch to know it works (planner.py)."""
+    config, dist = run.config, run.dist
+    trainable, total = parameters
+    distributed.print0(
+        dist, f"{run.model_dir} ({total / 1e6:.0f}M), {config.method}, on {dist.device} x {dist.world_size}"
+    )
+    notes = planner.hyperparameter_notes(
         config,
         world_size=dist.world_size,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        warmup_steps=warmup_steps,
-        trainable=n_trainable,
-        total=n_total,
-        precision=precision.reason,
-    ):
-        print0(dist, "  " + line)
-    monitor = Monitor(run_dir, dist, total_steps, progress["step"], unwrap(model), precision.compute_dtype)
-    prompts = val_prompts(val_examples, n=3)  # generated from at every eval, to see what the model writes
-    micro_batches = itertools.chain.from_iterable(itertools.repeat(train_batches))  # epoch after epoch
-    signals = StopSignals()  # SIGINT / SIGTERM: finish this step, save a checkpoint, exit
-    oom = OOMRecovery(config.batch_size, config.grad_accum)  # out of memory: halve micro-batches
-    step, stop_reason = progress["step"], None
+        steps_per_epoch=training_data.steps_per_epoch,
+        total_steps=training_data.total_steps,
+        warmup_steps=training_data.warmup_steps,
+        trainable=trainable,
+        total=total,
+        precision=run.precision.reason,
+    )
+    for line in notes:
+        distributed.print0(dist, "  " + line)
 
-    # ---------------------------------------------------------------- the loop
-    while True:
-        # Evaluate at step 0 (the untuned baseline), every --eval-every steps and at the end; keep the best.
-        finished = step == total_steps or stop_reason is not None
-        evaluated = progress["val_curve"] and progress["val_curve"][-1][0] == step
-        if (step % config.eval_every == 0 or finished) and not evaluated and stop_reason is None:
-            val_loss = evaluate(model, val_batches, dist, autocast)
-            if record_eval(progress, step, val_loss):
-                save_best_weights(model, dist, run_dir, model_dir, config.method)
-            if dist.is_main and not is_fsdp(model):  # FSDP would need every rank to take part
-                progress["samples"] = generate_samples(unwrap(model), tokenizer, prompts)
-            monitor.log_eval(step, val_loss, progress, warmup_steps)
+
+# ---------------------------------------------------------------- train
+
+
+def train(
+    run: Run, model, optimizer, scaler, training_data: TrainingData, progress, monitor, signals
+) -> str | None:
+    """The loop: evaluate (at step 0, the untuned baseline, then every --eval-every steps) keeping the best
+    weights, save a checkpoint every --save-every steps, take one optimizer step; until the last step, early
+    stopping, a signal or a NaN loss. Then the final evaluation and checkpoint. Returns why it stopped: None
+    when it finished, "early_stop", "signal" or "nan"."""
+    config, dist = run.config, run.dist
+    total_steps, warmup_steps = training_data.total_steps, training_data.warmup_steps
+    train_batches, val_batches = training_data.train_batches, training_data.val_batches
+    prompts = val_prompts(val_batches.examples, n=3)  # generated from at every eval: what the model writes
+    micro_batches = epoch_after_epoch(train_batches)
+    oom = interruptions.OOMRecovery(config.batch_size, config.grad_accum)  # out of memory: smaller pieces
+    eval_oom = interruptions.OOMRecovery(config.batch_size, 1, evaluation=True)
+    first_step, stop_reason = progress.step, None  # a resumed run's first step is checkpointed already
+    step, resume_changes = first_step, run.resume_changes
+
+    def evaluate_and_keep_best():
+        val_loss = evaluate(model, val_batches, dist, run.autocast, eval_oom, step, monitor.print)
+        if progress.record_eval(step, val_loss):
+            save_best_weights(model, run)
+        if dist.is_main and not distributed.is_fsdp(model):  # FSDP would need every rank to take part
+            progress.samples = generate_samples(distributed.unwrap(model), training_data.tokenizer, prompts)
+        monitor.log_eval(step, val_loss, progress, warmup_steps)
+
+    def record_peak_memory():  # the run's peak takes in this session's once it has trained
+        progress.peak_memory_bytes = max(progress.peak_memory_bytes, monitor.memory.peak())
+
+    def save_checkpoint():
+        progress.wall_seconds = time.perf_counter() - run.started
+        record_peak_memory()
+        save_training_state(run, model, optimizer, scaler, train_batches, progress)
+
+    while step < total_steps and stop_reason is None:
+        if step % config.eval_every == 0 and not progress.evaluated_at(step):
+            evaluate_and_keep_best()
         # Checked outside the eval as well: a run resumed after its early stop stops again, at once.
-        patience_spent = config.patience and progress["evals_since_best"] >= config.patience
-        if patience_spent and not finished and stop_reason is None:
+        if config.patience and progress.evals_since_best >= config.patience:
             stop_reason = "early_stop"
-            monitor.print(
-                f"early stop: no better val loss in {config.patience} evals (best at step "
-                f"{progress['best_step']})"
-            )
-        # Save a checkpoint to resume from: every --save-every steps, at the end, and when a signal stops us.
-        finished = step == total_steps or stop_reason is not None
-        if step > 0 and (step % config.save_every == 0 or finished) and stop_reason != "nan":
-            progress["wall_seconds"] += time.perf_counter() - started
-            started = time.perf_counter()
-            save_training_state(run_dir, model, optimizer, scaler, train_batches, progress, config, dist)
-        if finished:
-            break
-        if signals.received(dist):  # on any rank: go round once more to save the checkpoint, then stop
+            best = progress.best_step
+            monitor.print(f"early stop: no better val loss in {config.patience} evals (best at step {best})")
+        elif step > first_step and step % config.save_every == 0:
+            save_checkpoint()
+        if stop_reason is None and signals.received(dist):  # on any rank: every rank stops at this step
             stop_reason = "signal"
-            continue
+        if stop_reason is None:
+            step_started = time.perf_counter()
+            batches = [next(micro_batches) for _ in range(config.grad_accum)]
+            lr = schedule.lr_at(step, config.lr, warmup_steps, total_steps)
+            lengths = train_batches.examples.lengths
+            done = train_step(model, optimizer, scaler, batches, lr, step, run, oom, monitor, lengths)
+            if done is None:  # NaN or inf: stopped before the update, the weights stay as they were
+                stop_reason = "nan"
+                sources = [
+                    train_batches.examples.sources[i] for batch in batches for i in batch["sample_ids"]
+                ]
+                bad_samples = distributed.gather_to_main(sources, dist)  # "file:line" of the step's records
+                distributed.print0(dist, report.nan_advice(step + 1, config.lr, sum(bad_samples or [], [])))
+            else:
+                train_loss, grad_norm, n_tokens, router_aux_loss = done
+                step += 1
+                seconds = time.perf_counter() - step_started
+                progress.step, progress.tokens_seen = step, progress.tokens_seen + n_tokens
+                progress.train_seconds += seconds
+                progress.changed_on_resume += resume_changes  # this session trains with them from here on
+                resume_changes = []
+                context = max(batch["input_ids"].shape[1] for batch in batches)
+                monitor.log_step(
+                    step,
+                    train_loss,
+                    lr,
+                    grad_norm,
+                    tokens=n_tokens,
+                    seconds=seconds,
+                    context=context,
+                    router_aux_loss=router_aux_loss,
+                )
 
-        # One optimizer step over grad_accum micro-batches. The loss is normalised by the number of target
-        # tokens in all of them, on all ranks (counted first), so every token weighs the same however the
-        # tokens fall into micro-batches; a mean of per-micro-batch means would overweight short ones.
-        step_started = time.perf_counter()
-        batches = [next(micro_batches) for _ in range(config.grad_accum)]
-        counts = [
-            sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches),
-            sum(int(train_examples.lengths[b["sample_ids"]].sum()) for b in batches),
+    if stop_reason is None and not progress.evaluated_at(step):  # the final val loss of the last weights
+        evaluate_and_keep_best()
+    if step > first_step:  # a session that trained nothing leaves the run as it was
+        record_peak_memory()  # (a NaN stop saves no checkpoint at its step)
+        if stop_reason != "nan":  # the checkpoint to resume from
+            save_checkpoint()
+    return stop_reason
+
+
+def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run, oom, monitor, lengths):
+    """One optimizer step over the step's micro-batches: (train loss, grad norm, tokens, a mixture of experts'
+    load-balancing loss or None) over all ranks, or None when the loss is NaN or inf (then nothing is
+    updated). `lengths`: the tokens of each example.
+
+    The loss is normalised by the number of target tokens in all the micro-batches, on all ranks (counted
+    first), so every token weighs the same however the tokens fall into micro-batches; a mean of
+    per-micro-batch means would overweight short ones."""
+    dist = run.dist
+    # Counted on the CPU, where the batches are, and summed over ranks there: no wait for the GPU.
+    counts = torch.tensor(
+        [
+            sum(int((batch["targets"] != loss.IGNORE_INDEX).sum()) for batch in batches),
+            sum(int(lengths[batch["sample_ids"]].sum()) for batch in batches),
         ]
-        n_targets, n_tokens = all_reduce_sum(torch.tensor(counts, device=dist.device), dist).tolist()
-        while True:  # out of memory: the same step again, each micro-batch cut in halves (interruptions.py)
-            try:
-                pieces = [piece for batch in batches for piece in oom.split(batch)]
-                loss_sum_total = torch.zeros((), device=dist.device)
-                router_aux_total = torch.zeros((), device=dist.device)  # mixtures of experts (model.py)
-                for micro_step, batch in enumerate(pieces):
-                    # DDP all-reduces gradients only in the last micro-batch's backward; others accumulate.
-                    with gradient_sync(model, enabled=micro_step == len(pieces) - 1), autocast:
-                        loss_sum, _ = forward(model, to_device(batch, dist.device))
-                    # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
-                    scaler.scale(loss_sum * dist.world_size / n_targets).backward()
-                    loss_sum_total += loss_sum.detach()
-                    if unwrap(model).router_aux_loss is not None:  # its share is in loss_sum already
-                        router_aux_total += unwrap(model).router_aux_loss / len(pieces)
-                break
-            except Exception as error:
-                monitor.print(oom.handle(error, step, optimizer))  # re-raises anything but out-of-memory
-        train_loss = all_reduce_sum(loss_sum_total, dist).item() / n_targets
-        router_aux_loss = None
-        if unwrap(model).router_aux_loss is not None:
-            router_aux_loss = all_reduce_sum(router_aux_total, dist).item() / dist.world_size
-        if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
-            stop_reason = "nan"
-            sources = [train_examples.sources[i] for batch in batches for i in batch["sample_ids"]]
-            bad_samples = gather_to_main(sources, dist)  # "file:line" of every record in the step, all ranks
-            continue
-        lr = lr_at(step, config.lr, warmup_steps, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
-        grad_norm = clip_grad_norm(model, config.grad_clip or math.inf).item()
-        scaler.step(optimizer)
-        scaler.update()
+    )
+    n_targets, n_tokens = distributed.all_reduce_sum(counts, dist).tolist()
+    # Out of memory on any rank: all retry the step, its micro-batches cut in halves (interruptions.py).
+    sums = oom.run(
+        partial(forward_backward, model, dist, scaler, run.autocast, n_targets),
+        batches,
+        step,
+        dist,
+        sharded=distributed.is_fsdp(model) and dist.world_size > 1,
+        log=monitor.print,
+        before_retry=lambda: optimizer.zero_grad(set_to_none=True),
+    )
+    distributed.all_reduce_gradients(
+        model, dist
+    )  # DDP: once per step, now that every rank's micro-batches ran
+    scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
+    grad_norm = distributed.clip_grad_norm(model, run.config.grad_clip or math.inf)
+    # The step's one wait for the GPU: the loss (and router loss) and the gradient norm come back together.
+    loss_sum_total, router_aux_sum, grad_norm = torch.cat(
+        [distributed.all_reduce_sum(sums, dist), grad_norm.reshape(1)]
+    ).tolist()
+    train_loss = loss_sum_total / n_targets
+    has_router_loss = distributed.unwrap(model).router_aux_loss is not None
+    router_aux_loss = router_aux_sum / dist.world_size if has_router_loss else None
+    if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
         optimizer.zero_grad(set_to_none=True)
-        step += 1
+        return None
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return train_loss, grad_norm, n_tokens, router_aux_loss
 
-        seconds = time.perf_counter() - step_started
-        progress["tokens_seen"] += n_tokens
-        progress.update(step=step, train_seconds=progress["train_seconds"] + seconds)
-        context = max(b["input_ids"].shape[1] for b in batches)
-        monitor.log_step(
-            step,
-            train_loss,
-            lr,
-            grad_norm,
-            tokens=n_tokens,
-            seconds=seconds,
-            context=context,
-            router_aux_loss=router_aux_loss,
-        )
 
-    # ---------------------------------------------------------------- final report
-    signals.restore()
-    if stop_reason == "signal":
-        monitor.close()
-        saved = f"checkpoint saved; continue with: python train.py --out {run_dir} --resume"
-        print0(
-            dist, f"stopped by {signals.name} at step {step}: " + (saved if step else "nothing to save yet")
-        )
-        teardown(dist)
-        sys.exit(128 + signals.number)
-    if stop_reason == "nan":
-        print0(dist, nan_advice(step + 1, config.lr, sum(bad_samples or [], [])))
-    best_dir = run_dir / ("model" if config.method == "full" else "adapter")
-    if config.merge and dist.is_main:
-        merge_into = unwrap(model)
-        if is_fsdp(model):  # the shards cannot be merged in place: rank 0 loads a whole base into CPU memory
-            merge_into = inject_lora(
-                load_quantized(model_dir, quant=config.quant, compute_dtype=precision.compute_dtype)
-                if config.method == "qlora"
-                else from_pretrained(model_dir, dtype=precision.base_dtype),
-                lora_config,
+def epoch_after_epoch(batches):
+    """The batches of one epoch after another, without end (each `for` over Batches is the next epoch)."""
+    while True:
+        yield from batches
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device`. To a GPU through pinned memory, without waiting for the copy: the
+    host runs ahead to the next micro-batch while the GPU still works on this one."""
+    if device.type != "cuda":
+        return batch
+    return {
+        key: value.pin_memory().to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
+
+
+def forward(model, batch: dict):
+    """(fp32 sum of the target tokens' cross-entropy, number of target tokens) of one batch."""
+    ids, targets = batch["input_ids"], batch["targets"]
+    return model(
+        ids,
+        targets,
+        position_ids=batch["position_ids"],
+        document_ids=batch["document_ids"],
+        real_tokens=batch["real_tokens"],
+    )
+
+
+def forward_backward(model, dist, scaler, autocast, n_targets: int, pieces: list[dict]) -> torch.Tensor:
+    """Forward and backward of a step's micro-batches, the gradients adding up on this rank (each piece's loss
+    divided by the step's target tokens on all ranks); returns, on the device, (the summed loss, the mean over
+    the pieces of a mixture of experts' load-balancing loss, 0 without one: its share is in the loss)."""
+    sums = torch.zeros(2, device=dist.device)
+    for batch in pieces:
+        with distributed.local_gradients(model), autocast:
+            loss_sum, _ = forward(model, to_device(batch, dist.device))
+        # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
+        scaler.scale(loss_sum * dist.world_size / n_targets).backward()
+        sums[0] += loss_sum.detach()
+        if (router_aux_loss := distributed.unwrap(model).router_aux_loss) is not None:
+            sums[1] += router_aux_loss / len(pieces)
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model, val_batches, dist, autocast, oom, step: int, log) -> float:
+    """Val loss per target token over the whole val split (each rank its share, summed over ranks). Out of
+    memory: this rank halves its val micro-batch and goes on (nanoft/interruptions.py)."""
+    model.eval()
+
+    def attempt(pieces):
+        sums = torch.zeros(2, dtype=torch.float64, device=dist.device)  # (loss sum, target tokens)
+        for piece in pieces:
+            with autocast:
+                loss_sum, n_targets = forward(model, to_device(piece, dist.device))
+            sums += torch.stack([loss_sum.double(), n_targets.double()])
+        return sums
+
+    sharded = distributed.is_fsdp(model) and dist.world_size > 1
+    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    n_batches = 0
+    for batch in val_batches:
+        totals += oom.run(attempt, [batch], step, dist, sharded=sharded, log=log, agree=False)
+        n_batches += 1
+    if distributed.is_fsdp(model):
+        # FSDP's forward is a collective: where this rank's share of the last batch was empty, it still joins
+        # the others' forward, with one token and no target.
+        no_target = {
+            "input_ids": torch.zeros((1, 1), dtype=torch.long),
+            "targets": torch.full((1, 1), loss.IGNORE_INDEX),
+        }
+        for _ in range(len(val_batches) - n_batches):
+            with autocast:
+                model(**to_device(no_target, dist.device))
+    model.train()
+    totals = distributed.all_reduce_sum(totals, dist)
+    return (totals[0] / totals[1]).item()
+
+
+def save_best_weights(model, run: Run) -> None:
+    """The run's best weights so far: run_dir/adapter in PEFT format, or run_dir/model for full fine-tunes."""
+    dist, model_dir = run.dist, run.model_dir
+    if run.config.method == "full":
+        state = distributed.full_state_dict(model, dist, trainable_only=False)  # all ranks call: FSDP gathers
+        if dist.is_main:
+            write = lambda tmp: (
+                weights.save_pretrained(state, distributed.unwrap(model).config, tmp),
+                weights.copy_tokenizer_files(model_dir, tmp),
             )
-        export_best_merged(merge_into, best_dir, model_dir, run_dir / "merged", precision.compute_dtype)
+            checkpoint.write_directory_atomically(run.dir / "model", write)
+        return
+    # Under FSDP each rank holds a shard of each adapter: gather them (every rank calls) for rank 0 to write.
+    adapter = (
+        distributed.full_state_dict(model, dist, trainable_only=True) if distributed.is_fsdp(model) else None
+    )
+    if dist.is_main:
+        unwrapped, base = distributed.unwrap(model), str(model_dir)
+        write = lambda tmp: lora.save_adapter(unwrapped, tmp, base_model_name_or_path=base, tensors=adapter)
+        checkpoint.write_directory_atomically(run.dir / "adapter", write)
+
+
+def save_training_state(run: Run, model, optimizer, scaler, train_batches, progress) -> None:
+    """A resumable checkpoint; every rank calls this (weights, optimizer shards and RNGs are gathered)."""
+    dist = run.dist
+    trainable = distributed.full_state_dict(model, dist, trainable_only=True)
+    optimizer_state = distributed.optimizer_state_dict(model, optimizer, dist)
+    rng_states = distributed.gather_to_main(checkpoint.rng_state(), dist)
+    if dist.is_main:
+        state = {**progress.to_dict(), "data": train_batches.state_dict(), "scaler": scaler.state_dict()}
+        config = run.config.to_dict()
+        checkpoint.save(run.dir, progress.step, trainable, optimizer_state, rng_states, state, config)
+        checkpoint.prune(run.dir, run.config.keep_last, keep_step=progress.best_step)
+        # A resumed run's config.json changes once it has trained (a resume that trains nothing leaves it).
+        changes = [report.change_line(change) for change in progress.changed_on_resume]
+        save_config(run.config, run.dir / "config.json", changes)
+
+
+def restore_training_state(run: Run, model, optimizer, scaler, training_data: TrainingData):
+    """Load the latest checkpoint (read by rank 0, sent to the others; under FSDP each rank reads its own rows
+    of the tensors) and say what this resume changes; return the run's progress."""
+    dist, latest, train_batches = run.dist, checkpoint.latest(run.dir), training_data.train_batches
+    saved = checkpoint.restore_checkpoint(latest, model, optimizer, dist)
+    state = distributed.scatter_from_main([saved["state"]] * dist.world_size if dist.is_main else None, dist)
+    train_batches.load_state_dict(state.pop("data"))
+    scaler.load_state_dict(state.pop("scaler"))
+    # Last: nothing may draw from the random generators after this.
+    checkpoint.set_rng_state(distributed.scatter_from_main(saved.get("rng"), dist))
+    progress = checkpoint.Progress(**state)
+    distributed.print0(dist, f"resumed from {latest} at step {progress.step}")
+    run.resume_changes = checkpoint.resume_changes(run.dir, run.config.to_dict(), progress.step)
+    for change in run.resume_changes:
+        distributed.print0(dist, f"  {report.change_line(change)}")
+    if progress.step >= training_data.total_steps:
+        distributed.print0(
+            dist,
+            f"nothing left to train: the run is at step {progress.step} of {training_data.total_steps}; it "
+            "stays as it was (raise --max-steps or --epochs to train on)",
+        )
+    return progress
+
+
+# ---------------------------------------------------------------- report
+
+
+def exit_on_signal(run: Run, monitor, signals, step: int) -> None:
+    """A signal stopped the run after saving a checkpoint: say how to continue, exit with 128 + its number."""
+    monitor.close()
+    saved = f"checkpoint saved; continue with: python train.py --out {run.dir} --resume"
+    distributed.print0(
+        run.dist, f"stopped by {signals.name} at step {step}: " + (saved if step else "nothing to save yet")
+    )
+    distributed.teardown(run.dist)
+    sys.exit(128 + signals.number)
+
+
+def report_run(run: Run, model, training_data: TrainingData, progress, monitor, stop_reason) -> None:
+    """summary.json and report.md with the quality gates, the final lines, then the best adapter merged into
+    the base (--merge); a run stopped by a NaN loss then exits with an error."""
+    config, dist = run.config, run.dist
+    best_dir = run.dir / ("model" if config.method == "full" else "adapter")
+    peak_memory_per_rank = distributed.gather_to_main(monitor.memory.peak(), dist)  # this session's
     if dist.is_main:
         facts = dict(
             stop_reason=stop_reason,
-            steps=step,
-            total_steps=total_steps,
-            warmup_steps=warmup_steps,
+            steps=progress.step,
+            total_steps=training_data.total_steps,
+            warmup_steps=training_data.warmup_steps,
             best_dir=best_dir,
-            wall_s=progress["wall_seconds"] + time.perf_counter() - started,
-            peak_memory_bytes=peak_memory_bytes(dist.device),
-            device_type=dist.device.type,
+            wall_s=time.perf_counter() - run.started,
+            peak_memory_bytes_per_rank=peak_memory_per_rank,
+            device=dist.device,
             world_size=dist.world_size,
             utilisation=monitor.utilisation,
-            samples_written=min(SPOT_CHECK_SAMPLES, len(train_examples)),
         )
-        summary = write_run_report(run_dir, config, progress, data_report, facts)
+        summary = report.write_run_report(run.dir, config, progress, training_data.report, facts)
         monitor.log_hparams(config.to_dict(), {"best_val_loss": summary["best_val_loss"]})
-        for line in summary_lines(summary):
+        for line in report.summary_lines(summary):
             print(line)
     monitor.close()
-    teardown(dist)
+    distributed.teardown(dist)
+    # After teardown: the merge reads the checkpoint and the best adapter from disk (nanoft/merge.py), so the
+    # other ranks are gone and none waits in a collective past --dist-timeout while rank 0 merges.
+    if config.merge and dist.is_main:
+        compute_dtype = run.precision.compute_dtype
+        quant_config = quant.QuantConfig(config.quant, compute_dtype=compute_dtype) if config.quant else None
+        merged_dir = run.dir / "merged"
+        merged = merge.merge_adapter(run.model_dir, best_dir, merged_dir, config.merge_base, quant_config)
+        print(merge.merge_line(merged, best_dir, run.model_dir, merged_dir, config.merge_base, config.quant))
     if stop_reason == "nan":
-        sys.exit(f"error: loss is NaN or inf at step {step + 1}; stopped, best weights kept in {best_dir}")
+        sys.exit(
+            f"error: loss is NaN or inf at step {progress.step + 1}; stopped, best weights kept in {best_dir}"
+        )
 
 
 if __name__ == "__main__":

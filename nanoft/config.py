@@ -5,9 +5,11 @@
 
 Every field is a flag (`lora_r` -> `--lora-r`) with its help text, and a key of a TOML (or JSON) config file.
 Booleans get `--flag` / `--no-flag`; list fields take several values or one comma-separated value.
-A field left at None is resolved later by the trainer (e.g. the lr by method) and saved resolved in the run
-directory, so `--config runs/x/config.json` repeats a run. Validation is in `__post_init__`; every problem is
-a one-line UserError (exit code 2), including argparse's own (unknown flags, bad values).
+A field left at None is resolved by `with_defaults` once the method is settled (e.g. the lr by method) and
+saved resolved in the run directory, so `--config runs/x/config.json` repeats a run (a run resumed with
+another lr or schedule records the changes there, and --config says it cannot repeat that one). Validation is
+in `__post_init__`; every problem is a one-line UserError (exit code 2), including argparse's own (unknown
+flags, bad values).
 """
 
 import argparse
@@ -18,13 +20,12 @@ import sys
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
 from nanoft.errors import UserError
 from nanoft.precision import DTYPES
-from nanoft.schedule import MIN_LR_RATIO
 
 # Every choice the command line offers, listed once: the code that implements a choice imports its list from
 # here (quant.py, data.py, nanoft/distributed.py); the dtypes are nanoft/precision.py's.
@@ -36,6 +37,11 @@ DEVICES = ("auto", "cuda", "cpu")
 FSDP_MODES = ("none", "full_shard", "shard_grad_op")
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 ALPACA_STYLES = ("auto", "chat", "alpaca")
+MERGE_BASES = ("original", "quantized")  # nanoft/merge.py
+PER_INVOCATION = ("config", "resume", "overwrite")  # flags that are not part of a run's saved config
+# A run resumed with another lr (or schedule, ...) lists the changes under this key of its config.json, so
+# that --config with that file says it does not repeat the run.
+CHANGED_ON_RESUME = "changed_on_resume"
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # the playbook's starting points
 
 
@@ -110,7 +116,13 @@ class TrainConfig:
     save_every: int = flag(100, "save a resumable checkpoint every this many steps (and at the end)")
     keep_last: int = flag(2, "resumable checkpoints kept (plus the best one)")
     patience: int = flag(5, "stop after this many evaluations without a better val loss (0: never)")
-    merge: bool = flag(False, "also export the best weights merged into the base model (merged/)")
+    merge: bool = flag(False, "also export the best adapter merged into the base model (merged/)")
+    merge_base: str = flag(
+        "original",
+        "what --merge adds the adapter to: the checkpoint's original 16-bit weights, or (qlora) its weights "
+        "rounded through --quant as the run's base held them",
+        MERGE_BASES,
+    )
 
     # hardware and speed
     device: str = flag("auto", "where to train (auto: cuda when torch sees a GPU, else cpu)", DEVICES)
@@ -182,6 +194,11 @@ class TrainConfig:
                 f"--quant {self.quant} quantizes the base under LoRA, which is --method qlora; "
                 "pass --method qlora"
             )
+        if self.merge_base == "quantized" and self.method != "qlora":
+            raise UserError(
+                f"--merge-base quantized merges into the 4-bit base a --method qlora run trains on; "
+                f"--method {self.method} has none: drop --merge-base"
+            )
         if self.merge and self.method == "full":
             raise UserError(
                 "--merge folds LoRA adapters into the base; a full fine-tune has none (its weights "
@@ -213,6 +230,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def with_defaults(self) -> "TrainConfig":
+        """The fields left to the trainer, filled in once --method is settled (--method auto's plan picks it):
+        the lr by method, --out by a time stamp, NF4 for QLoRA."""
+        quant = self.quant or ("nf4" if self.method == "qlora" else "")
+        return replace(
+            self, lr=self.lr or DEFAULT_LR[self.method], out=self.out or default_out_dir(), quant=quant
+        )
+
 
 def kebab(name: str) -> str:
     return name.replace("_", "-")
@@ -242,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         kind = field_type(f.name)
         default = f.default if f.default is not MISSING else f.default_factory()
-        shown = ",".join(default) if kind is list else {True: "on", False: "off"}.get(default, default)
+        # By kind, not by value: 0 == False and 1.0 == True, so a dict lookup showed --seed 0 as "off".
+        shown = (
+            ",".join(default) if kind is list else ("on" if default else "off") if kind is bool else default
+        )
         help_text = f.metadata["help"] + (f" (default: {shown})" if shown not in ("", None) else "")
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         name, choices = f"--{kebab(f.name)}", f.metadata["choices"]
@@ -267,14 +295,20 @@ def read_config_file(path: str) -> dict:
         raise UserError(
             f"--config {path}: not valid {file.suffix.lstrip('.').upper() or 'TOML'} ({error})"
         ) from None
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in fields(TrainConfig)} | {CHANGED_ON_RESUME}
     values = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(
             f"--config {path}: unknown setting '{unknown[0]}' (settings are the flag names, e.g. lora_r = 16)"
         )
-    return {key: value for key, value in values.items() if key not in ("config", "resume", "overwrite")}
+    return {key: value for key, value in values.items() if key not in PER_INVOCATION + (CHANGED_ON_RESUME,)}
+
+
+def recorded_changes(path: str) -> list[str]:
+    """The settings a run's config.json says were changed on resume ("lr 2e-4 -> 1e-3 from step 63")."""
+    file = Path(path)
+    return json.loads(file.read_text()).get(CHANGED_ON_RESUME, []) if file.suffix == ".json" else []
 
 
 def check_types(values: dict, source: str) -> dict:
@@ -314,6 +348,13 @@ def parse_config(argv=None) -> TrainConfig:
     if flags.get("config"):
         values.update(check_types(read_config_file(flags["config"]), f"--config {flags['config']}"))
         out = flags.get("out", values.get("out"))
+        if (changes := recorded_changes(flags["config"])) and os.environ.get("RANK", "0") == "0":
+            print(
+                f"note: --config {flags['config']} is the config of a run resumed with other settings "
+                f"({'; '.join(changes)}): this run trains with its last settings from step 0, so it does not "
+                "repeat that run (its summary.json has the history)",
+                file=sys.stderr,
+            )
     if flags.get("resume") and out and not flags.get("overwrite"):
         saved = Path(out) / "config.json"
         if not saved.is_file():
@@ -325,11 +366,12 @@ def parse_config(argv=None) -> TrainConfig:
     return TrainConfig(**split_commas(values))
 
 
-def save_config(config: TrainConfig, path) -> None:
-    """The resolved config as JSON, readable back with --config (resume/overwrite are per invocation)."""
-    values = {
-        key: value for key, value in config.to_dict().items() if key not in ("config", "resume", "overwrite")
-    }
+def save_config(config: TrainConfig, path, changed_on_resume: list[str] = ()) -> None:
+    """The resolved config as JSON, readable back with --config (resume/overwrite are per invocation), and
+    the settings a resume changed, if any: that file alone cannot repeat the run then."""
+    values = {key: value for key, value in config.to_dict().items() if key not in PER_INVOCATION}
+    if changed_on_resume:
+        values[CHANGED_ON_RESUME] = list(changed_on_resume)
     Path(path).write_text(json.dumps(values, indent=2) + "\n")
 
 
@@ -337,52 +379,3 @@ def default_out_dir() -> str:
     if "RANK" in os.environ:  # ranks would each pick their own time stamp
         raise UserError("--out is required under torchrun, so every rank writes to the same run directory")
     return f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def hyperparameter_notes(
-    config: TrainConfig,
-    *,
-    world_size: int,
-    steps_per_epoch: float,
-    total_steps: int,
-    warmup_steps: int,
-    trainable: int,
-    total: int,
-    precision: str,
-) -> list[str]:
-    """One line per key hyperparameter: its value and what to watch to know it is working."""
-    lr_source = f"default for {config.method}" if config.lr == DEFAULT_LR.get(config.method) else "set"
-    batch = config.batch_size * config.grad_accum * world_size
-    lines = [
-        f"lr {config.lr:.0e} ({lr_source}): loss should fall within the first 100 steps; NaN or spikes -> "
-        "halve it; flat -> try --lr-sweep",
-        f"schedule: warmup {warmup_steps} of {total_steps} steps ({config.warmup_frac:.0%}), then cosine to "
-        f"{config.lr * MIN_LR_RATIO:.0e}: a loss spike right after warmup -> lengthen warmup or lower the lr",
-        f"effective batch {batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
-        f"{world_size} device(s): >= 32 keeps updates steady; out of memory -> halve --batch-size, double "
-        "--grad-accum",
-        f"{total_steps} steps = {total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch:.3g} steps: "
-        "val loss rising while train loss falls is overfitting -> the best checkpoint is kept; use fewer "
-        "epochs",
-    ]
-    if config.method in ("lora", "qlora"):
-        base = f" on a {config.quant} base" if config.method == "qlora" else ""
-        scale = config.lora_alpha / config.lora_r
-        lines.append(
-            f"LoRA r={config.lora_r} alpha={config.lora_alpha:g} (scale {scale:g}) "
-            f"on {','.join(config.lora_targets)}{base}: {trainable:,} of {total:,} weights train "
-            f"({trainable / total:.2%}); train loss stalls high -> raise r or use all-linear"
-        )
-    else:
-        lines.append(
-            f"full fine-tune: all {trainable:,} weights train; watch for forgetting (val on general data)"
-        )
-    lines += [
-        f"grad clip {config.grad_clip:g}: the grad norm should settle below it; clipped every step -> lower "
-        "the lr",
-        f"weight decay {config.weight_decay:g} on matrices only (never on norms or biases)",
-        f"eval every {config.eval_every} steps and at step 0 (the baseline): val loss should be below the "
-        f"baseline by the first eval; early stop after {config.patience or 'no'} evals without a new best",
-        f"precision {precision}",
-    ]
-    return lines

@@ -79,6 +79,15 @@ class Batches:
                 "ranks; lower --batch-size or add data"
             )
 
+    def packing_line(self) -> str:
+        """How full the packed rows are: the tokens a step computes on that are data, not padding."""
+        capacity = len(self.rows) * self.examples.seq_len
+        return (
+            f"pack: {len(self.examples)} examples in {len(self.rows)} rows of up to {self.examples.seq_len} "
+            f"tokens, {self.row_lengths.sum() / capacity:.1%} full ({self.row_lengths.sum():,} of "
+            f"{capacity:,} token slots)"
+        )
+
     def __len__(self) -> int:
         """Global batches per epoch (each rank yields its slice of each)."""
         full, rest = divmod(len(self.rows), self.global_batch_size)

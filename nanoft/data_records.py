@@ -31,6 +31,9 @@ class Record:
     source: str  # "path:line", for error messages and the spot-check file
     format: str  # alpaca | chat | text (ShareGPT arrives here as chat)
     content: dict | list | str  # alpaca: {instruction, input, output}; chat: [{role, content}]; text: str
+    # Raw text of a .txt file arrives a paragraph per record, so dedup can find repeated paragraphs; the
+    # paragraphs of one file (its path here) are joined back into one document after dedup.
+    document: str = ""
 
 
 class BadRecord(Exception):
@@ -52,7 +55,10 @@ def read_records(path, format: str = "auto", skip_bad_records: bool = False) -> 
     if path.suffix == ".txt":
         if format not in ("auto", "text"):
             raise UserError(f"{path}: a .txt file is raw text, it cannot be read as --data-format {format}")
-        return [Record(f"{path}:1", "text", text)], file_report(path, "text", 1, [])
+        records = [
+            Record(f"{path}:{line}", "text", paragraph, str(path)) for line, paragraph in paragraphs(text)
+        ]
+        return records, file_report(path, "text", len(records), [], unit="paragraph")
 
     records, skipped = [], []
     file_format = None if format == "auto" else format
@@ -68,6 +74,17 @@ def read_records(path, format: str = "auto", skip_bad_records: bool = False) -> 
     if not records:
         raise UserError(f"{path}: no usable records ({len(skipped)} bad); first problem: {skipped[0]}")
     return records, file_report(path, file_format, len(records), skipped)
+
+
+def paragraphs(text: str):
+    """(line, paragraph) for each run of non-blank lines: the unit raw text is deduplicated by."""
+    start, lines = None, text.splitlines()
+    for number, line in enumerate(lines + [""], start=1):
+        if line.strip() and start is None:
+            start = number
+        elif not line.strip() and start is not None:
+            yield start, "\n".join(lines[start - 1 : number - 1])
+            start = None
 
 
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
@@ -86,11 +103,12 @@ def check_data_file(path: Path) -> None:
         raise UserError(f"{path}: {path.suffix} is not supported; convert it to JSON Lines, a record a line")
 
 
-def file_report(path: Path, format: str, n_records: int, skipped: list[str]) -> dict:
+def file_report(path: Path, format: str, n_records: int, skipped: list[str], unit="record") -> dict:
     return {
         "path": str(path),
         "format": format,
         "records": n_records,
+        "unit": unit,  # a record is a line of JSONL or an element of a JSON array; .txt files: a paragraph
         "skipped_bad_records": len(skipped),
         "skipped_reasons": skipped[:REASONS_KEPT],
     }
@@ -175,20 +193,35 @@ def check_record(value, format: str) -> tuple[str, dict | list | str]:
             name: string_field(value, name, required=name != "input")
             for name in ("instruction", "input", "output")
         }
-        if not fields["instruction"].strip():
-            raise BadRecord("'instruction' is empty")
+        for name in ("instruction", "output"):  # an empty output would teach the model to answer nothing
+            if not fields[name].strip():
+                raise BadRecord(f"'{name}' is empty")
         return "alpaca", fields
     if format == "text":
         return "text", string_field(value, "text", required=True)
     if format == "chat":
-        return "chat", [
+        messages = [
             chat_message(message, index, "role", "content", {r: r for r in CHAT_ROLES})
             for index, message in enumerate(message_list(value, "messages"))
         ]
-    return "chat", [
-        chat_message(message, index, "from", "value", SHAREGPT_ROLES)
-        for index, message in enumerate(message_list(value, "conversations"))
-    ]
+    else:
+        messages = [
+            chat_message(message, index, "from", "value", SHAREGPT_ROLES)
+            for index, message in enumerate(message_list(value, "conversations"))
+        ]
+    return "chat", check_conversation(messages, "content" if format == "chat" else "value")
+
+
+def check_conversation(messages: list[dict], content_key: str) -> list[dict]:
+    """A conversation the model can learn from: an assistant turn, and no empty user or assistant message."""
+    if not any(message["role"] == "assistant" for message in messages):
+        raise BadRecord(
+            "has no assistant turn: nothing to learn (roles: " + ", ".join(m["role"] for m in messages) + ")"
+        )
+    for index, message in enumerate(messages):
+        if message["role"] != "system" and not message["content"].strip():
+            raise BadRecord(f"message {index} ({message['role']}) has an empty '{content_key}'")
+    return messages
 
 
 def string_field(value: dict, name: str, required: bool) -> str:

@@ -27,6 +27,7 @@ class DataReport:
     )  # per file: path, split, format, records, skipped_bad_records
     alpaca_style: str | None = None  # how Alpaca records were rendered: "chat" template or "alpaca" prompt
     dedup: bool = True
+    dedup_unit: str = "record"  # what dedup compares: a record, and a paragraph of raw text (.txt files)
     near_dup_threshold: float | None = None
     exact_duplicates_removed: int = 0
     near_duplicates_removed: int = 0
@@ -34,9 +35,10 @@ class DataReport:
     skipped_reasons: list[str] = field(default_factory=list)
     truncated_examples: int = 0  # longer than seq_len, cut
     truncated_tokens: int = 0  # tokens lost by that cut, plus raw text that did not fill a last block
-    dropped_examples: int = 0  # nothing left to learn (no trained token after truncation)
+    dropped_examples: int = 0  # no trained token left after truncation (the answer starts past seq_len)
     seq_len: int = 0
     val_source: str = "split"  # "split" of the data, "files" (val_paths), or "none"
+    val_split: str = ""  # how many the split held out, and why (data.val_split_size)
     train_examples: int = 0
     val_examples: int = 0
     train_tokens: int = 0
@@ -51,8 +53,9 @@ class DataReport:
 
 def log_report(report: DataReport, log) -> None:
     for file in report.files:
+        count = f"{file['records']} {file['unit']}s"
         log(
-            f"data: {file['path']} ({file['split']}): {file['records']} records, format {file['format']}"
+            f"data: {file['path']} ({file['split']}): {count}, format {file['format']}"
             + (f", {file['skipped_bad_records']} bad records skipped" if file["skipped_bad_records"] else "")
         )
     if report.alpaca_style:
@@ -62,7 +65,7 @@ def log_report(report: DataReport, log) -> None:
         log(
             f"data: dedup removed {report.exact_duplicates_removed} exact and "
             f"{report.near_duplicates_removed} near duplicates "
-            f"(MinHash Jaccard >= {report.near_dup_threshold})"
+            f"(MinHash Jaccard >= {report.near_dup_threshold}; unit: {report.dedup_unit})"
         )
     else:
         log("data: deduplication is OFF (--no-dedup): repeated records may leak from train into val")
@@ -72,11 +75,12 @@ def log_report(report: DataReport, log) -> None:
         log(
             f"data: {report.truncated_examples} examples truncated to {report.seq_len} tokens "
             f"({report.truncated_tokens} tokens lost); "
-            f"{report.dropped_examples} dropped with nothing to learn"
+            f"{report.dropped_examples} dropped (no answer token within --seq-len {report.seq_len})"
         )
     log(
         f"data: train {report.train_examples} examples ({report.train_tokens} tokens, "
-        f"{report.train_target_tokens} trained), val {report.val_examples} ({report.val_source})"
+        f"{report.train_target_tokens} trained), val {report.val_examples} ({report.val_source}"
+        + (f": {report.val_split})" if report.val_split else ")")
     )
 
 

@@ -1,11 +1,14 @@
 """torch.distributed behind torchrun: set-up, DDP or FSDP2 wrapping, gradient sync, gathering checkpoints.
 
     dist = setup_distributed(device="auto", timeout_s=600)  # torchrun's env -> process group, else 1 process
-    model = wrap_model(model, dist, fsdp="full_shard", mixed_precision=torch.bfloat16)
-    for micro_step in range(grad_accum):
-        with gradient_sync(model, enabled=micro_step == grad_accum - 1):
+    model = empty_model(path, torch.bfloat16)                  # on meta; then quant.py, lora.py reshape it
+    model = wrap_model(model, dist, fsdp="full_shard", load=lambda m, device: load_weights(m, path, device))
+    for micro_batch in micro_batches:
+        with local_gradients(model):
             loss_sum, _ = model(input_ids, targets=targets)
             (loss_sum * dist.world_size / global_target_count).backward()  # DDP and FSDP average over ranks
+    if not any_rank(out_of_memory, dist):                      # else every rank retries (interruptions.py)
+        all_reduce_gradients(model, dist)
     adapter = full_state_dict(model, dist, trainable_only=True)  # every rank calls; rank 0 gets the tensors
     teardown(dist)
 
@@ -73,13 +76,9 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.device(device).type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(
-                f"local rank {local_rank} has no GPU (this node has {torch.cuda.device_count()}): "
-                "pass --nproc_per_node at most the number of GPUs to torchrun"
-            )
-        torch.cuda.set_device(local_rank)
-        pinned, backend = torch.device("cuda", local_rank), "nccl"
+        gpu = gpu_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(gpu)
+        pinned, backend = torch.device("cuda", gpu), "nccl"
         # On a collective timeout NCCL's watchdog aborts the communicator and kills this process, so a
         # hung peer turns into an error torchrun sees, not a job that waits forever.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
@@ -93,6 +92,19 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> Dist:
         device_id=pinned if backend == "nccl" else None,
     )
     return Dist(rank, local_rank, world_size, pinned, is_main=rank == 0, backend=backend)
+
+
+def gpu_index(local_rank: int, visible_gpus: int) -> int:
+    """The GPU this process trains on: its local rank among the node's GPUs, or the only one it sees when the
+    scheduler gives each process its own (SLURM's --gpus-per-task, CUDA_VISIBLE_DEVICES set per process)."""
+    if visible_gpus == 1:
+        return 0
+    if local_rank >= visible_gpus:
+        raise UserError(
+            f"local rank {local_rank} has no GPU (this process sees {visible_gpus}): "
+            "pass --nproc_per_node at most the number of GPUs to torchrun"
+        )
+    return local_rank
 
 
 def teardown(dist: Dist) -> None:
@@ -127,19 +139,30 @@ def seed_for_rank(seed: int, dist: Dist) -> int:
     return seed + dist.rank
 
 
-def wrap_model(model, dist: Dist, fsdp: str | None = None, cpu_offload: bool = False, mixed_precision=None):
+def wrap_model(
+    model, dist: Dist, fsdp: str | None = None, cpu_offload: bool = False, mixed_precision=None, load=None
+):
     """DDP when several ranks and no FSDP; FSDP2 when `fsdp` is "full_shard" or "shard_grad_op".
 
     mixed_precision (FSDP only): a torch dtype the gathered parameters are cast to for compute (bf16), with
     gradients reduced in fp32 and the sharded master weights kept in their own dtype.
+    load(model, device): fills a model built on the meta device (nanoft.weights.load_weights), called where
+    the layout needs it: before DDP (which copies rank 0's weights), after FSDP has split the empty model
+    (so each rank reads and holds its shards only). None: the model is loaded already.
     """
     if fsdp in (None, "none"):
+        if load is not None:
+            load(model, dist.device)
         if dist.world_size == 1:
             return model
         # find_unused_parameters=False: every trainable parameter gets a gradient in every step, so DDP need
-        # not walk the graph after each forward looking for ones that did not.
+        # not walk the graph after each forward looking for ones that did not. broadcast_buffers=False: the
+        # only buffer is the RoPE table, computed alike on every rank; broadcasting it would cost a
+        # collective before every forward, and one a rank out of memory could leave the others waiting in.
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
+        return DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=False, broadcast_buffers=False
+        )
     if fsdp not in FSDP_MODES:
         raise UserError(f"--fsdp {fsdp} is not a mode; choose one of {', '.join(FSDP_MODES)}")
     if dist.backend is None:
@@ -147,21 +170,28 @@ def wrap_model(model, dist: Dist, fsdp: str | None = None, cpu_offload: bool = F
             f"--fsdp {fsdp} shards the model across processes but this run has one: "
             "start it with torchrun --nproc_per_node=N, or drop --fsdp"
         )
-    return shard_model(
+    model = shard_model(
         model,
         reshard_after_forward=fsdp == "full_shard",
         cpu_offload=cpu_offload,
         mixed_precision=mixed_precision,
     )
+    if load is not None:
+        load(model, torch.device("cpu") if cpu_offload else dist.device)  # offloaded shards live on the host
+        model.reset_rope(dist.device)  # a buffer, not sharded: where the compute is, offloaded or not
+    return model
 
 
 def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_precision):
-    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head), in place."""
+    """fully_shard the embedding (untied), each decoder layer, then the root (final norm, lm_head), in place.
+    A model on the meta device stays there, sharded: nanoft.weights.load_weights then allocates and fills
+    the shards."""
     prepare_4bit_linears_for_fsdp(model, mixed_precision)
-    # FSDP2, unlike DDP, does not copy rank 0's weights to the others: broadcast the trainable ones so a rank
-    # that drew a different random LoRA initialisation cannot silently train a different model.
+    # FSDP2, unlike DDP, does not copy rank 0's weights to the others: broadcast the trainable ones made
+    # before sharding (LoRA's adapters; weights still on meta come from the checkpoint on every rank), so a
+    # rank that drew a different random LoRA initialisation cannot silently train a different model.
     for param in model.parameters():
-        if param.requires_grad:
+        if param.requires_grad and not param.is_meta:
             torch_dist.broadcast(param.data, src=0)
     options = dict(
         reshard_after_forward=reshard_after_forward,
@@ -173,6 +203,10 @@ def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_pre
         if cpu_offload
         else OffloadPolicy(),
     )
+    if not model.config.tie_word_embeddings:
+        # Used only at the start of the forward: gathered then, freed after. (Tied, it is lm_head too, which
+        # the loss reads at the end, so it stays in the root: gathered for the whole forward and backward.)
+        fully_shard(model.model.embed_tokens, **options)
     for layer in model.model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
@@ -185,27 +219,73 @@ def is_fsdp(model) -> bool:
 
 
 @contextmanager
-def gradient_sync(model, enabled: bool):
-    """Run one micro-batch's forward and backward inside this; `enabled` only on the last one of a step.
+def local_gradients(model):
+    """Run each micro-batch's forward and backward inside this; all_reduce_gradients after the last one.
 
-    DDP: the gradients of the other micro-batches just add up locally (no_sync), and the one all-reduce of
-    the last backward carries their sum, so k micro-batches cost one communication instead of k.
-    FSDP: gradients are reduce-scattered on every micro-batch anyway. Skipping that would keep a full,
+    DDP: gradients add up on each rank (no_sync) and are all-reduced once per step, after every rank has
+    said it did not run out of memory (nanoft/interruptions.py): inside the micro-batches no rank ever waits
+    for another, so one that fails can retry with the rest instead of leaving them in a collective. The price
+    is that the all-reduce no longer overlaps the last backward: small for LoRA's adapters; a full
+    fine-tune's gradients are what FSDP is for.
+    FSDP: gradients are reduce-scattered in every backward anyway. Deferring that would keep a full,
     unsharded gradient of every parameter on each rank until the last micro-batch, which is the memory
     FSDP is used to save; the sum of the sharded gradients is the same.
     """
-    skip_sync = isinstance(model, DistributedDataParallel) and not enabled
-    with model.no_sync() if skip_sync else nullcontext():
+    with model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext():
         yield
 
 
+GRADIENT_BUCKET_BYTES = 64 * 2**20  # per all-reduce: the extra memory it needs, and few enough calls
+
+
+def all_reduce_gradients(model, dist: Dist) -> None:
+    """DDP: average the accumulated gradients over ranks, as DDP's own backward would have (a no-op for one
+    process and for FSDP, whose gradients are reduced already). A gradient a rank lacks counts as zeros."""
+    if not isinstance(model, DistributedDataParallel):
+        return
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    bucket, bucket_bytes = [], 0
+    for grad in (p.grad for p in trainable):
+        if bucket and (bucket_bytes + grad.nbytes > GRADIENT_BUCKET_BYTES or grad.dtype != bucket[0].dtype):
+            average_over_ranks(bucket, dist)
+            bucket, bucket_bytes = [], 0
+        bucket.append(grad)
+        bucket_bytes += grad.nbytes
+    if bucket:
+        average_over_ranks(bucket, dist)
+
+
+def average_over_ranks(tensors: list[torch.Tensor], dist: Dist) -> None:
+    """In place, through one flat all-reduce."""
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+    flat /= dist.world_size
+    for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        tensor.copy_(part.view_as(tensor))
+
+
 def all_reduce_sum(tensor: torch.Tensor, dist: Dist) -> torch.Tensor:
-    """The sum over ranks (a copy on dist.device; the tensor itself when single process)."""
+    """The sum over ranks, a copy on the tensor's own device (the tensor itself when single process). A CPU
+    tensor goes through gloo even beside NCCL: counts and flags that way never wait for the GPU."""
     if dist.backend is None:
         return tensor
-    total = tensor.detach().to(dist.device, copy=True)
+    total = tensor.detach().clone()
     torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
     return total
+
+
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """True on every rank when `flag` is True on any (one all-reduce of a CPU tensor)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)]), dist).item())
+
+
+def barrier(dist: Dist) -> None:
+    """Return once every rank got here. A CPU all-reduce through gloo blocks until all joined; one on a GPU
+    tensor (NCCL) would only queue the kernel and return at once."""
+    all_reduce_sum(torch.zeros(1), dist)
 
 
 def unwrap(model):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from nanoft.errors import UserError
+from nanoft.weights import shard_rows
 
 
 def bitsandbytes_linear_classes():
@@ -48,21 +49,42 @@ def prepare_4bit_linears_for_fsdp(model: nn.Module, mixed_precision: torch.dtype
             )
         if not isinstance(module, Linear4bit):
             continue
-        quant_state = module.weight.quant_state
-        if quant_state is None:
-            raise UserError(f"{name}: 4-bit weight is not quantized yet; move the model to its device first")
-        storage = module.weight.dtype
+        storage = module.weight.quant_storage
         if mixed_precision is not None and storage.is_floating_point and storage != mixed_precision:
             raise UserError(
                 f"{name}: FSDP's mixed precision would cast 4-bit weights stored as {storage} to "
                 f"{mixed_precision} and corrupt them; quantize with quant_storage=uint8"
             )
-        module.quant_state = quant_state
-        module.weight = nn.Parameter(module.weight.data, requires_grad=False)
+        if module.weight.is_meta:  # sharded loading: the bytes and their state come as the weight is read
+            module.quant_state = None
+            packed = torch.empty(packed_shape(module), dtype=storage, device="meta")
+        else:
+            module.quant_state = module.weight.quant_state
+            if module.quant_state is None:
+                raise UserError(f"{name}: 4-bit weight not quantized yet; move the model to its device first")
+            packed = module.weight.data
+        module.weight = nn.Parameter(packed, requires_grad=False)
         # On AVX512-BF16 CPUs bitsandbytes re-packs weight.data in place on an eval forward; under FSDP that
         # tensor is the shared all-gather buffer (quant.py turns this off too; here it is a correctness need).
         module.support_avx512bf16_for_cpu = False
         module.register_forward_pre_hook(attach_quant_state)
+
+
+def packed_shape(layer: nn.Module) -> tuple[int, int]:
+    """The (n, 1) shape of a Linear4bit's packed weight: two 4-bit values a byte, as its storage dtype."""
+    n_bytes = (layer.in_features * layer.out_features + 1) // 2
+    return n_bytes // layer.weight.quant_storage.itemsize, 1
+
+
+def load_4bit_shard(layer: nn.Module, packed: torch.Tensor, quant_state) -> None:
+    """Keep this rank's rows of a whole quantized weight's packed bytes in a sharded Linear4bit (meta-built
+    by prepare_4bit_linears_for_fsdp), and the whole quantization state, as every rank does."""
+    if tuple(packed.shape) != tuple(layer.weight.shape):
+        raise AssertionError(f"packed 4-bit bytes {tuple(packed.shape)}, sharded {tuple(layer.weight.shape)}")
+    start, end = shard_rows(layer.weight)
+    with torch.no_grad():
+        layer.weight.to_local().copy_(packed[start:end])
+    layer.quant_state = quant_state
 
 
 def attach_quant_state(module, args):

@@ -43,7 +43,8 @@ ADVICE = {
     "dedup": "run without --no-dedup: duplicates inflate the val score and teach the model to repeat itself",
     "samples": "write 50+ rendered samples and read them before trusting the run: template and masking bugs "
     "show there first",
-    "effective_batch": "raise --grad-accum until micro-batch x accumulation x devices >= 32",
+    "effective_batch": "raise --grad-accum until micro-batch x accumulation x devices >= "
+    f"{MIN_EFFECTIVE_BATCH}",
     "baseline": "evaluate the untuned model on the same val data at step 0 (give --val-data or keep the "
     "automatic split) so the gain can be measured",
     "best_checkpoint": "evaluate during training (--eval-every 50-100) and keep the checkpoint with the "
@@ -135,6 +136,8 @@ def data_checks_gate(dedup_counts, samples_path, samples_written, train_examples
     dedup = "dedup off" if dedup_counts is None else "dedup removed " + format_counts(dedup_counts)
     samples_exist = samples_path is not None and Path(samples_path).is_file()
     samples = f"{samples_written} samples in {samples_path}" if samples_exist else "no samples file"
+    if samples_exist and train_examples < MIN_SAMPLES_WRITTEN:  # the rule, where the split is smaller
+        samples += f" (all {train_examples} training examples: {MIN_SAMPLES_WRITTEN}, or all when fewer)"
     evidence = f"{dedup}; {samples}"
     advice = []
     if dedup_counts is None:
@@ -256,5 +259,10 @@ class UtilisationSampler:
             return
         self.last_time = time.monotonic()
         self.seen += 1
+        try:
+            busy = float(torch.cuda.utilization(self.device))
+        except Exception as error:  # NVML can fail mid-run (driver reset, lost GPU): stop sampling, train on
+            self.available, self.reason = False, f"NVML failed during the run ({error})"
+            return
         if self.seen > self.skip_first:
-            self.samples.append(float(torch.cuda.utilization(self.device)))
+            self.samples.append(busy)

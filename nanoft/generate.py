@@ -111,16 +111,24 @@ def generate(
     return generate_batch(model, tokenizer, [prompt_ids], max_new_tokens, temperature, top_p, generator)[0]
 
 
-def load_adapter_into(model, adapter_dir: str):
+def import_lora():
     try:
-        from lora import load_adapter  # lora.py sits at the repository root, next to train.py
+        import lora  # lora.py sits at the repository root, next to train.py
     except ModuleNotFoundError as error:
         if error.name != "lora":
             raise
         raise UserError(
             "--adapter needs lora.py from the nanoft checkout; run from the repository root"
         ) from None
-    return load_adapter(model, adapter_dir)
+    return lora
+
+
+def model_for(args) -> tuple:
+    """(model directory, what to say about it): --model, else the base the adapter names, else built-in."""
+    if args.model or not args.adapter:
+        return resolve_model(args.model), ""
+    base = import_lora().adapter_base_model(args.adapter)  # a UserError naming it when it is not here
+    return base, f" (the base model named in {args.adapter}/adapter_config.json; --model overrides it)"
 
 
 def parse_args(argv=None):
@@ -129,7 +137,10 @@ def parse_args(argv=None):
         description="Generate text from a model; only the new text goes to stdout.",
     )
     parser.add_argument(
-        "--model", default="", help="Hugging Face model directory (default: built-in SmolLM2-135M)"
+        "--model",
+        default="",
+        help="Hugging Face model directory (default: the adapter's base_model_name_or_path with --adapter, "
+        "else the built-in SmolLM2-135M)",
     )
     parser.add_argument(
         "--adapter", default="", help="PEFT-format LoRA adapter directory to load on the model"
@@ -155,18 +166,16 @@ def parse_args(argv=None):
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    model_dir = resolve_model(args.model)
+    model_dir, model_source = model_for(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = from_pretrained(model_dir, dtype=dtype, device=device)
     if args.adapter:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the answer only; lora.py reports counts
-            model = load_adapter_into(model, args.adapter).to(device)
-    print(
-        f"nanoft: {model_dir} on {device} ({dtype})" + (f" + adapter {args.adapter}" if args.adapter else ""),
-        file=sys.stderr,
-    )
+            model = import_lora().load_adapter(model, args.adapter).to(device)
+    adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    print(f"nanoft: {model_dir}{model_source} on {device} ({dtype}){adapter}", file=sys.stderr)
 
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]

@@ -17,10 +17,12 @@ QLoRA's block linears) and fp32 adapters; a full fine-tune keeps fp32 master wei
 import math
 from dataclasses import dataclass
 
+import torch
+
 from nanoft.cpu_attention import keeps_attention_probabilities, uses_matmul_attention
 from nanoft.errors import UserError
 from nanoft.loss import rows_per_chunk
-from nanoft.model import ModelConfig
+from nanoft.model import ModelConfig, cuda_sdpa_shares_kv_heads
 
 GiB = 2**30
 # NF4 with double quantization: 4 bits per weight, an 8-bit absmax per 64-weight block, and an fp32 scale per
@@ -167,6 +169,7 @@ class TrainingShape:
     cpu_offload: bool = False  # FSDP: the shards live in host memory; the device holds gathered layers
     ddp: bool = False  # DDP keeps a second copy of the gradients in its all-reduce buckets
     device_type: str = "cuda"
+    packed: bool = False  # --pack: attention takes a (B, 1, T, T) mask (examples see only themselves)
 
 
 @dataclass
@@ -290,6 +293,8 @@ def attention_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> floa
     if config.qk_norm is not None:
         qk_norm = c * (H + KV) * D + 4 * ((H + KV) if config.qk_norm == "head" else 2)
     if not matmul_attention(config, shape):
+        if repeats_kv_heads(config, shape):  # SDPA keeps the repeated k and v
+            KV = H
         return c * (2 * H * D + 2 * KV * D) + 4 * H + o_input + qk_norm
     probabilities = 0
     if keeps_probabilities(config, shape):
@@ -298,14 +303,28 @@ def attention_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> floa
     return c * (H * D + 2 * KV * D) + probabilities + o_input + qk_norm
 
 
+def repeats_kv_heads(config: ModelConfig, shape: TrainingShape) -> bool:
+    """Whether the model gives SDPA on CUDA a copy of k and v per query head (nanoft/model.py: a mask or
+    fp32 rule out the one fused kernel that shares them)."""
+    if shape.device_type != "cuda" or config.num_key_value_heads == config.num_attention_heads:
+        return False
+    dtype = torch.float32 if shape.compute_bytes == 4 else torch.bfloat16
+    return not cuda_sdpa_shares_kv_heads(dtype, config.head_dim, mask=True if shape.packed else None)
+
+
 def attention_bias_bytes(config: ModelConfig, shape: TrainingShape) -> int:
     """CPU attention over long sequences keeps its (1, 1, T, T) causal bias, shared by the layers (packed
-    batches have one per row: B x this), and one more for sliding layers when the window is shorter."""
-    if not matmul_attention(config, shape) or keeps_probabilities(config, shape):
+    batches have one per row: B x this), and one more for sliding layers when the window is shorter. On a
+    GPU a packed batch's (B, 1, T, T) boolean mask is turned into a bias in the compute dtype by every
+    layer's SDPA call, and each keeps its own for backward."""
+    T, B, c = shape.seq_len, shape.micro_batch, shape.compute_bytes
+    if not matmul_attention(config, shape):
+        return config.num_hidden_layers * B * T * T * c if shape.packed else 0
+    if keeps_probabilities(config, shape):
         return 0
     windowed = config.sliding_window is not None and "sliding_attention" in config.layer_types
-    masks = 2 if windowed and config.sliding_window < shape.seq_len else 1
-    return masks * shape.compute_bytes * shape.seq_len * shape.seq_len
+    masks = 2 if windowed and config.sliding_window < T else 1
+    return masks * c * T * T * (B if shape.packed else 1)
 
 
 def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape, has_experts=False) -> int:

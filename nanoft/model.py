@@ -596,6 +596,10 @@ class Attention(nn.Module):
         if mask is not None and mask.is_floating_point():
             y = grouped_attention(q, k, v, mask, self.scale, self.softcap)
         else:
+            group = self.n_heads // self.n_kv_heads
+            if group > 1 and q.is_cuda and not cuda_sdpa_shares_kv_heads(q.dtype, self.head_dim, mask):
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, D)
+                group = 1
             # enable_gqa lets SDPA share each key/value head across its query heads without copying them.
             # No mask means causal; a single new token after a cache sees every cached key, so no mask at all.
             y = F.scaled_dot_product_attention(
@@ -605,9 +609,17 @@ class Attention(nn.Module):
                 attn_mask=mask,
                 is_causal=mask is None and T > 1,
                 scale=self.scale,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                enable_gqa=group > 1,
             )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def cuda_sdpa_shares_kv_heads(dtype: torch.dtype, head_dim: int, mask) -> bool:
+    """Whether SDPA on CUDA runs grouped-query attention in a fused kernel as it is. Only flash attention
+    shares key/value heads (fp16/bf16, head_dim <= 256, no mask); otherwise, a packed or sliding-window mask
+    above all, SDPA falls back to its math kernel, whose (B, H, T, S) scores take O(T^2) memory. Repeating
+    k and v per query head (O(T)) lets the memory-efficient kernel, which takes masks, run instead."""
+    return mask is None and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
 
 
 class MLP(nn.Module):

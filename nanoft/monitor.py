@@ -2,7 +2,7 @@
 
     monitor = Monitor(run_dir, dist, total_steps=1000, start_step=0, model=model, dtype=torch.bfloat16)
     monitor.log_step(step, loss=1.9, lr=2e-4, grad_norm=0.4, tokens=4096, seconds=7.1, context=256)
-    monitor.log_eval(step, val_loss, progress, warmup_steps)   # + warnings and a generated sample
+    monitor.log_eval(step, val_loss, progress, warmup_steps)   # progress: checkpoint.Progress; + warnings
     monitor.print("a line above the bar")
     monitor.close()
 
@@ -44,6 +44,7 @@ BYTES_PER_KIB = 1024
 class Monitor:
     def __init__(self, run_dir, dist, total_steps: int, start_step: int, model, dtype: torch.dtype):
         self.enabled = dist.is_main
+        self.memory = MemoryPeaks(dist.device)  # on every rank: the summary reports each rank's peak
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
@@ -95,7 +96,7 @@ class Monitor:
             grad_norm=grad_norm,
             tokens_per_s=tokens_per_s,
             mfu=mfu,
-            memory_bytes=memory_bytes(self.device),
+            **self.memory.step(),
         )
         if router_aux_loss is not None:
             metrics["router_aux_loss"] = router_aux_loss
@@ -114,13 +115,13 @@ class Monitor:
                 f"MFU {mfu:.0%}, {minutes:.1f} min, ETA {eta:.1f} min"
             )
 
-    def log_eval(self, step: int, val_loss: float, progress: dict, warmup_steps: int) -> None:
+    def log_eval(self, step: int, val_loss: float, progress, warmup_steps: int) -> None:
         """An eval's line; a warning when val rises while train falls (overfitting) or stays flat after
         warmup (try the lr range test); the first generated sample (the untuned model's at step 0)."""
         if not self.enabled:
             return
         self.writer.add_scalar("val/loss", val_loss, step)
-        samples = progress["samples"]
+        samples = progress.samples
         text = [
             f"**prompt** {prompt}\n\n**model** {generated}\n\n**reference** {reference}"
             for prompt, generated, reference in samples
@@ -131,7 +132,7 @@ class Monitor:
 
         train = sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
         self.train_losses = []
-        note = " (baseline, untuned)" if step == 0 else " (best)" if progress["best_step"] == step else ""
+        note = " (baseline, untuned)" if step == 0 else " (best)" if progress.best_step == step else ""
         self.print(
             f"step {step}: val loss {val_loss:.4f}{note}" + (f", train loss {train:.4f}" if train else "")
         )
@@ -141,9 +142,9 @@ class Monitor:
                 self.print(
                     f"  warning: val loss rose {last_val:.4f} -> {val_loss:.4f} while train loss fell "
                     f"{last_train:.4f} -> {train:.4f}: overfitting begins; the best checkpoint (step "
-                    f"{progress['best_step']}) is kept; fewer epochs, more data or a smaller r help"
+                    f"{progress.best_step}) is kept; fewer epochs, more data or a smaller r help"
                 )
-        flat = flat_val_loss_advice(progress["val_curve"], warmup_steps)
+        flat = flat_val_loss_advice(progress.val_curve, warmup_steps)
         if flat and not self.warned_flat:
             self.print(f"  warning: {flat}")
             self.warned_flat = True
@@ -260,6 +261,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class MemoryPeaks:
+    """Memory by step and over the run: each logged step's peak, with the peak counter reset after it (so a
+    step that needed more shows as that step), and the run's peak, which those resets do not lose.
+
+    GPU: bytes allocated by tensors (now, and the step's peak) and reserved by torch's caching allocator
+    (what the GPU really lends this process; a gap between the two is fragmentation). CPU: the process's
+    resident memory, the step's peak through Linux's resettable high-water mark (VmHWM, /proc/self/clear_refs;
+    it also resets ru_maxrss, so the run's peak is kept here).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.run_peak = peak_since_reset(device)  # loading the model, before the first step
+
+    def step(self) -> dict[str, int]:
+        """memory_bytes (now), memory_peak_bytes (the step's most), memory_reserved_bytes (GPU only)."""
+        step_peak = peak_since_reset(self.device)
+        self.run_peak = max(self.run_peak, step_peak)
+        metrics = {"memory_bytes": memory_bytes(self.device), "memory_peak_bytes": step_peak}
+        if self.device.type == "cuda":
+            metrics["memory_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+        reset_peak(self.device)
+        return metrics
+
+    def peak(self) -> int:
+        """The most memory the run has used so far."""
+        return max(self.run_peak, peak_since_reset(self.device))
+
+
 def memory_bytes(device: torch.device) -> int:
     """Memory in use now: allocated GPU memory, or this process's resident memory on CPU."""
     if device.type == "cuda":
@@ -268,8 +298,21 @@ def memory_bytes(device: torch.device) -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """The most memory used so far: peak allocated GPU memory, or peak resident memory on CPU."""
+def peak_since_reset(device: torch.device) -> int:
+    """Peak allocated GPU memory, or peak resident memory on CPU, since the start or the last reset_peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * BYTES_PER_KIB  # Linux reports KiB
+    with open("/proc/self/status") as status:
+        kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    return int(kib) * BYTES_PER_KIB
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # 5: reset the peak resident set size to the current one
+    except OSError:  # not Linux, or /proc read-only: steps then report the peak so far
+        pass

@@ -3,7 +3,7 @@
     python train.py --plan [--model DIR] [--max-quality] [--domain-shift] [--plan-memory-gb 24]
 
     hardware = detect_hardware()                               # GPUs' memory, or host RAM on CPU
-    plan = make_plan(load_config(path), hardware, PlanRequest())  # method, batch, lr, memory
+    plan = make_plan(load_config(path), hardware, TrainConfig(method="auto"))  # method, batch, lr, memory
     print(format_plan(plan))
 
 The decision framework (a senior engineer's, applied in `make_plan`):
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from nanoft.config import DEFAULT_LR
+from nanoft.config import DEFAULT_LR, TrainConfig
 from nanoft.errors import UserError
+from nanoft.gates import MIN_EFFECTIVE_BATCH
 from nanoft.memory import (
     GiB,
     MemoryEstimate,
@@ -47,7 +48,12 @@ from nanoft.schedule import MIN_LR_RATIO
 USABLE_FRACTION = {"cuda": 0.9, "cpu": 0.75}
 LORA_BAND = 24 / 13.5  # the framework's 24 GiB for a 7B, whose 16-bit weights take 12.6 GiB (13.5 GB)
 FULL_RULE_BYTES_PER_PARAM = 16  # 4 x the fp32 model: weights, gradients, Adam m and v
-MIN_EFFECTIVE_BATCH = 32
+
+
+def gib(n_bytes: float) -> str:
+    """GiB as the plan prints them: 0.19, 5.6, 114.3 (two digits below 1, so small budgets compare)."""
+    value = n_bytes / GiB
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}"
 
 
 @dataclass
@@ -100,31 +106,6 @@ def detect_hardware(device: str = "auto", memory_gb: float = 0, device_count: in
 
 
 @dataclass
-class PlanRequest:
-    """What the user asked for (from TrainConfig: see `plan_request`); method "auto" lets the plan choose."""
-
-    method: str = "auto"
-    max_quality: bool = False
-    domain_shift: bool = False
-    micro_batch: int = 4
-    grad_accum: int = 8
-    seq_len: int = 1024
-    activation_checkpointing: bool = False
-    compute_bytes: int = 2
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    optim: str = "adamw"
-    lr: float | None = None
-    warmup_frac: float = 0.03
-    epochs: float = 3.0
-    eval_every: int = 50
-    grad_clip: float = 1.0
-    weight_decay: float = 0.01
-
-
-@dataclass
 class Plan:
     method: str  # "full", "lora" or "qlora"
     layout: str  # "single", "ddp", "fsdp" or "fsdp_offload"
@@ -133,7 +114,8 @@ class Plan:
     estimate: MemoryEstimate
     fits: bool  # False only for a method the user fixed that does not fit even at micro-batch 1
     hardware: Hardware
-    request: PlanRequest
+    request: TrainConfig  # what the user asked for (--method auto: let the plan choose)
+    compute_bytes: int  # 2 for bf16/fp16, 4 for fp32 (nanoft/precision.py decides)
     parameters: ParameterCount
     reasons: list[str] = field(default_factory=list)
 
@@ -141,7 +123,7 @@ class Plan:
     def grad_accum(self) -> int:
         """Enough micro-batches for an effective batch of MIN_EFFECTIVE_BATCH, or the user's larger one."""
         ranks = self.hardware.device_count
-        wanted = max(MIN_EFFECTIVE_BATCH, self.request.micro_batch * self.request.grad_accum * ranks)
+        wanted = max(MIN_EFFECTIVE_BATCH, self.request.batch_size * self.request.grad_accum * ranks)
         return math.ceil(wanted / (self.micro_batch * ranks))
 
     @property
@@ -153,40 +135,17 @@ class Plan:
         return self.request.lr or DEFAULT_LR[self.method]
 
 
-def plan_request(config, compute_bytes: int = 2) -> PlanRequest:
-    """The PlanRequest of a TrainConfig (nanoft/config.py)."""
-    return PlanRequest(
-        method=config.method,
-        max_quality=config.max_quality,
-        domain_shift=config.domain_shift,
-        micro_batch=config.batch_size,
-        grad_accum=config.grad_accum,
-        seq_len=config.seq_len,
-        activation_checkpointing=config.activation_checkpointing,
-        compute_bytes=compute_bytes,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        lora_targets=tuple(config.lora_targets),
-        optim=config.optim,
-        lr=config.lr,
-        warmup_frac=config.warmup_frac,
-        epochs=config.epochs,
-        eval_every=config.eval_every,
-        grad_clip=config.grad_clip,
-        weight_decay=config.weight_decay,
-    )
-
-
-def framework_allows(method: str, params: ParameterCount, hardware: Hardware, layout: str, request):
+def framework_allows(
+    method: str, params: ParameterCount, hardware: Hardware, layout: str, request, compute_bytes
+):
     """(allowed, why): the framework's rule for `method` on `layout`, before the estimate decides whether it
     fits. DDP and one device need it all on each device; FSDP pools the devices' memory."""
     devices = hardware.device_count if layout.startswith("fsdp") else 1
     memory = hardware.memory_bytes * devices
-    where = f"{devices} x {hardware.memory_bytes / GiB:.1f} GiB"
+    where = f"{devices} x {gib(hardware.memory_bytes)} GiB"
     if method == "full":
         needed = FULL_RULE_BYTES_PER_PARAM * params.total
-        rule = f"4 x the fp32 model = {needed / GiB:.1f} GiB (16 bytes/parameter: weights, grads, Adam m, v)"
+        rule = f"4 x the fp32 model = {gib(needed)} GiB (16 bytes/parameter: weights, grads, Adam m, v)"
         if not (request.max_quality or request.domain_shift):
             return False, "full fine-tune: not asked for (--max-quality); adapters reach most of its quality"
         if memory < needed:
@@ -194,8 +153,8 @@ def framework_allows(method: str, params: ParameterCount, hardware: Hardware, la
         wanted = "maximum quality asked for" if request.max_quality else "a domain shift needs capacity"
         return True, f"full fine-tune: {wanted}, and {where} >= {rule}"
     if method == "lora":
-        needed = LORA_BAND * request.compute_bytes * params.total
-        band = f"{LORA_BAND:.2f} x the {request.compute_bytes * params.total / GiB:.1f} GiB 16-bit model"
+        needed = LORA_BAND * compute_bytes * params.total
+        band = f"{LORA_BAND:.2f} x the {gib(compute_bytes * params.total)} GiB 16-bit model"
         if memory < needed:
             return False, f"LoRA (16-bit base): {where} is below {band} (the 8-24 GB band for a 7B: 4-bit)"
         return True, f"LoRA (16-bit base): {where} >= {band} (the framework's 24 GB and up for a 7B)"
@@ -203,11 +162,11 @@ def framework_allows(method: str, params: ParameterCount, hardware: Hardware, la
 
 
 def layouts(hardware: Hardware) -> list[str]:
-    if hardware.device_type == "cpu":
+    """Simplest first. FSDP only across several GPUs: on one there is nothing to shard over, and train.py
+    runs FSDP only under torchrun."""
+    if hardware.device_type == "cpu" or hardware.device_count == 1:
         return ["ddp" if hardware.device_count > 1 else "single"]
-    if hardware.device_count > 1:
-        return ["ddp", "fsdp", "fsdp_offload"]
-    return ["single", "fsdp_offload"]
+    return ["ddp", "fsdp", "fsdp_offload"]
 
 
 def halvings(micro_batch: int) -> list[int]:
@@ -217,16 +176,17 @@ def halvings(micro_batch: int) -> list[int]:
     return sizes
 
 
-def fit_batch(config: ModelConfig, method: str, layout: str, hardware: Hardware, request: PlanRequest):
+def fit_batch(config: ModelConfig, method: str, layout: str, hardware: Hardware, request, compute_bytes: int):
     """(micro_batch, checkpointing, estimate) that fits, or None. Halving the micro-batch (accumulating more)
     costs nothing in quality; checkpointing costs ~30% more compute, so it comes only when micro-batch 1
     does not fit."""
     checkpointing_options = [True] if request.activation_checkpointing else [False, True]
     for checkpointing in checkpointing_options:
-        for micro_batch in halvings(request.micro_batch):
-            estimate = estimate_memory(
-                config, training_shape(method, layout, micro_batch, checkpointing, hardware, request)
+        for micro_batch in halvings(request.batch_size):
+            shape = training_shape(
+                method, layout, micro_batch, checkpointing, hardware, request, compute_bytes
             )
+            estimate = estimate_memory(config, shape)
             host_needed = estimate.host_offload * hardware.device_count
             host_usable = USABLE_FRACTION["cpu"] * hardware.host_memory_bytes
             if estimate.total <= hardware.usable_bytes and host_needed <= host_usable:
@@ -234,17 +194,22 @@ def fit_batch(config: ModelConfig, method: str, layout: str, hardware: Hardware,
     return None
 
 
-def training_shape(method, layout, micro_batch, checkpointing, hardware, request) -> TrainingShape:
+def training_shape(
+    method, layout, micro_batch, checkpointing, hardware, request, compute_bytes
+) -> TrainingShape:
+    """What the memory estimate needs to know of a candidate: the method, layout and micro-batch tried, the
+    rest as the user asked (request: the TrainConfig)."""
     return TrainingShape(
         method=method,
         micro_batch=micro_batch,
         seq_len=request.seq_len,
         activation_checkpointing=checkpointing,
-        compute_bytes=request.compute_bytes,
+        compute_bytes=compute_bytes,
         lora_r=request.lora_r,
         lora_targets=request.lora_targets,
         lora_dropout=request.lora_dropout,
         optim=request.optim,
+        packed=request.pack,
         shards=hardware.device_count if layout.startswith("fsdp") else 1,
         cpu_offload=layout == "fsdp_offload",
         ddp=layout == "ddp",
@@ -271,38 +236,51 @@ LAYOUT_WHY = {
 }
 
 
-def make_plan(config: ModelConfig, hardware: Hardware, request: PlanRequest) -> Plan:
+def make_plan(config: ModelConfig, hardware: Hardware, request: TrainConfig, compute_bytes: int = 2) -> Plan:
     """The least lossy method the framework allows that fits, on the simplest layout, at the largest
-    micro-batch up to the user's; raises UserError when nothing fits (a method fixed by the user is planned
-    anyway, marked as not fitting)."""
+    micro-batch up to the user's (request: the TrainConfig; method "auto" lets the plan choose); raises
+    UserError when nothing fits (a method fixed by the user is planned anyway, marked as not fitting)."""
     params = count_parameters(config)
     reasons = [DOMAIN_SHIFT_ADVICE] if request.domain_shift else []
     candidates = tuple(METHOD_NAMES) if request.method == "auto" else (request.method,)
     for method in candidates:
         for layout in layouts(hardware):
             if request.method == "auto":
-                allowed, why = framework_allows(method, params, hardware, layout, request)
+                allowed, why = framework_allows(method, params, hardware, layout, request, compute_bytes)
             else:
                 allowed, why = True, f"{method}: chosen with --method (--method auto lets the plan choose)"
-            fit = fit_batch(config, method, layout, hardware, request) if allowed else None
+            fit = fit_batch(config, method, layout, hardware, request, compute_bytes) if allowed else None
             if fit is not None:  # (micro_batch, checkpointing, estimate)
-                reasons += [why, f"{method} {LAYOUT_WHY[layout]}: {fit[2].total / GiB:.1f} GiB per device"]
-                return Plan(method, layout, *fit, True, hardware, request, params, reasons)
+                reasons += [why, f"{method} {LAYOUT_WHY[layout]}: {gib(fit[2].total)} GiB per device"]
+                return Plan(method, layout, *fit, True, hardware, request, compute_bytes, params, reasons)
         if not allowed:  # the last layout pools the most memory: if the rule refused it, it refused them all
             reasons.append(why)
             continue
         most_sharded = layouts(hardware)[-1]
-        smallest = estimate_memory(config, training_shape(method, most_sharded, 1, True, hardware, request))
+        shape = training_shape(method, most_sharded, 1, True, hardware, request, compute_bytes)
+        smallest = estimate_memory(config, shape)
         reasons.append(
-            f"{method}: needs {smallest.total / GiB:.1f} GiB per device even at micro-batch 1 with "
-            f"checkpointing, more than the {hardware.usable_bytes / GiB:.1f} GiB usable"
+            f"{method}: needs {gib(smallest.total)} GiB per device even at micro-batch 1 with "
+            f"checkpointing, more than the {gib(hardware.usable_bytes)} GiB usable"
         )
     if request.method == "auto":
         raise UserError(
-            f"no method fits {hardware.description}: QLoRA needs {smallest.total / GiB:.1f} GiB per device "
+            f"no method fits {hardware.description}: QLoRA needs {gib(smallest.total)} GiB per device "
             "at micro-batch 1 with checkpointing; use a smaller model, a shorter --seq-len, or more devices"
         )
-    return Plan(request.method, most_sharded, 1, True, smallest, False, hardware, request, params, reasons)
+    return Plan(
+        request.method,
+        most_sharded,
+        1,
+        True,
+        smallest,
+        False,
+        hardware,
+        request,
+        compute_bytes,
+        params,
+        reasons,
+    )
 
 
 LAYOUT_NAMES = {
@@ -313,72 +291,104 @@ LAYOUT_NAMES = {
 }
 
 
+# What to watch to know each hyperparameter is working, and what to do when it is not: printed at the start of
+# every run (hyperparameter_notes) and by --plan (watch_list), each from this one table.
+WATCH = {
+    "lr": "loss should fall within the first 100 steps; NaN or spikes -> halve it; flat -> try --lr-sweep",
+    "warmup": "a loss spike right after warmup -> lengthen warmup or lower the lr",
+    "effective batch": f">= {MIN_EFFECTIVE_BATCH} keeps updates steady; out of memory -> halve --batch-size, "
+    "double --grad-accum",
+    "micro-batch": "memory below the limit (out of memory: it is halved and accumulation doubled "
+    "automatically)",
+    "seq len": "the data report's truncated count: more than a few % truncated -> raise --seq-len",
+    "epochs": "val loss rising while train loss falls is overfitting -> the best checkpoint is kept; use "
+    "fewer epochs",
+    "lora": "train loss stalls high -> raise r or use all-linear",
+    "full": "watch for forgetting (val on general data)",
+    "grad clip": "the grad norm should settle below it; clipped every step -> lower the lr",
+    "weight decay": "on matrices only (never on norms or biases)",
+    "eval": "val loss should be below the baseline by the first eval",
+    "activation checkpointing": "on: ~30% slower steps for much less activation memory; turn off if memory "
+    "allows",
+    "4-bit base": "compare the val loss of the 4-bit base + adapter with the --merge export (the adapter on "
+    "the original 16-bit weights) before serving",
+}
+
+
 def watch_list(plan: Plan) -> list[tuple[str, str]]:
     """(hyperparameter and value, what to watch to know it is working) for every knob of the plan."""
     request = plan.request
+    if plan.method == "full":
+        method = ("full fine-tune", WATCH["full"])
+    else:
+        lora = f"LoRA r {request.lora_r}, alpha {request.lora_alpha:g}, dropout {request.lora_dropout:g}"
+        method = (f"{lora}, on {','.join(request.lora_targets)}", WATCH["lora"])
     watch = [
-        (
-            f"lr {format_lr(plan.lr)}",
-            "loss falls within the first 100 steps; NaN or spikes: halve it; val flat for 100 steps: "
-            "--lr-sweep",
-        ),
-        (
-            f"warmup {request.warmup_frac:.0%} of steps, cosine to {MIN_LR_RATIO:.0%}",
-            "no loss spike in the first steps (else lengthen warmup); most of the gain comes before mid-run",
-        ),
-        (
-            f"effective batch {plan.effective_batch}",
-            "train loss smooth from step to step; if it jumps by >20%, raise --grad-accum",
-        ),
-        (
-            f"micro-batch {plan.micro_batch}",
-            "memory below the limit (out of memory: it is halved and accumulation doubled automatically)",
-        ),
-        (
-            f"seq len {request.seq_len}",
-            "the data report's truncated count: more than a few % truncated -> raise --seq-len",
-        ),
-        (
-            f"epochs {request.epochs:g}, eval every {request.eval_every}",
-            "val loss falls, then flattens; val rising while train falls is overfitting: the best "
-            "checkpoint is kept and early stopping ends the run",
-        ),
-        (
-            f"grad clip {request.grad_clip:g}",
-            "grad norm (TensorBoard) mostly below the clip; clipped on every step -> lower the lr",
-        ),
-        (
-            f"weight decay {request.weight_decay:g}",
-            "matrices only; raise towards 0.1 if val loss rises while train falls",
-        ),
+        (f"lr {format_lr(plan.lr)}", WATCH["lr"]),
+        method,
+        (f"warmup {request.warmup_frac:.0%} of steps, cosine to {MIN_LR_RATIO:.0%}", WATCH["warmup"]),
+        (f"effective batch {plan.effective_batch}", WATCH["effective batch"]),
+        (f"micro-batch {plan.micro_batch}", WATCH["micro-batch"]),
+        (f"seq len {request.seq_len}", WATCH["seq len"]),
+        (f"epochs {request.epochs:g}, eval every {request.eval_every}", WATCH["epochs"]),
+        (f"grad clip {request.grad_clip:g}", WATCH["grad clip"]),
+        (f"weight decay {request.weight_decay:g}", WATCH["weight decay"]),
         (
             "activation checkpointing " + ("on" if plan.activation_checkpointing else "off"),
-            "on: ~30% slower steps for much less activation memory; turn off if memory allows",
+            WATCH["activation checkpointing"],
         ),
     ]
-    if plan.method != "full":
-        watch.insert(
-            1,
-            (
-                f"LoRA r {request.lora_r}, alpha {request.lora_alpha:g}, dropout {request.lora_dropout:g}, "
-                f"on {','.join(request.lora_targets)}",
-                "val plateaus early well above train: more capacity (r 32-64, all-linear); val rises "
-                "while train falls: fewer epochs or more dropout",
-            ),
-        )
     if plan.method == "qlora":
-        watch.append(
-            (
-                "4-bit base",
-                "compare val loss of the 4-bit base + adapter with the merged bf16 export before serving",
-            )
-        )
+        watch.append(("4-bit base", WATCH["4-bit base"]))
     return watch
+
+
+def hyperparameter_notes(
+    config: TrainConfig,
+    *,
+    world_size: int,
+    steps_per_epoch: float,
+    total_steps: int,
+    warmup_steps: int,
+    trainable: int,
+    total: int,
+    precision: str,
+) -> list[str]:
+    """One line per key hyperparameter of the run: its value, then what to watch (WATCH)."""
+    lr_source = f"default for {config.method}" if config.lr == DEFAULT_LR.get(config.method) else "set"
+    batch = config.batch_size * config.grad_accum * world_size
+    epochs = f"{total_steps / steps_per_epoch:.2g} epochs of {steps_per_epoch:.3g} steps"
+    lines = [
+        f"lr {config.lr:.0e} ({lr_source}): {WATCH['lr']}",
+        f"schedule: warmup {warmup_steps} of {total_steps} steps ({config.warmup_frac:.0%}), then cosine to "
+        f"{config.lr * MIN_LR_RATIO:.0e}: {WATCH['warmup']}",
+        f"effective batch {batch} = {config.batch_size} per device x {config.grad_accum} accumulation x "
+        f"{world_size} device(s): {WATCH['effective batch']}",
+        f"{total_steps} steps = {epochs}: {WATCH['epochs']}",
+    ]
+    if config.method in ("lora", "qlora"):
+        base = f" on a {config.quant} base" if config.method == "qlora" else ""
+        scale = config.lora_alpha / config.lora_r
+        lines.append(
+            f"LoRA r={config.lora_r} alpha={config.lora_alpha:g} (scale {scale:g}) "
+            f"on {','.join(config.lora_targets)}{base}: {trainable:,} of {total:,} weights train "
+            f"({trainable / total:.2%}); {WATCH['lora']}"
+        )
+    else:
+        lines.append(f"full fine-tune: all {trainable:,} weights train; {WATCH['full']}")
+    lines += [
+        f"grad clip {config.grad_clip:g}: {WATCH['grad clip']}",
+        f"weight decay {config.weight_decay:g} {WATCH['weight decay']}",
+        f"eval every {config.eval_every} steps and at step 0 (the baseline): {WATCH['eval']}; early stop "
+        f"after {config.patience or 'no'} evals without a new best",
+        f"precision {precision}",
+    ]
+    return lines
 
 
 def format_plan(plan: Plan, model_name: str = "") -> str:
     p, e, hw = plan.parameters, plan.estimate, plan.hardware
-    c = plan.request.compute_bytes
+    c = plan.compute_bytes
     dtype = "bf16" if c == 2 else "fp32"
     tokens = f"{plan.micro_batch} x {plan.request.seq_len} tokens"
     lines = [
@@ -386,7 +396,7 @@ def format_plan(plan: Plan, model_name: str = "") -> str:
         f"({p.block_linear / 1e9:.2f}B in the decoder blocks' linears, {p.embedding / 1e9:.2f}B embedding"
         + (f", {p.lm_head / 1e9:.2f}B lm_head)" if p.lm_head else ", lm_head tied)")
         + (f"; {p.active / 1e9:.2f}B active per token (experts)" if p.active < p.total else ""),
-        f"hardware: {hw.description}; usable {hw.usable_bytes / GiB:.1f} GiB per device "
+        f"hardware: {hw.description}; usable {gib(hw.usable_bytes)} GiB per device "
         f"({USABLE_FRACTION[hw.device_type]:.0%})",
         "",
         f"method: {METHOD_NAMES[plan.method]}, {LAYOUT_NAMES[plan.layout]}"
@@ -414,7 +424,7 @@ def format_plan(plan: Plan, model_name: str = "") -> str:
         ("kernel workspace", e.workspace),
     ]
     lines += [f"  {name:<52}{value / GiB:>8.2f}" for name, value in rows]
-    lines.append(f"  {'total (peak)':<52}{e.total / GiB:>8.2f}  of {hw.usable_bytes / GiB:.1f} usable")
+    lines.append(f"  {'total (peak)':<52}{e.total / GiB:>8.2f}  of {gib(hw.usable_bytes)} usable")
     if e.host_offload:
         lines.append(f"  {'host RAM for the offloaded shards (per rank)':<52}{e.host_offload / GiB:>8.2f}")
     lines += [
@@ -436,7 +446,21 @@ def format_lr(lr: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def plan_for_run(config, planning_only: bool) -> Plan:
+def apply_plan(config: TrainConfig, plan: Plan) -> TrainConfig:
+    """The TrainConfig as --method auto trains it: the plan's method, micro-batch, accumulation and
+    checkpointing, and FSDP where the plan shards the model (with CPU offload where it offloads)."""
+    return replace(
+        config,
+        method=plan.method,
+        batch_size=plan.micro_batch,
+        grad_accum=plan.grad_accum,
+        activation_checkpointing=plan.activation_checkpointing,
+        fsdp="full_shard" if plan.layout.startswith("fsdp") and config.fsdp == "none" else config.fsdp,
+        fsdp_cpu_offload=config.fsdp_cpu_offload or plan.layout == "fsdp_offload",
+    )
+
+
+def plan_for_run(config: TrainConfig, planning_only: bool) -> Plan:
     """The plan for a TrainConfig. `--plan` (planning_only) counts every visible GPU and shows the
     framework's choice next to the configured --method; `--method auto` counts the processes that will
     train (WORLD_SIZE, else 1)."""
@@ -452,16 +476,22 @@ def plan_for_run(config, planning_only: bool) -> Plan:
         compute_bytes = choose_compute_dtype(config.dtype, device)[0].itemsize
     device_count = config.plan_devices or (0 if planning_only else int(os.environ.get("WORLD_SIZE", "1")))
     hardware = detect_hardware(config.device, config.plan_memory_gb, device_count)
-    request = plan_request(config, compute_bytes)
     if not planning_only:
-        return make_plan(model_config, hardware, request)
-    plan = make_plan(model_config, hardware, replace(request, method="auto"))
+        return make_plan(model_config, hardware, config, compute_bytes)
+    try:
+        plan = make_plan(model_config, hardware, replace(config, method="auto"), compute_bytes)
+    except UserError as nothing_fits:  # show the smallest method's memory, marked as not fitting
+        plan = make_plan(model_config, hardware, replace(config, method="qlora"), compute_bytes)
+        plan.reasons = [str(nothing_fits)]
     if config.method not in ("auto", plan.method):
-        configured = make_plan(model_config, hardware, request)
-        verdict = f"fits at micro-batch {configured.micro_batch}" if configured.fits else "does NOT fit"
-        gib = configured.estimate.total / GiB
+        configured = make_plan(model_config, hardware, config, compute_bytes)
+        where = LAYOUT_NAMES[configured.layout]
+        verdict = (
+            f"fits at micro-batch {configured.micro_batch} on {where}" if configured.fits else "does NOT fit"
+        )
+        needs = f"{gib(configured.estimate.total)} GiB per device"
         plan.reasons.append(
-            f"--method {config.method} as configured {verdict} ({gib:.1f} GiB per device); "
-            "--method auto trains with this plan's choice"
+            f"--method {config.method} as configured {verdict} ({needs}); --method auto trains with this "
+            "plan's choice"
         )
     return plan

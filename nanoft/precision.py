@@ -3,9 +3,11 @@
     precision = choose_precision("auto", torch.device("cuda"), method="lora")
     print(precision.reason)   # "bf16: this GPU computes in bf16 natively (NVIDIA A100)"
 
-- Compute dtype: bf16 where the hardware multiplies bf16 natively (CUDA Ampere and newer; CPUs with
-  AVX512-BF16 or AMX), fp16 with a gradient scaler on older GPUs (fp16's small range underflows small
-  gradients to zero unless the loss is scaled up first), fp32 when asked or when nothing faster exists.
+- Compute dtype: bf16 where the hardware multiplies bf16 natively (CUDA compute capability 8.0 and newer:
+  Ampere, Hopper ...; CPUs with AVX512-BF16 or AMX), fp16 with a gradient scaler on older GPUs (T4, V100:
+  fp16's small range underflows small gradients to zero unless the loss is scaled up first), fp32 when
+  asked or when nothing faster exists. Not torch.cuda.is_bf16_supported(): it says True on a T4 or V100,
+  which only emulate bf16, far slower than their fp16 tensor cores.
 - LoRA / QLoRA: the frozen base is stored in the compute dtype (half the memory of fp32, and no cast on every
   forward), so no autocast is needed; the adapters are fp32 (they are small, and Adam's updates of ~1e-4 would
   round away in bf16) and lora.py casts their output to the base's dtype.
@@ -47,17 +49,26 @@ def cpu_native_bf16() -> str | None:
     return next((flag for flag in NATIVE_BF16_CPU_FLAGS if flag in flags), None)
 
 
+def gpu_compute_dtype(requested: str, gpu: str, capability: tuple[int, int]) -> tuple[torch.dtype, str]:
+    """For a GPU named `gpu` of CUDA compute capability (major, minor)."""
+    native_bf16 = capability >= (8, 0)
+    described = f"{gpu}, compute capability {capability[0]}.{capability[1]}"
+    if requested == "bf16" and not native_bf16:
+        raise UserError(f"--dtype bf16: this GPU ({described}) has no native bf16; use --dtype fp16 or auto")
+    if requested in ("bf16", "fp16", "fp32"):
+        return DTYPES[requested], f"{requested}: asked for with --dtype ({gpu})"
+    if native_bf16:
+        return torch.bfloat16, f"bf16: this GPU computes in bf16 natively ({gpu})"
+    return (
+        torch.float16,
+        f"fp16 with a gradient scaler: this GPU ({described}) has no native bf16",
+    )
+
+
 def choose_compute_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
-        has_bf16 = torch.cuda.is_bf16_supported()
-        if requested == "bf16" and not has_bf16:
-            raise UserError(f"--dtype bf16: this GPU ({gpu}) has no bf16; use --dtype fp16 or auto")
-        if requested in ("bf16", "fp16", "fp32"):
-            return DTYPES[requested], f"{requested}: asked for with --dtype ({gpu})"
-        if has_bf16:
-            return torch.bfloat16, f"bf16: this GPU computes in bf16 natively ({gpu})"
-        return torch.float16, f"fp16 with a gradient scaler: this GPU ({gpu}) has no bf16"
+        return gpu_compute_dtype(requested, gpu, torch.cuda.get_device_capability(device))
     if requested == "fp16":
         raise UserError("--dtype fp16 is for GPUs without bf16; on CPU use --dtype bf16 or fp32")
     native = cpu_native_bf16()
@@ -76,7 +87,11 @@ def choose_compute_dtype(requested: str, device: torch.device) -> tuple[torch.dt
 
 
 def choose_precision(requested: str, device: torch.device, method: str) -> Precision:
-    compute_dtype, reason = choose_compute_dtype(requested, device)
+    return precision_for(*choose_compute_dtype(requested, device), method)
+
+
+def precision_for(compute_dtype: torch.dtype, reason: str, method: str) -> Precision:
+    """What a run in `compute_dtype` keeps its weights in, and whether it autocasts and scales the loss."""
     reduced = compute_dtype != torch.float32
     if method == "full":
         if reduced:

@@ -1,17 +1,36 @@
-"""Fixtures shared by the test files: the built-in model and a tiny tokenizer for tiny models."""
+"""Fixtures shared by the test files: the built-in model, a tiny tokenizer and tiny models that train fast."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from families import write_family_checkpoint
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from nanoft.default_model import default_model_dir
+from nanoft.model import ModelConfig, Transformer
+from nanoft.weights import copy_tokenizer_files, save_pretrained
 
 TINY_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + "
     "' <|end|> ' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+# A Llama of 2 layers, width 64, over the tiny tokenizer's 64 tokens: trains in well under a second a step.
+TINY_MODEL = dict(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 
 
@@ -53,3 +72,29 @@ def family_dir(tmp_path_factory, tiny_tokenizer_dir):
         return made[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """tiny_model_dir(**overrides) -> a new Hugging Face directory holding a random tiny model and the tiny
+    tokenizer: TINY_MODEL with `overrides` (any ModelConfig field: model_type="qwen2", vocab_size=128 ...).
+
+    The weights are nanoft's Transformer's after torch.manual_seed(seed), then N(0, std) in every matrix
+    (Hugging Face's initialisation at the default 0.02: small, stable logits), or in every tensor, norms and
+    biases too, with every_tensor=True (then no term hides behind a 1 or a 0); std=None keeps the
+    Transformer's own initialisation. Load it with nanoft.weights.from_pretrained or transformers."""
+
+    def make(seed: int = 0, std: float | None = 0.02, every_tensor: bool = False, **overrides) -> Path:
+        config = ModelConfig(**{**TINY_MODEL, **overrides})
+        torch.manual_seed(seed)
+        model = Transformer(config)
+        if std is not None:
+            for parameter in model.parameters():
+                if every_tensor or parameter.dim() >= 2:
+                    torch.nn.init.normal_(parameter, std=std)
+        path = tmp_path_factory.mktemp("tiny_model")
+        save_pretrained(model.state_dict(), config, path)
+        copy_tokenizer_files(tiny_tokenizer_dir, path)
+        return path
+
+    return make

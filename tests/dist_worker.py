@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +25,18 @@ from torch.distributed.elastic.multiprocessing.errors import record
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora import LoRAConfig, inject_lora  # noqa: E402
+from nanoft.checkpoint import checkpoint_path, restore_checkpoint, save  # noqa: E402
 from nanoft.data_batches import Batches  # noqa: E402
 from nanoft.data_cache import TokenizedExamples  # noqa: E402
 from nanoft.distributed import (  # noqa: E402
+    all_reduce_gradients,
     all_reduce_sum,
+    barrier,
     clip_grad_norm,
     full_state_dict,
     gather_to_main,
-    gradient_sync,
-    load_full_state_dict,
-    load_optimizer_state_dict,
+    is_fsdp,
+    local_gradients,
     optimizer_state_dict,
     scatter_from_main,
     setup_distributed,
@@ -41,11 +44,15 @@ from nanoft.distributed import (  # noqa: E402
     wrap_model,
 )
 from nanoft.fsdp_qlora import parameter_bytes, quant_state_bytes  # noqa: E402
+from nanoft.interruptions import OOMRecovery  # noqa: E402
 from nanoft.loss import IGNORE_INDEX  # noqa: E402
 from nanoft.model import ModelConfig, Transformer  # noqa: E402
-from quant import QuantConfig, quantize_linears  # noqa: E402
+from nanoft.monitor import memory_bytes, peak_since_reset, reset_peak  # noqa: E402
+from nanoft.weights import empty_model, load_weights  # noqa: E402
+from quant import QuantConfig, quantize_linears, weight_quantizer  # noqa: E402
 
 VOCAB = 128
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 N_EXAMPLES = 64
 
 
@@ -64,6 +71,10 @@ class Run:
     tie_word_embeddings: bool = False  # as SmolLM2 and small Qwen2: lm_head is the embedding matrix
     resume_at: int = 0  # >0: stop after this many steps, save, rebuild everything, load, finish
     crash: str = ""  # "raise": rank 1 raises; "hang": rank 1 never reaches the first collective
+    oom_rows: int = 0  # >0: rank 1 runs out of memory (torch.OutOfMemoryError) on forwards of more rows
+    checkpoint: str = (
+        ""  # a Hugging Face directory, loaded as train.py does (built on meta, filled by wrap_model)
+    )
 
 
 def tiny_config(tie_word_embeddings=False) -> ModelConfig:
@@ -107,18 +118,50 @@ def build_model(run: Run, seed: int) -> Transformer:
         quantize_linears(model, QuantConfig(compute_dtype=torch.float32))
     if run.method in ("lora", "qlora"):
         torch.manual_seed(seed)
-        targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-        model = inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=run.lora_dropout, targets=targets))
+        model = inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=run.lora_dropout, targets=LORA_TARGETS))
     return model
 
 
-def set_up_training(run: Run, dist, seed: int):
-    model = build_model(run, seed)
+def device_that_holds_rows(max_rows: int):
+    """A forward pre-hook: CUDA's out-of-memory error when a forward sees more rows than `max_rows`."""
+
+    def allocate(module, args):
+        if args[0].shape[0] > max_rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {args[0].shape[0]} rows do not fit")
+
+    return allocate
+
+
+def build_from_checkpoint(run: Run, seed: int):
+    """train.py's way: the model built on the meta device, 4-bit layers and adapters added, and the loader
+    wrap_model calls once the layout is known (under FSDP each rank reads only its rows)."""
+    model = empty_model(run.checkpoint, torch.float32)
+    quantize = None
+    if run.method == "qlora":
+        config = QuantConfig(compute_dtype=torch.float32)
+        quantize_linears(model, config)
+        quantize = weight_quantizer(config, "cpu")
+    if run.method in ("lora", "qlora"):
+        torch.manual_seed(seed)
+        model = inject_lora(
+            model, LoRAConfig(r=4, alpha=8, dropout=run.lora_dropout, targets=LORA_TARGETS), "cpu"
+        )
+    return model, lambda model, device: load_weights(model, run.checkpoint, device, quantize=quantize)
+
+
+def set_up_training(run: Run, dist, seed: int, record_of: dict | None = None):
+    model, load = build_from_checkpoint(run, seed) if run.checkpoint else (build_model(run, seed), None)
     model.activation_checkpointing = run.activation_checkpointing
     mixed_precision = torch.bfloat16 if run.mixed_precision == "bf16" else None
+    if run.oom_rows and dist.rank == 1:
+        model.register_forward_pre_hook(device_that_holds_rows(run.oom_rows))
+    reset_peak(dist.device)
+    before = memory_bytes(dist.device)
     model = wrap_model(
-        model, dist, fsdp=run.fsdp, cpu_offload=run.cpu_offload, mixed_precision=mixed_precision
+        model, dist, fsdp=run.fsdp, cpu_offload=run.cpu_offload, mixed_precision=mixed_precision, load=load
     )
+    if record_of is not None:  # the most memory loading added, above what the process held before it
+        record_of["load_peak_bytes"] = gather_to_main(peak_since_reset(dist.device) - before, dist)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1
     )
@@ -128,24 +171,39 @@ def set_up_training(run: Run, dist, seed: int):
     return model, optimizer, batches
 
 
+def forward_backward(model, dist, global_targets, pieces) -> torch.Tensor:
+    loss_sum_total = torch.zeros(())
+    for batch in pieces:
+        with local_gradients(model):
+            loss_sum, _ = model(
+                batch["input_ids"], targets=batch["targets"], position_ids=batch["position_ids"]
+            )
+            # DDP and FSDP average gradients over ranks: undo that so this rank's share is a plain sum.
+            (loss_sum * dist.world_size / global_targets).backward()
+        loss_sum_total += loss_sum.detach().float()
+    return loss_sum_total
+
+
 def train_steps(model, optimizer, batches, dist, run: Run, steps: int, record_of: dict) -> None:
     """Train `steps` steps; record each step's loss (equal on all ranks) and the samples this rank read."""
     micro_batches = iter(batches)
-    for _ in range(steps):
+    recovery = OOMRecovery(run.batch_size, run.grad_accum)
+    for step in range(steps):
         step_batches = [next(micro_batches) for _ in range(run.grad_accum)]
         # Normalise by the target tokens of the whole step on all ranks, counted before any backward.
         local_targets = sum((batch["targets"] != IGNORE_INDEX).sum() for batch in step_batches)
         global_targets = all_reduce_sum(local_targets, dist)
-        loss_sum_total = torch.zeros(())
-        for micro_step, batch in enumerate(step_batches):
-            with gradient_sync(model, enabled=micro_step == run.grad_accum - 1):
-                loss_sum, _ = model(
-                    batch["input_ids"], targets=batch["targets"], position_ids=batch["position_ids"]
-                )
-                # DDP and FSDP average gradients over ranks: undo that so this rank's share is a plain sum.
-                (loss_sum * dist.world_size / global_targets).backward()
-            loss_sum_total += loss_sum.detach().float()
-            record_of["samples"].append(batch["sample_ids"])
+        loss_sum_total = recovery.run(
+            partial(forward_backward, model, dist, global_targets),
+            step_batches,
+            step,
+            dist,
+            sharded=is_fsdp(model) and dist.world_size > 1,
+            log=lambda line: print(f"rank {dist.rank}: {line}", flush=True),
+            before_retry=lambda: optimizer.zero_grad(set_to_none=True),
+        )
+        record_of["samples"] += [batch["sample_ids"] for batch in step_batches]
+        all_reduce_gradients(model, dist)
         clip_grad_norm(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -157,29 +215,31 @@ def run_once(run: Run, dist, out_dir: Path) -> None:
     if run.crash:
         crash_on_purpose(run, dist)
     result = {"losses": [], "samples": []}
-    model, optimizer, batches = set_up_training(run, dist, seed=0)
+    model, optimizer, batches = set_up_training(run, dist, seed=0, record_of=result)
+    if run.checkpoint and run.method == "full":  # every weight, as loaded
+        result["loaded"] = full_state_dict(model, dist, trainable_only=True)
+    result["broadcast_buffers"] = getattr(model, "broadcast_buffers", None)  # DDP's setting
     result["parameter_bytes"] = gather_to_main(parameter_bytes(model), dist)
     result["quant_state_bytes"] = gather_to_main(quant_state_bytes(model), dist)
     if run.resume_at:
         train_steps(model, optimizer, batches, dist, run, run.resume_at, result)
-        checkpoint = out_dir / f"{run.name}.checkpoint.pt"
-        state = {
-            "trainable": full_state_dict(model, dist, trainable_only=True),
-            "optimizer": optimizer_state_dict(model, optimizer, dist),
-            "data": batches.state_dict(),
-            "rng": gather_to_main(torch.get_rng_state(), dist),  # dropout masks differ per rank
-        }
+        # As train.py saves and restores (nanoft/checkpoint.py's format, its loaders).
+        trainable = full_state_dict(model, dist, trainable_only=True)
+        optimizer_state = optimizer_state_dict(model, optimizer, dist)
+        rng_states = gather_to_main(torch.get_rng_state(), dist)  # dropout masks differ per rank
         if dist.is_main:
-            torch.save(state, checkpoint)
-        del model, optimizer, batches, state
-        # A fresh process would start here: other weights (seed 1), nothing in memory but what rank 0 reads.
+            state = {"data": batches.state_dict()}
+            run_dir = out_dir / run.name
+            save(run_dir, run.resume_at, trainable, optimizer_state, rng_states, state, {})
+        barrier(dist)
+        del model, optimizer, batches, trainable, optimizer_state
+        # A fresh process would start here: other weights (seed 1), nothing in memory but what it reads.
         model, optimizer, batches = set_up_training(run, dist, seed=1)
-        state = torch.load(checkpoint, weights_only=False) if dist.is_main else {}
-        load_full_state_dict(model, state.get("trainable", {}), dist)
-        load_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), dist)
-        data_position = [state["data"]] * dist.world_size if dist.is_main else None
+        path = checkpoint_path(out_dir / run.name, run.resume_at)
+        checkpoint = restore_checkpoint(path, model, optimizer, dist)  # under FSDP each rank reads its rows
+        data_position = [checkpoint["state"]["data"]] * dist.world_size if dist.is_main else None
         batches.load_state_dict(scatter_from_main(data_position, dist))
-        torch.set_rng_state(scatter_from_main(state.get("rng"), dist))
+        torch.set_rng_state(scatter_from_main(checkpoint.get("rng"), dist))
     train_steps(model, optimizer, batches, dist, run, run.steps - run.resume_at, result)
     result["trainable"] = full_state_dict(model, dist, trainable_only=True)
     result["samples"] = gather_to_main(result["samples"], dist)

@@ -52,6 +52,11 @@ def test_help_lists_every_flag(capsys):
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert all(f"--{f.name.replace('_', '-')}" in text for f in fields(TrainConfig))
+    text = " ".join(text.split())  # argparse wraps the help
+    # Numbers show as numbers (0 == False and 1.0 == True once made them "off" and "on"); flags as on/off.
+    for shown in ("initialisation, dropout (default: 0)", "(0: off) (default: 1.0)", "(default: on)"):
+        assert shown in text, shown
+    assert "(default: off)" in text and "--seed SEED random seed" in text
 
 
 def test_flag_types_lists_and_booleans():

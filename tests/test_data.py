@@ -575,6 +575,16 @@ def test_pack_examples_fits_capacity():
     assert len(packs) <= int(np.ceil(lengths.sum() / 128 * 1.1))
 
 
+def test_packing_line_counts_rows_and_fill():
+    examples = synthetic_examples(100, seq_len=32)
+    batches = Batches(examples, 4, pad_id=0, pack=True)
+    n_tokens, n_rows = int(examples.lengths.sum()), len(batches.rows)
+    assert batches.packing_line() == (
+        f"pack: 100 examples in {n_rows} rows of up to 32 tokens, {n_tokens / (32 * n_rows):.1%} full "
+        f"({n_tokens:,} of {32 * n_rows:,} token slots)"
+    )
+
+
 # ---------------------------------------------------------------- batches, distribution, resume
 
 
@@ -693,13 +703,29 @@ def test_dedup_before_split_and_val_files_win(chatml, tmp_path):
 
 def test_split_is_seeded_with_floor_and_cap():
     examples = synthetic_examples(200)
-    train_a, val_a = split_train_val(examples, 0.05, seed=1)
-    train_b, val_b = split_train_val(examples, 0.05, seed=1)
-    assert val_a.sources == val_b.sources and len(val_a) == 20 and len(train_a) == 180  # 10 raised to 20
+    train_a, val_a, why = split_train_val(examples, 0.05, seed=1)
+    train_b, val_b, _ = split_train_val(examples, 0.05, seed=1)
+    assert val_a.sources == val_b.sources and len(val_a) == 20 and len(train_a) == 180
+    assert why == "5% of 200 is 10, raised to 20: a val loss over fewer is noise"
     assert not set(train_a.sources) & set(val_a.sources)
     assert split_train_val(examples, 0.05, seed=2)[1].sources != val_a.sources
-    assert len(split_train_val(synthetic_examples(40), 0.05, 0)[1]) == 10  # at most a quarter
-    assert len(split_train_val(synthetic_examples(30_000, seq_len=4), 0.5, 0)[1]) == 1000
+    _, val, why = split_train_val(synthetic_examples(79), 0.05, 0)  # the QA report's 79 records
+    assert len(val) == 19 and why.endswith(
+        "raised towards 20 (a val loss over fewer is noise) but at most a quarter of the data"
+    )
+    _, val, why = split_train_val(synthetic_examples(30_000, seq_len=4), 0.5, 0)
+    assert len(val) == 1000 and why == "50% of 30000 is 15000, capped at 1000: more only slows evaluation"
+    assert split_train_val(synthetic_examples(720), 0.05, 0)[2] == "5% of 720 is 36"
+
+
+def test_the_split_line_says_why_val_is_that_size(chatml, tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(79))
+    lines = []
+    prepare(path, chatml, tmp_path, log=lines.append)
+    assert lines[-1].endswith(
+        "val 19 (split: 5% of 79 is 4, raised towards 20 (a val loss over fewer is noise) but at most a "
+        "quarter of the data)"
+    )
 
 
 def test_spot_check_file_marks_trained_spans(chatml, tmp_path):
@@ -754,6 +780,19 @@ def test_cache_hit_and_invalidation(chatml, llama2, tmp_path):
             r"bad\.jsonl:1: message 0 has unknown from",
         ),
         ('["a", "b"]\n', r"bad\.jsonl:1: a record must be a JSON object"),
+        (
+            '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}\n',
+            r"bad\.jsonl:1: has no assistant turn: nothing to learn \(roles: system, user\)",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": " "}]}\n',
+            r"bad\.jsonl:1: message 0 \(user\) has an empty 'content'",
+        ),
+        (
+            '{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}]}\n',
+            r"bad\.jsonl:1: message 1 \(assistant\) has an empty 'value'",
+        ),
+        ('{"instruction": "a", "input": "", "output": "  "}\n', r"bad\.jsonl:1: 'output' is empty"),
         ('{"prompt": "a", "completion": "b"}\n', r"bad\.jsonl:1: cannot tell the data format.*--data-format"),
         ("\n  \n", r"bad\.jsonl: is empty"),
     ],
@@ -787,7 +826,7 @@ def test_bad_json_array_line_and_missing_file(chatml, tmp_path):
 
 def test_prompts_longer_than_seq_len_leave_nothing_to_train_and_say_so(chatml, tmp_path):
     rows = [{"instruction": words(seed, 40), "output": "yes"} for seed in range(8)]
-    with pytest.raises(UserError, match=r"8 had nothing to learn within --seq-len 16 \(raise it\)"):
+    with pytest.raises(UserError, match=r"8 had no answer token within --seq-len 16 \(raise it\)"):
         prepare(write_jsonl(tmp_path / "x.jsonl", rows), chatml, tmp_path, seq_len=16)
 
 
@@ -817,6 +856,74 @@ def test_skip_bad_records_counts_and_reports(chatml, tmp_path):
     assert report.skipped_bad_records == 3 and len(train) + len(val) == 30
     assert report.skipped_reasons[0].startswith(f"{path}:31: not valid JSON")
     assert any("skipped 3 bad records" in line for line in logged)
+
+
+def test_records_with_nothing_to_learn_are_bad_records_stopped_or_skipped_and_counted(chatml, tmp_path):
+    no_answer = {"messages": [{"role": "user", "content": "a question nobody answered"}]}
+    empty = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": words(i, 6)},
+                {"role": "assistant", "content": words(i + 1, 6)},
+            ]
+        }
+        for i in range(0, 60, 2)
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", [*chats, no_answer, empty])
+    with pytest.raises(UserError, match=r"chat\.jsonl:31: has no assistant turn"):
+        prepare(path, chatml, tmp_path)
+    logged = []
+    train, val, report = prepare(path, chatml, tmp_path, skip_bad_records=True, log=logged.append)
+    assert report.skipped_bad_records == 2 and report.dropped_examples == 0 and len(train) + len(val) == 30
+    assert report.skipped_reasons == [
+        f"{path}:31: has no assistant turn: nothing to learn (roles: user)",
+        f"{path}:32: message 0 (user) has an empty 'content'",
+    ]
+
+
+def test_val_data_rendered_unlike_the_training_data_is_refused(chatml, tmp_path):
+    alpaca = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(30))
+    sharegpt = [
+        {
+            "conversations": [
+                {"from": "human", "value": words(i, 6)},
+                {"from": "gpt", "value": words(i + 1, 6)},
+            ]
+        }
+        for i in range(20)
+    ]
+    val = write_jsonl(tmp_path / "val.jsonl", sharegpt)
+    with pytest.raises(UserError, match=(
+        r"val\.jsonl: --val-data renders as the model's chat template, which the --data does not \(the "
+        r"Stanford Alpaca prompt\); .* never trained on: .* or --alpaca-style chat"
+    )):  # fmt: skip
+        prepare(alpaca, chatml, tmp_path, val_paths=[val], alpaca_style="alpaca")
+    _, val_examples, _ = prepare(alpaca, chatml, tmp_path, val_paths=[val], alpaca_style="chat")
+    assert len(val_examples) == 20  # both through the chat template: the same format
+    (tmp_path / "book.txt").write_text(words(3, 400))
+    with pytest.raises(UserError, match=r"book\.txt: --val-data renders as raw text"):
+        prepare(alpaca, chatml, tmp_path, val_paths=[tmp_path / "book.txt"])
+
+
+def test_raw_text_is_deduplicated_by_paragraph_and_joined_back(chatml, tmp_path):
+    first, repeated, last = words(1, 60), words(2, 60), words(3, 60)
+    (tmp_path / "a.txt").write_text(f"{first}\n\n{repeated}\n")
+    (tmp_path / "b.txt").write_text(f"{repeated}\n\n\n{last}\n")  # the paragraph again, in another file
+    logged = []
+    train, _, report = prepare(
+        [tmp_path / "a.txt", tmp_path / "b.txt"], chatml, tmp_path, seq_len=32, val_frac=0, log=logged.append
+    )
+    assert report.exact_duplicates_removed == 1 and report.dedup_unit == "a paragraph of a .txt file"
+    assert [file["records"] for file in report.files] == [2, 2]
+    assert any("unit: a paragraph of a .txt file" in line for line in logged)
+    assert any(line.endswith("a.txt (train): 2 paragraphs, format text") for line in logged)
+    # Each file one document, its paragraphs a blank line apart; b.txt lost the paragraph a.txt has.
+    stream = chatml.encode(f"{first}\n\n{repeated}") + [chatml.eos_id] + chatml.encode(last) + [chatml.eos_id]
+    n_blocks = (len(stream) - 1) // 32
+    assert len(train) == n_blocks
+    assert [int(t) for block in range(n_blocks) for t in train.example(block)[0]] == stream[: n_blocks * 32]
+    assert train.sources[0] == f"{tmp_path / 'a.txt'}:1"
 
 
 def test_forced_format_and_mixed_files(chatml, tmp_path):

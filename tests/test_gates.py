@@ -87,7 +87,11 @@ def test_data_checks_gate(tmp_path):
     assert no_dedup.status == "FAIL" and "dedup off" in no_dedup.evidence and "--no-dedup" in no_dedup.advice
     few = data_checks_gate({"exact": 1}, str(samples), 10, 1000)
     assert few.status == "FAIL" and "10 samples" in few.evidence and "50+" in few.advice
-    assert data_checks_gate({"exact": 1}, str(samples), 10, 10).status == "PASS"  # all there are
+    all_there_are = data_checks_gate({"exact": 1}, str(samples), 23, 23)  # the QA report's 23
+    assert all_there_are.status == "PASS"
+    assert all_there_are.evidence.endswith(
+        "23 samples in " + str(samples) + " (all 23 training examples: 50, or all when fewer)"
+    )
     assert data_checks_gate({"exact": 1}, str(tmp_path / "missing.txt"), 50, 1000).status == "FAIL"
 
 

@@ -1,6 +1,7 @@
 """nanoft/generate.py: KV-cache decoding equals full recomputation, left-padded batches, sampling, the CLI."""
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -192,3 +193,32 @@ def test_every_family_generates_as_transformers_does(family_dir, tiny_tokenizer,
         )[0, padded.shape[1] :].tolist()
         stop = next((i for i, token in enumerate(expected) if token in tiny_tokenizer.eos_ids), len(expected))
         assert mine == expected[:stop]
+
+
+def test_cli_adapter_without_model_uses_the_base_it_names(tiny_model, tiny_tokenizer_dir, tmp_path, capsys):
+    """--adapter alone: the base in adapter_config.json (said on stderr), else one line naming it, --model."""
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    save_pretrained(tiny_model.state_dict(), tiny_model.config, model_dir)
+    copy_tokenizer_files(tiny_tokenizer_dir, model_dir)
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir)  # PEFT records this path
+    peft.get_peft_model(reference, lora_config).save_pretrained(adapter_dir)
+    args = ["--prompt", "w1 w2", "--max-new-tokens=4"]
+    main(["--model", str(model_dir), "--adapter", str(adapter_dir), *args])
+    with_model = capsys.readouterr().out
+    main(["--adapter", str(adapter_dir), *args])
+    out, err = capsys.readouterr()
+    assert out == with_model
+    assert f"nanoft: {model_dir} (the base model named in {adapter_dir}/adapter_config.json" in err
+
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    for base, message in [
+        ("someone/not-here", "its base model someone/not-here is not a directory here; pass --model DIR"),
+        (None, "names no base model (base_model_name_or_path); pass --model DIR"),
+    ]:
+        config_file.write_text(json.dumps({**config, "base_model_name_or_path": base}))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--adapter", str(adapter_dir), *args])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and stderr.count("\n") == 1 and message in stderr, stderr

@@ -19,7 +19,6 @@ from lora import (
     LoRALinear,
     base_state_dict,
     count_parameters,
-    export_merged,
     inject_lora,
     load_adapter,
     lora_state_dict,
@@ -29,6 +28,7 @@ from lora import (
     unmerge_lora,
 )
 from nanoft.errors import UserError
+from nanoft.merge import merge_adapter
 from nanoft.model import ModelConfig, Transformer
 from nanoft.weights import from_pretrained, save_pretrained
 
@@ -216,21 +216,6 @@ def test_adapter_config_agrees_with_what_peft_writes(base_dir, tmp_path):
             assert all(a.get_tensor(k).shape == b.get_tensor(k).shape for k in a.keys())
 
 
-@LLAMA_AND_TIED_QWEN2
-@pytest.mark.parametrize("case", ["lora", "dora-all-linear"])
-def test_merged_export_loads_in_transformers_with_same_logits(base_dir, tmp_path, case):
-    model = inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
-    randomize_trainable(model)
-    expected = our_logits(model)
-    export_merged(model, model.config, base_dir, tmp_path / "merged", dtype=torch.float32)
-    assert (hf_logits(load_transformers(tmp_path / "merged")) - expected).abs().max() < TOLERANCE
-    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
-    export_merged(model, model.config, base_dir, tmp_path / "merged-bf16")  # default bf16: half the bytes
-    with safe_open(tmp_path / "merged-bf16" / "model.safetensors", "pt") as merged:
-        assert "lm_head.weight" not in merged.keys() or not model.config.tie_word_embeddings
-        assert all(merged.get_tensor(k).dtype == torch.bfloat16 for k in merged.keys())
-
-
 @pytest.mark.parametrize("case", ["lora", "dora"])
 def test_merge_then_unmerge_restores_weights_and_merging_keeps_logits(base_dir, case):
     model = inject_lora(from_pretrained(base_dir), LoRAConfig(r=4, alpha=8, **ADAPTER_CASES[case]))
@@ -351,7 +336,7 @@ def quantize_linears(model, quant_type):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
 @pytest.mark.parametrize("case", ["lora", "dora"])
-def test_quantized_base_trains_and_merging_dequantizes(base_dir, tmp_path, quant_type, case):
+def test_quantized_base_trains_and_merging_dequantizes(base_dir, quant_type, case):
     model = quantize_linears(from_pretrained(base_dir), quant_type)
     assert count_parameters(model)[1] == count_parameters(from_pretrained(base_dir))[1]  # 4-bit: 2 per byte
     # Train mode throughout the first part: an eval forward makes bitsandbytes (CPU, AVX512-BF16) switch to an
@@ -369,16 +354,12 @@ def test_quantized_base_trains_and_merging_dequantizes(base_dir, tmp_path, quant
         model.model.layers[0].self_attn.q_proj.lora_A.weight.grad is not None
     )  # reached through 4-bit layers
     unmerged = our_logits(model)
-    export_merged(model, model.config, base_dir, tmp_path / "merged", dtype=torch.float32)
+    merge_lora(model)
     assert type(model.model.layers[0].self_attn.q_proj.base_layer) is torch.nn.Linear
-    assert (
-        type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear
-    )  # no adapter, dequantized for export
     merged = our_logits(model)
     assert (
         merged - unmerged
     ).abs().max() < 1e-2 * unmerged.abs().max()  # bitsandbytes' CPU kernel runs in bf16
-    assert (hf_logits(load_transformers(tmp_path / "merged")) - merged).abs().max() < TOLERANCE
     with pytest.raises(UserError, match="cannot unmerge"):
         unmerge_lora(model)
 
@@ -433,7 +414,8 @@ def test_family_merged_export_loads_in_transformers_with_same_logits(family_dir,
     randomize_trainable(model)
     with torch.no_grad():
         adapted = model.eval()(family_input_ids())
-    export_merged(model, model.config, base, tmp_path / "merged", dtype=torch.float32)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
+    merge_adapter(base, tmp_path / "adapter", tmp_path / "merged")  # what train.py --merge runs
     with torch.no_grad():
         merged = load_transformers(tmp_path / "merged").eval()(family_input_ids()).logits
     # Twice the tolerance: W + scale B A is rounded once per weight, and Mixtral has 96 expert linears.

@@ -85,8 +85,9 @@ def test_total_and_active_parameters_of_mixtral_and_qwen3_moe():
     assert count_parameters(qwen3_moe).active == 3_353_032_704
 
 
-def saved_activation_bytes(model, autocast, micro_batch, seq_len):
-    """Bytes of the distinct tensors autograd saves for backward in one forward (parameters excluded)."""
+def saved_activation_bytes(model, autocast, micro_batch, seq_len, device="cpu", packed=False):
+    """Bytes of the distinct tensors autograd saves for backward in one forward (parameters excluded);
+    packed: two examples per row, each attending only to itself."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -97,11 +98,12 @@ def saved_activation_bytes(model, autocast, micro_batch, seq_len):
         return tensor
 
     torch.manual_seed(0)
-    ids = torch.randint(0, SMALL.vocab_size, (micro_batch, seq_len))
+    ids = torch.randint(0, SMALL.vocab_size, (micro_batch, seq_len), device=device)
+    documents = (torch.arange(seq_len, device=device) >= seq_len // 3).long().expand(micro_batch, seq_len)
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model(ids, ids)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            model(ids, ids, document_ids=documents if packed else None)
     return sum(saved.values())
 
 
@@ -148,6 +150,30 @@ def test_activation_estimate_matches_what_autograd_saves(family, method, targets
     else:  # ... and the bf16 copies of the adapters
         expected += 2 * lora_parameter_count(config, shape.lora_targets, shape.lora_r)
     assert abs(expected / measured - 1) < 0.01, (expected, measured)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_activation_estimate_with_and_without_packing(packed):
+    """On a GPU SDPA saves q, k, v, its output and logsumexp; a packed batch's mask makes it repeat the
+    grouped k/v heads and keep a per-layer bias: what the estimate counts."""
+    torch.manual_seed(0)
+    model = lora.inject_lora(Transformer(SMALL).to("cuda", torch.bfloat16), lora.LoRAConfig(dropout=0.0))
+    measured = saved_activation_bytes(model, False, micro_batch=2, seq_len=1024, device="cuda", packed=packed)
+    shape = TrainingShape("lora", 2, 1024, lora_dropout=0.0, device_type="cuda", packed=packed)
+    expected = estimate_memory(SMALL, shape).activations_full
+    expected += 2 * lora_parameter_count(SMALL, shape.lora_targets, shape.lora_r)
+    assert abs(expected / measured - 1) < 0.05, (expected, measured)
+
+
+def test_a_packed_batch_on_a_gpu_costs_its_masks_and_whole_kv_heads():
+    plain = estimate_memory(SMALL, TrainingShape("lora", 2, 1024, device_type="cuda"))
+    packed = estimate_memory(SMALL, TrainingShape("lora", 2, 1024, device_type="cuda", packed=True))
+    H, KV, D, layers = 8, 2, 32, SMALL.num_hidden_layers
+    tokens = 2 * 1024
+    masks = layers * 2 * 1024 * 1024 * 2  # a bf16 (B, 1, T, T) bias per layer
+    whole_kv_heads = layers * tokens * 2 * 2 * (H - KV) * D
+    assert packed.activations_full - plain.activations_full == masks + whole_kv_heads
 
 
 def test_loss_holds_one_chunk_of_logits_never_all():

@@ -5,13 +5,12 @@ import json
 import random
 
 import pytest
-import torch
 
+from nanoft.config import TrainConfig
 from nanoft.errors import UserError
 from nanoft.memory import GiB
-from nanoft.model import ModelConfig, Transformer
+from nanoft.model import ModelConfig
 from nanoft.planner import (
-    PlanRequest,
     detect_hardware,
     format_lr,
     format_plan,
@@ -19,7 +18,6 @@ from nanoft.planner import (
     make_plan,
     watch_list,
 )
-from nanoft.weights import copy_tokenizer_files, save_pretrained
 from train import main as train_main
 
 LLAMA_2_7B = ModelConfig(
@@ -56,7 +54,9 @@ SMOLLM2_135M = ModelConfig(
 
 
 def plan(config, gib, devices=1, **request):
-    return make_plan(config, detect_hardware(memory_gb=gib, device_count=devices), PlanRequest(**request))
+    """The plan on `devices` GPUs of `gib` each; request: TrainConfig fields (method "auto" unless given)."""
+    hardware = detect_hardware(memory_gb=gib, device_count=devices)
+    return make_plan(config, hardware, TrainConfig(**{"method": "auto", **request}))
 
 
 @pytest.mark.parametrize(
@@ -87,16 +87,16 @@ def test_framework_chooses_the_method_and_layout(config, gib, devices, request_,
 
 
 def test_micro_batch_halves_before_checkpointing_and_accumulation_keeps_the_effective_batch():
-    roomy = plan(LLAMA_2_7B, 80, micro_batch=4, seq_len=1024)
+    roomy = plan(LLAMA_2_7B, 80, batch_size=4, seq_len=1024)
     assert (roomy.micro_batch, roomy.grad_accum, roomy.activation_checkpointing) == (4, 8, False)
-    tight = plan(LLAMA_2_7B, 24, micro_batch=4, seq_len=1024)
+    tight = plan(LLAMA_2_7B, 24, batch_size=4, seq_len=1024)
     assert tight.micro_batch < 4 and tight.micro_batch * tight.grad_accum == 32
     assert not tight.activation_checkpointing
-    tighter = plan(LLAMA_2_7B, 8, micro_batch=4, seq_len=1024)
+    tighter = plan(LLAMA_2_7B, 8, batch_size=4, seq_len=1024)
     assert tighter.method == "qlora" and tighter.activation_checkpointing
-    two_devices = plan(SMOLLM2_135M, 24, devices=2, micro_batch=4, grad_accum=2)
+    two_devices = plan(SMOLLM2_135M, 24, devices=2, batch_size=4, grad_accum=2)
     assert two_devices.effective_batch == 32 and two_devices.grad_accum == 4
-    larger_asked = plan(SMOLLM2_135M, 24, micro_batch=4, grad_accum=16)
+    larger_asked = plan(SMOLLM2_135M, 24, batch_size=4, grad_accum=16)
     assert larger_asked.effective_batch == 64  # the user's larger effective batch is kept
 
 
@@ -168,29 +168,9 @@ def test_detects_this_machine(monkeypatch):
 # ------------------------------------------------------------------------ train.py --plan and --method auto
 
 
-def write_tiny_run(folder, tokenizer_dir) -> list[str]:
-    """A tiny random Llama with the tiny tokenizer, and Alpaca records it can learn (each word moved up):
-    the train.py flags that use them."""
-    config = ModelConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = Transformer(config)
-    for param in model.parameters():
-        if param.dim() >= 2:
-            torch.nn.init.normal_(param, std=0.02)  # Hugging Face's initialisation: small, stable logits
-    save_pretrained(model.state_dict(), config, folder / "model")
-    copy_tokenizer_files(tokenizer_dir, folder / "model")
+def write_tiny_run(folder, model_dir) -> list[str]:
+    """Alpaca records the tiny model (tiny_model_dir) can learn, each word moved up: the train.py flags that
+    train it on them."""
     rng = random.Random(0)
     for name, n in (("train", 96), ("val", 16)):
         rows = []
@@ -199,13 +179,13 @@ def write_tiny_run(folder, tokenizer_dir) -> list[str]:
             answer = " ".join(f"w{w + 1}" for w in words)
             rows.append(json.dumps({"instruction": " ".join(f"w{w}" for w in words), "output": answer}))
         (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
-    flags = ["--model", str(folder / "model"), "--data", str(folder / "train.jsonl")]
+    flags = ["--model", str(model_dir), "--data", str(folder / "train.jsonl")]
     return flags + ["--val-data", str(folder / "val.jsonl"), "--seq-len", "64"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run_inputs(tiny_tokenizer_dir, tmp_path_factory):
-    return write_tiny_run(tmp_path_factory.mktemp("tiny_run"), tiny_tokenizer_dir)
+def tiny_run_inputs(tiny_model_dir, tmp_path_factory):
+    return write_tiny_run(tmp_path_factory.mktemp("tiny_run"), tiny_model_dir())
 
 
 def test_train_plan_prints_the_plan_and_trains_nothing(tiny_run_inputs, tmp_path, capsys):
@@ -238,3 +218,24 @@ def test_train_method_auto_trains_with_the_plans_choice(tiny_run_inputs, tmp_pat
     assert (config["method"], config["batch_size"], config["grad_accum"]) == ("lora", 4, 8)  # effective 32
     summary = json.loads((out / "summary.json").read_text())
     assert {gate["name"]: gate["status"] for gate in summary["gates"]}["effective batch >= 32"] == "PASS"
+
+
+def test_one_device_never_gets_fsdp_and_a_tiny_budget_gets_one_verdict(smollm2_dir, capsys):
+    """The QA report: --plan-memory-gb 0.2 chose "QLoRA, FSDP + CPU offload" on one device, with a table that
+    fit and a line saying LoRA fits too."""
+    for gib in (0.3, 0.5, 8, 80):
+        for config in (LLAMA_2_7B, LLAMA_2_70B, SMOLLM2_135M):
+            try:
+                chosen = plan(config, gib)
+            except UserError:
+                continue
+            assert chosen.layout == "single", (config, gib)
+    train_main(["--plan", "--plan-memory-gb", "0.2"])  # the built-in SmolLM2
+    text = capsys.readouterr().out
+    assert "FSDP" not in text
+    assert (
+        "** estimated NOT to fit" in text and "- no method fits planned: 1 x 0.2 GiB GPU: QLoRA needs" in text
+    )
+    assert "--method lora as configured does NOT fit" in text
+    total = float(next(line for line in text.splitlines() if "total (peak)" in line).split()[2])
+    assert total > 0.18 and "of 0.18 usable" in text  # the table agrees with the verdict

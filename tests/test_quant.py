@@ -8,14 +8,17 @@ the same streaming loader users do. References: a plain-torch NF4 quantizer, the
 """
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from families import FAMILIES
 from torch import nn
 
-from lora import LoRAConfig, dense_weight, export_merged, inject_lora, load_adapter, save_adapter
+from lora import LoRAConfig, dense_weight, inject_lora, load_adapter, save_adapter
 from nanoft.errors import UserError
+from nanoft.merge import merge_adapter
 from nanoft.model import ModelConfig, Transformer
 from nanoft.weights import from_pretrained, save_pretrained
 from quant import (
@@ -267,17 +270,23 @@ def test_adapter_loads_onto_fresh_4bit_and_bf16_bases(tiny_dir, qlora_run):
     assert adapted_loss < 1.68  # the memorisation carries over
 
 
-def test_merged_export_is_the_4bit_model_dequantized(tiny_dir, qlora_run, tmp_path):
+def test_merged_exports_are_the_4bit_model_dequantized_or_the_original_base_plus_adapter(
+    tiny_dir, qlora_run, tmp_path
+):
     _, _, _, _, adapter_dir = qlora_run
     model = load_adapter(load_quantized(tiny_dir), adapter_dir).eval()
-    inputs, targets = text_batch()
+    inputs, _ = text_batch()
     with torch.no_grad():
         qlora_logits = model(inputs)
-        export_merged(model, model.config, tiny_dir, tmp_path / "merged")
-        merged = from_pretrained(tmp_path / "merged", dtype=torch.bfloat16)
+        merge_adapter(tiny_dir, adapter_dir, tmp_path / "quantized", "quantized", QuantConfig("nf4"))
+        merged = from_pretrained(tmp_path / "quantized", dtype=torch.bfloat16)
         assert not linear_layers(merged, "Linear4bit")
         # The only difference left is bf16 rounding of the merged weights.
         assert relative_error(merged(inputs), qlora_logits) < 0.02
+        on_original = load_adapter(from_pretrained(tiny_dir, dtype=torch.bfloat16), adapter_dir).eval()
+        merge_adapter(tiny_dir, adapter_dir, tmp_path / "original")
+        merged = from_pretrained(tmp_path / "original", dtype=torch.bfloat16)
+        assert relative_error(merged(inputs), on_original(inputs)) < 0.02
 
 
 def test_int8_base_trains_on_cpu_and_stays_fixed(tiny_dir):
@@ -372,3 +381,34 @@ def test_every_family_loads_in_nf4_and_its_adapters_train(family_dir, family):
     adapters = [p for name, p in model.named_parameters() if "lora_B" in name]  # A gets none while B = 0
     assert len(adapters) == len(block_linears)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+
+
+def test_bitsandbytes_optional_kernel_notice_does_not_reach_the_user():
+    notice = "Failed to load CPU gemm_4bit_forward from kernels-community"
+    bare = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
+    if notice not in bare.stderr:
+        pytest.skip("this CPU (no AVX512-BF16) or bitsandbytes version prints no such notice")
+    ours = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import quant, bitsandbytes, logging; logging.getLogger('bitsandbytes').warning('x')",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert notice not in ours.stderr and ours.stderr.strip() == "x"  # its other warnings still show
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_base_is_quantized_while_loading_on_cuda(tiny_dir):
+    """Int8Params quantizes only when moved off the CPU: every int8 weight must arrive on the GPU as int8, and
+    the load must never hold the model's 16-bit linears there."""
+    torch.cuda.reset_peak_memory_stats()
+    model = load_quantized(tiny_dir, quant="int8", device="cuda")
+    layers = linear_layers(model, "Linear8bitLt")
+    assert layers and all(
+        layer.weight.dtype == torch.int8 and layer.weight.device.type == "cuda" for _, layer in layers
+    )
+    bf16_linears = sum(2 * layer.in_features * layer.out_features for _, layer in layers)
+    assert torch.cuda.max_memory_allocated() < quantized_weight_bytes(model).stored + bf16_linears / 4

@@ -8,6 +8,7 @@ Each run is train.py's own main() (in-process, fast) or a subprocess where exit 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import torch
 from families import FAMILIES, QV_TARGETS
 from safetensors.torch import load_file
 
+from nanoft.config import parse_config
 from nanoft.model import ModelConfig, Transformer
 from nanoft.weights import copy_tokenizer_files, save_pretrained
 from train import main
@@ -180,6 +182,62 @@ def test_resume_with_a_different_lora_rank_is_refused_and_the_run_kept(
     assert (tmp_path / "run/config.json").read_text() == saved  # so a plain --resume still works
 
 
+def test_resume_with_another_lr_says_and_records_it_and_a_resume_that_trains_nothing_changes_nothing(
+    tiny_model_dir, data_files, tmp_path, capsys
+):
+    """The QA report: `--resume --lr 1e-3` on a finished run trained nothing, said nothing, rewrote its config
+    with the new lr (so a later resume trained at it unasked) and reported its own process's peak memory."""
+    run = tmp_path / "run"
+    first = train(tiny_model_dir, data_files, run, "--max-steps", "4")
+    config_json, checkpoints = (run / "config.json").read_text(), sorted((run / "checkpoints").iterdir())
+    state = (checkpoints[-1] / "state.json").read_text()
+    # In a fresh process: its own peak (loading alone) is not the run's, recorded by the session that trained.
+    finished = run_cli(
+        [sys.executable, str(REPO / "train.py"), "--out", str(run), "--resume", "--lr", "5e-3"],
+        tmp_path / "cache",
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "  lr 1e-2 -> 5e-3 from step 4" in finished.stdout
+    assert "nothing left to train: the run is at step 4 of 4; it stays as it was" in finished.stdout
+    assert (run / "config.json").read_text() == config_json
+    assert sorted((run / "checkpoints").iterdir()) == checkpoints
+    assert (checkpoints[-1] / "state.json").read_text() == state
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["peak_memory_bytes"] == first["peak_memory_bytes"] > 0
+    assert summary["changed_on_resume"] == [] and summary["val_curve"] == first["val_curve"]
+
+    capsys.readouterr()
+    resumed = train(tiny_model_dir, data_files, run, "--resume", "--lr", "5e-3", "--max-steps", "6")
+    printed = capsys.readouterr().out
+    assert "  lr 1e-2 -> 5e-3 from step 4\n  max_steps 4 -> 6 from step 4\n" in printed
+    said = ["lr 1e-2 -> 5e-3 from step 4", "max_steps 4 -> 6 from step 4"]
+    assert [
+        line.removeprefix("changed on resume: ") for line in printed.splitlines() if "changed on" in line
+    ] == said
+    assert resumed["changed_on_resume"] == [
+        {"setting": "lr", "from": 1e-2, "to": 5e-3, "step": 4},
+        {"setting": "max_steps", "from": 4, "to": 6, "step": 4},
+    ]
+    assert "| changed on resume | lr 1e-2 -> 5e-3 from step 4 |" in (run / "report.md").read_text()
+    assert max(row["lr"] for row in metrics(run) if row["step"] > 4 and "lr" in row) <= 5e-3
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["lr"] == 5e-3 and saved["changed_on_resume"] == said
+    # The saved config still starts a run, and says it does not repeat this one.
+    assert parse_config(["--config", str(run / "config.json")]).lr == 5e-3
+    assert "does not repeat that run" in capsys.readouterr().err
+    assert parse_config(["--out", str(run), "--resume"]).lr == 5e-3  # a later resume keeps the new lr
+    assert "does not repeat" not in capsys.readouterr().err
+
+
+def test_qlora_counts_its_parameters_once(tiny_model_dir, data_files, tmp_path, capsys):
+    """The QA report: the PEFT line said 135M weights and the run's own lines 82M (4-bit bytes counted)."""
+    pytest.importorskip("bitsandbytes")
+    train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "1", "--method", "qlora")
+    printed = capsys.readouterr().out
+    total = re.search(r"all params: ([\d,]+)", printed).group(1)
+    assert re.search(rf"LoRA r=16 .*: [\d,]+ of {total} weights train", printed), printed
+
+
 def test_a_step_longer_than_an_epoch_trains(tiny_model_dir, data_files, tmp_path, capsys):
     """96 examples in micro-batches of 16 are 6 per epoch; a step of 8 spans two epochs (it crashed with a
     ZeroDivisionError while printing the notes)."""
@@ -278,10 +336,48 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_file
     assert json.loads((tmp_path / "run/summary.json").read_text())["steps"] == stopped_at + 2
 
 
+ADDRESS_SPACE_PEAK = """import atexit, runpy, sys
+peak = lambda: next(line for line in open("/proc/self/status") if line.startswith("VmPeak"))
+atexit.register(lambda: print(peak(), file=sys.stderr))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
+def test_out_of_memory_under_an_address_space_cap_halves_the_micro_batch_and_finishes(
+    tiny_tokenizer_dir, tmp_path
+):
+    """A real out-of-memory: train.py at micro-batch 32 in a process whose address space is capped (prlimit
+    --as) 600 MB above what a micro-batch-4 run peaked at. 32 rows of 256 tokens need about 1.5 GB of
+    activations, 4 rows 190 MB: the step fails, is retried at 16 and 8 (or less), and the run finishes."""
+    bigger = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8)
+    config = ModelConfig(**{**TINY, **bigger, "num_key_value_heads": 4, "max_position_embeddings": 512})
+    model_dir = tmp_path / "model"
+    save_pretrained(Transformer(config).state_dict(), config, model_dir)
+    copy_tokenizer_files(tiny_tokenizer_dir, model_dir)
+    train_file = write_data(tmp_path / "train.jsonl", 40, seed=1, n_words_range=(100, 121))
+    val_file = write_data(tmp_path / "val.jsonl", 4, seed=2, n_words_range=(100, 121))
+    flags = "--seq-len 256 --dtype fp32 --max-steps 1 --grad-accum 1 --eval-every 1000 --lora-dropout 0"
+
+    def run(batch_size: int, cap: list[str]) -> subprocess.CompletedProcess:
+        args = cli_args(model_dir, train_file, val_file, tmp_path / f"run{batch_size}", flags)
+        args = [*cap, sys.executable, "-c", ADDRESS_SPACE_PEAK, *args[1:], "--batch-size", str(batch_size)]
+        return run_cli([str(arg) for arg in args], tmp_path / "cache")
+
+    fits = run(4, cap=[])
+    assert fits.returncode == 0, fits.stderr[-3000:]
+    peak_kib = int(fits.stderr.split("VmPeak:")[1].split()[0])
+    capped = run(32, cap=["prlimit", f"--as={peak_kib * 1024 + 600 * 2**20}"])
+    assert capped.returncode == 0, capped.stdout[-3000:] + capped.stderr[-3000:]
+    assert "step 0: out of memory at micro-batch 32; retrying the step with micro-batch 16" in capped.stdout
+    assert json.loads((tmp_path / "run32/summary.json").read_text())["steps"] == 1
+
+
 # ---------------------------------------------------------------------------- outputs
 
 
-def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_files, tmp_path):
+def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_files, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -289,6 +385,20 @@ def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_f
     from nanoft.weights import from_pretrained
 
     summary = train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "12", "--merge")
+    printed = capsys.readouterr().out.splitlines()
+    done, merged_line = next(line for line in printed if line.startswith("done (")), printed[-1]
+    # Training time and wall time, each labelled: tokens/s divides by the first only.
+    assert re.fullmatch(
+        r"done \(finished\): 12 steps, [\d,]+ tokens in [\d.]+ min of training \(\d+ tokens/s\); "
+        r"wall time [\d.]+ min, peak memory [\d.]+ GiB",
+        done,
+    ), done
+    assert 0 < summary["train_s"] < summary["wall_s"]
+    assert summary["train_tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["train_s"])
+    assert merged_line == (
+        f"merged: adapter {tmp_path / 'run/adapter'} (14 weights updated) into the original fp32 weights of "
+        f"{tiny_model_dir} -> {tmp_path / 'run/merged'} (a Hugging Face model, fp32)"
+    )
     for key in (
         "baseline_val_loss",
         "best_val_loss",
@@ -318,9 +428,44 @@ def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_f
         reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         peft_model = PeftModel.from_pretrained(reference, tmp_path / "run/adapter").eval()
         torch.testing.assert_close(peft_model(ids).logits, ours, rtol=1e-4, atol=1e-4)
-        # The merged export is a plain model with the same logits (bf16 weights: a looser tolerance).
+        # The merged export is a plain model with the logits of PEFT's merge_and_unload (fp32 as stored).
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run/merged", dtype=torch.float32)
-        torch.testing.assert_close(merged(ids).logits, ours, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(merged(ids).logits, peft_model.merge_and_unload()(ids).logits)
+
+
+def test_qlora_merge_goes_into_the_original_weights_or_the_quantized_base(
+    tiny_model_dir, data_files, tmp_path, capsys
+):
+    """The QA report: QLoRA --merge wrote the adapter merged into the dequantized NF4 base (every other layer
+    off the original by up to 0.59) and never said where. Now the original weights by default, as PEFT
+    merges an adapter into the checkpoint; the quantized base when asked; and the line says which."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("bitsandbytes")
+    flags = ("--max-steps", "2", "--method", "qlora", "--merge", "--lora-targets", "q_proj,v_proj")
+    train(tiny_model_dir, data_files, tmp_path / "original", *flags)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith(
+        f"merged: adapter {tmp_path / 'original/adapter'} (4 weights updated) into the original fp32"
+    )
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(reference, tmp_path / "original/adapter").merge_and_unload()
+    ids = torch.tensor([[1, 3, 10, 11, 12, 5, 4]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "original/merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits)
+
+    train(tiny_model_dir, data_files, tmp_path / "quantized", *flags, "--merge-base", "quantized")
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "(4 weights updated) into the weights of" in line and "rounded through nf4" in line
+    k_proj = "model.layers.0.self_attn.k_proj.weight"  # no adapter: as stored, or rounded through NF4
+    base = load_file(tiny_model_dir / "model.safetensors")[k_proj]
+    assert torch.equal(load_file(tmp_path / "original/merged/model.safetensors")[k_proj], base)
+    assert (load_file(tmp_path / "quantized/merged/model.safetensors")[k_proj] - base).abs().max() > 1e-4
+    with pytest.raises(SystemExit):
+        main(["--merge-base", "quantized", "--out", str(tmp_path / "x")])  # a LoRA run has no 4-bit base
+    assert "--merge-base quantized merges into the 4-bit base" in capsys.readouterr().err
 
 
 def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir, data_files, tmp_path):
@@ -394,13 +539,23 @@ def test_mixtures_of_experts_train_with_the_router_loss(
 
 
 @pytest.mark.parametrize("flag", ["--activation-checkpointing", "--pack", "--group-by-length"])
-def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag):
+def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag, capsys):
     """Activation checkpointing recomputes the same numbers; packing and length grouping change the batches
     but the run still trains. (--compile is exercised by bench/train_step.py: compiling takes minutes.)"""
     flags = "--max-steps 4 --lora-dropout 0".split()
     plain = train(tiny_model_dir, data_files, tmp_path / "plain", *flags)
+    capsys.readouterr()
     other = train(tiny_model_dir, data_files, tmp_path / "other", *flags, flag)
     assert other["best_val_loss"] < other["baseline_val_loss"]
+    packing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: pack:")]
+    if flag == "--pack":  # rows and how full they are
+        assert len(packing) == 1 and re.fullmatch(
+            r"data: pack: 96 examples in \d+ rows of up to 64 tokens, [\d.]+% full \([\d,]+ of [\d,]+ token "
+            r"slots\)",
+            packing[0],
+        ), packing
+    else:
+        assert not packing
     if flag == "--activation-checkpointing":
         assert train_losses(tmp_path / "other") == pytest.approx(train_losses(tmp_path / "plain"), abs=1e-6)
         assert other["val_curve"] == [pytest.approx(point, abs=1e-6) for point in plain["val_curve"]]
@@ -463,6 +618,16 @@ def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and BAD_INPUTS[flags] in lines[0], lines
     assert not (tmp_path / "run/config.json").exists()  # so the corrected command needs no --overwrite
+
+
+def test_a_bad_lora_target_is_reported_before_the_data_is_read(tiny_model_dir, data_files, tmp_path, capsys):
+    """The QA report: it came after the data was read, deduplicated and tokenized (minutes, on big sets)."""
+    args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", "--lora-targets q_proj,gate")
+    with pytest.raises(SystemExit):
+        main(args[2:])
+    out, err = capsys.readouterr()
+    assert "LoRA targets ['gate'] are not linear layers of the decoder blocks (down_proj, gate_proj" in err
+    assert "data:" not in out and not (tmp_path / "cache" / "data").exists()  # nothing read, nothing cached
 
 
 def test_too_little_data_to_split_says_so(tiny_model_dir, tmp_path, capsys):

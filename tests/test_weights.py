@@ -11,7 +11,7 @@ import transformers
 from test_model import random_model, tiny_config
 
 from nanoft.errors import UserError
-from nanoft.weights import from_pretrained, iter_checkpoint_tensors, save_pretrained
+from nanoft.weights import checkpoint_tensors, from_pretrained, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_truncated_file_is_explained(tmp_path):
     file = tmp_path / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-1000])
     with pytest.raises(UserError, match="corrupt or truncated"):
-        list(iter_checkpoint_tensors(tmp_path))
+        checkpoint_tensors(tmp_path)  # before any weight is read
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
@@ -115,3 +115,16 @@ def test_command_line_error_is_one_line_and_exit_2(tmp_path, config, message):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert message in result.stderr
+
+
+def test_a_tensor_read_by_rows_is_those_rows_of_the_whole(tmp_path):
+    """What a rank reads under FSDP: rows [start, end) of dim 0 straight from the file."""
+    config = tiny_config()
+    model = random_model(config)
+    save_pretrained(model.state_dict(), config, tmp_path, dtype=torch.bfloat16)
+    for stored in checkpoint_tensors(tmp_path):
+        whole = model.state_dict()[stored.name].to(torch.bfloat16)
+        assert torch.equal(stored.read(), whole)
+        rows = stored.shape[0]
+        for start, end in [(0, rows // 2), (rows // 2, rows), (rows - 1, rows), (rows, rows)]:
+            assert torch.equal(stored.read((start, end)), whole[start:end]), (stored.name, start, end)
