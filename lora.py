@@ -34,6 +34,7 @@ from torch import nn
 from nanoft.cpu_dropout import CPUFriendlyDropout
 from nanoft.errors import UserError
 from nanoft.memory import unknown_targets_error
+from nanoft.moe import SparseMoE
 from nanoft.weights import write_atomically
 
 PEFT_PREFIX = "base_model.model."
@@ -232,7 +233,12 @@ def lora_layers(model: nn.Module, cfg: LoRAConfig):
     targets = () if cfg.targets == "all-linear" else cfg.targets
     if unknown := [target for target in targets if not any(matches(name, [target]) for name, _ in linears)]:
         raise unknown_targets_error(unknown, {name.rpartition(".")[2] for name, _ in linears})
-    targeted = {id(m) for name, m in linears if not targets or matches(name, targets)}
+    # all-linear leaves out the mixture-of-experts routers (`gate`), as PEFT does on transformers 5's models
+    # (there the router is not an nn.Linear); naming `gate` puts adapters on them.
+    routers = {id(m.gate) for m in model.modules() if isinstance(m, SparseMoE)}
+    targeted = {
+        id(m) for name, m in linears if matches(name, targets) or not targets and id(m) not in routers
+    }
     modules = dict(model.named_modules())
     saved = [m for name, m in modules.items() if cfg.modules_to_save and matches(name, cfg.modules_to_save)]
     if missing := [n for n in cfg.modules_to_save if not any(matches(name, [n]) for name in modules)]:
@@ -272,6 +278,36 @@ def init_dora_magnitudes(model: nn.Module, base_weight) -> None:
         if isinstance(module, LoRALinear) and module.use_dora:
             weight = base_weight(name).to(module.lora_A.weight.device)
             module.lora_magnitude_vector.copy_(module.weight_norm(weight))
+
+
+def peft_expert_adapters_caveat(model: nn.Module) -> str | None:
+    """One line when PEFT 0.21 will not load this model's adapters as they are onto transformers 5's model of
+    the same checkpoint, which holds each layer's experts fused in 3-D parameters (PEFT converts per-expert
+    adapters to those, under the conditions below); None when it will (tests/test_moe.py)."""
+    layers = model.model.layers
+    adapted = {
+        name.rpartition(".")[2]
+        for layer in layers
+        if layer.has_experts
+        for name, module in getattr(layer, layer.feed_forward_name).experts.named_modules()
+        if isinstance(module, LoRALinear)
+    }
+    if not adapted:
+        return None
+    problems = []
+    if model.lora_config.dropout:
+        problems.append(f"lora_dropout is {model.lora_config.dropout} (train with --lora-dropout 0)")
+    gate_name, up_name, _ = model.config.expert_projection_names
+    if len(adapted & {gate_name, up_name}) == 1:
+        problems.append(f"name both {gate_name} and {up_name} (transformers fuses them)")
+    dense_mlps = [layer.mlp for layer in layers if not layer.has_experts]
+    if any(isinstance(module, LoRALinear) for mlp in dense_mlps for module in mlp.modules()):
+        problems.append("it leaves the dense layers' MLP (mlp_only_layers) without their adapters")
+    if not problems:
+        return None
+    return "note: PEFT will not load these expert adapters onto transformers 5's model: " + "; ".join(
+        problems
+    )
 
 
 def trainable_parameters_line(model: nn.Module) -> str:

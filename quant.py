@@ -5,15 +5,15 @@
     stored, bf16 = quantized_weight_bytes(model)             # what the weights really occupy
     optimizer = make_optimizer(trainable_params, "paged_adamw8bit", lr=2e-4)
 
-Every `nn.Linear` of the decoder layers becomes a bitsandbytes `Linear4bit` (or `Linear8bitLt` for int8);
-embeddings, norms and lm_head stay in the compute dtype (the chunked loss multiplies by lm_head's weight
-matrix directly). The model is built on the meta device and each linear weight is quantized the moment it
-is read, so loading peaks at the quantized model plus one full-precision tensor and its quantization
-temporaries (nanoft.weights reads each tensor into its own memory, never memory-maps a shard). Adapters are
-saved alone (lora.save_adapter). `--merge` (nanoft/merge.py) merges the adapter into the original 16-bit
-checkpoint by default, or (`--merge-base quantized`) into the weights as this 4-bit base holds them;
-bench/qlora_merge_gap.py measures both against the 4-bit base + adapter. Never quantize a merged model to
-4-bit again (+1.06 val loss: the update is finer than NF4's steps).
+Every `nn.Linear` of the decoder layers becomes a bitsandbytes `Linear4bit` (or `Linear8bitLt` for int8),
+experts included; embeddings, norms, mixture-of-experts routers and lm_head stay in the compute dtype (the
+chunked loss multiplies by lm_head's weight matrix directly). The model is built on the meta device and each
+linear weight is quantized the moment it is read, so loading peaks at the quantized model plus one
+full-precision tensor and its quantization temporaries (nanoft.weights reads each tensor into its own memory,
+never memory-maps a shard). Adapters are saved alone (lora.save_adapter). `--merge` (nanoft/merge.py) merges
+the adapter into the original 16-bit checkpoint by default, or (`--merge-base quantized`) into the weights as
+this 4-bit base holds them; bench/qlora_merge_gap.py measures both against the 4-bit base + adapter. Never
+quantize a merged model to 4-bit again (+1.06 val loss: the update is finer than NF4's steps).
 `make_optimizer` adds QLoRA's third ingredient, bitsandbytes' 8-bit and paged AdamW.
 Measured: bench/quant_memory.py, bench/matmul_4bit.py, bench/qlora_merge_gap.py.
 """
@@ -31,6 +31,7 @@ from nanoft.config import OPTIMIZERS, QUANT_TYPES
 from nanoft.errors import UserError
 from nanoft.fsdp_qlora import bitsandbytes_linear_classes, load_4bit_shard
 from nanoft.model import Transformer
+from nanoft.moe import SparseMoE
 from nanoft.precision import DTYPES
 from nanoft.weights import empty_model, load_weights
 
@@ -146,10 +147,13 @@ def quantize_linears(model: nn.Module, config: QuantConfig) -> list[str]:
     A loaded linear is quantized now, where its weight is; one on the meta device stays empty for
     load_weights to fill as the weight is read (`weight_quantizer`). Returns the replaced modules' names.
     """
+    # A mixture of experts' router stays in the compute dtype: it is small, and 4-bit rounding of its scores
+    # would send tokens to other experts.
+    routers = {id(m.gate) for m in model.modules() if isinstance(m, SparseMoE)}
     names = [
         name
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and not matches(name, config.skip)
+        if type(module) is nn.Linear and not matches(name, config.skip) and id(module) not in routers
     ]
     for name in names:
         parent_name, _, child_name = name.rpartition(".")

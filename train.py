@@ -261,6 +261,8 @@ def build_model(run: Run):
         if run.lora_config.use_dora:  # before sharding, so every rank starts from rank 0's magnitudes
             lora.init_dora_magnitudes(model, base_weight_reader(run, quant_config))
         distributed.print0(dist, lora.trainable_parameters_line(model))
+        if caveat := lora.peft_expert_adapters_caveat(model):
+            distributed.print0(dist, caveat)
     model.activation_checkpointing = config.activation_checkpointing
     if config.compile:  # each layer in place, before wrap_model shards it: FSDP's hooks stay out of the graph
         for layer in model.model.layers:
@@ -420,7 +422,7 @@ def train(
                 bad_samples = distributed.gather_to_main(sources, dist)  # "file:line" of the step's records
                 distributed.print0(dist, report.nan_advice(step + 1, config.lr, sum(bad_samples or [], [])))
             else:
-                train_loss, grad_norm, n_tokens = done
+                train_loss, grad_norm, n_tokens, router_aux_loss = done
                 step += 1
                 seconds = time.perf_counter() - step_started
                 progress.step, progress.tokens_seen = step, progress.tokens_seen + n_tokens
@@ -429,7 +431,14 @@ def train(
                 resume_changes = []
                 context = max(batch["input_ids"].shape[1] for batch in batches)
                 monitor.log_step(
-                    step, train_loss, lr, grad_norm, tokens=n_tokens, seconds=seconds, context=context
+                    step,
+                    train_loss,
+                    lr,
+                    grad_norm,
+                    tokens=n_tokens,
+                    seconds=seconds,
+                    context=context,
+                    router_aux_loss=router_aux_loss,
                 )
 
     if stop_reason is None and not progress.evaluated_at(step):  # the final val loss of the last weights
@@ -442,8 +451,9 @@ def train(
 
 
 def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run, oom, monitor, lengths):
-    """One optimizer step over the step's micro-batches: (train loss, grad norm, tokens) over all ranks, or
-    None when the loss is NaN or inf (then nothing is updated). `lengths`: the tokens of each example.
+    """One optimizer step over the step's micro-batches: (train loss, grad norm, tokens, a mixture of experts'
+    load-balancing loss or None) over all ranks, or None when the loss is NaN or inf (then nothing is
+    updated). `lengths`: the tokens of each example.
 
     The loss is normalised by the number of target tokens in all the micro-batches, on all ranks (counted
     first), so every token weighs the same however the tokens fall into micro-batches; a mean of
@@ -458,7 +468,7 @@ def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run
     )
     n_targets, n_tokens = distributed.all_reduce_sum(counts, dist).tolist()
     # Out of memory on any rank: all retry the step, its micro-batches cut in halves (interruptions.py).
-    loss_sum_total = oom.run(
+    sums = oom.run(
         partial(forward_backward, model, dist, scaler, run.autocast, n_targets),
         batches,
         step,
@@ -472,11 +482,13 @@ def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run
     )  # DDP: once per step, now that every rank's micro-batches ran
     scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
     grad_norm = distributed.clip_grad_norm(model, run.config.grad_clip or math.inf)
-    # The step's one wait for the GPU: the loss and the gradient norm come back together.
-    loss_sum_total, grad_norm = torch.stack(
-        [distributed.all_reduce_sum(loss_sum_total, dist), grad_norm]
+    # The step's one wait for the GPU: the loss (and router loss) and the gradient norm come back together.
+    loss_sum_total, router_aux_sum, grad_norm = torch.cat(
+        [distributed.all_reduce_sum(sums, dist), grad_norm.reshape(1)]
     ).tolist()
     train_loss = loss_sum_total / n_targets
+    has_router_loss = distributed.unwrap(model).router_aux_loss is not None
+    router_aux_loss = router_aux_sum / dist.world_size if has_router_loss else None
     if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
         optimizer.zero_grad(set_to_none=True)
         return None
@@ -485,7 +497,7 @@ def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return train_loss, grad_norm, n_tokens
+    return train_loss, grad_norm, n_tokens, router_aux_loss
 
 
 def epoch_after_epoch(batches):
@@ -508,20 +520,29 @@ def to_device(batch: dict, device) -> dict:
 def forward(model, batch: dict):
     """(fp32 sum of the target tokens' cross-entropy, number of target tokens) of one batch."""
     ids, targets = batch["input_ids"], batch["targets"]
-    return model(ids, targets, position_ids=batch["position_ids"], document_ids=batch["document_ids"])
+    return model(
+        ids,
+        targets,
+        position_ids=batch["position_ids"],
+        document_ids=batch["document_ids"],
+        real_tokens=batch["real_tokens"],
+    )
 
 
 def forward_backward(model, dist, scaler, autocast, n_targets: int, pieces: list[dict]) -> torch.Tensor:
     """Forward and backward of a step's micro-batches, the gradients adding up on this rank (each piece's loss
-    divided by the step's target tokens on all ranks); returns the summed loss, on the device."""
-    loss_sum_total = torch.zeros((), device=dist.device)
+    divided by the step's target tokens on all ranks); returns, on the device, (the summed loss, the mean over
+    the pieces of a mixture of experts' load-balancing loss, 0 without one: its share is in the loss)."""
+    sums = torch.zeros(2, device=dist.device)
     for batch in pieces:
         with distributed.local_gradients(model), autocast:
             loss_sum, _ = forward(model, to_device(batch, dist.device))
         # x world_size: DDP and FSDP average gradients over ranks; we want their sum.
         scaler.scale(loss_sum * dist.world_size / n_targets).backward()
-        loss_sum_total += loss_sum.detach()
-    return loss_sum_total
+        sums[0] += loss_sum.detach()
+        if (router_aux_loss := distributed.unwrap(model).router_aux_loss) is not None:
+            sums[1] += router_aux_loss / len(pieces)
+    return sums
 
 
 @torch.no_grad()

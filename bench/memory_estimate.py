@@ -1,4 +1,4 @@
-"""The planner's memory estimate against measurement, and its table for 7B / 13B / 34B models.
+"""The planner's memory estimate against measurement, and its table for 7B / 13B / 34B and MoE models.
 
     python bench/memory_estimate.py             # the README table, then estimated vs measured on this machine
     python bench/memory_estimate.py --table     # the table only
@@ -77,14 +77,33 @@ REFERENCE_MODELS = {
         num_key_value_heads=8,
         vocab_size=32000,
     ),
-}
-# What users quote (GB as tools print GiB): LoRA and full for a 7B, QLoRA for 7B / 13B / 34B.
+    # Mixtures of experts: every expert's weights are held, k of them work on each token.
+    "Mixtral-8x7B": ModelConfig.from_hf(
+        dict(
+            model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+            num_experts_per_tok=2,
+        )
+    ),
+    "Qwen3-30B-A3B": ModelConfig.from_hf(
+        dict(
+            model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+            moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+            head_dim=128, num_experts=128, num_experts_per_tok=8,
+        )
+    ),
+}  # fmt: skip
+# What users quote (GB as tools print GiB): LoRA and full for a 7B, QLoRA for 7B / 13B / 34B; QLoRA for
+# Mixtral 8x7B (kaitchup.substack.com, "even with QLoRA, we still need 32 GB"), 16-bit LoRA for
+# Qwen3-30B-A3B (Unsloth's MoE kernels announcement: 63 GB).
 FOLKLORE_GB = {
     ("Llama-2-7B", "lora"): 16.9,
     ("Llama-2-7B", "full"): 29.5,
     ("Llama-2-7B", "qlora"): 8.0,
     ("Llama-2-13B", "qlora"): 14.0,
     ("CodeLlama-34B", "qlora"): 22.0,
+    ("Mixtral-8x7B", "qlora"): 32.0,
+    ("Qwen3-30B-A3B", "lora"): 63.0,
 }
 TABLE_SHAPES = {  # micro-batch x seq len and checkpointing for the table's columns
     "1 x 512, ckpt": (1, 512, True),
@@ -211,10 +230,15 @@ def measured_table(model_dir: Path) -> str:
 
 
 def reference_table() -> str:
-    """The planner's estimates for real 7B / 13B / 34B configs (bf16 compute, LoRA r=16 on q,v, CUDA)."""
+    """The planner's estimates for real 7B / 13B / 34B and mixture-of-experts configs (bf16 compute, LoRA
+    r=16 on q,v, CUDA), with each model's total and active parameters."""
     header = "| model | method | " + " | ".join(TABLE_SHAPES) + " | folklore |"
     lines = [header, "| --- | --- | " + " | ".join("---:" for _ in TABLE_SHAPES) + " | ---: |"]
     for name, config in REFERENCE_MODELS.items():
+        params = count_parameters(config)
+        label_name = name
+        if params.active < params.total:
+            label_name = f"{name} ({params.total / 1e9:.1f}B, {params.active / 1e9:.1f}B active)"
         for method, optim in TABLE_ROWS:
             cells = []
             for micro_batch, seq_len, checkpointing in TABLE_SHAPES.values():
@@ -223,7 +247,7 @@ def reference_table() -> str:
             folklore = FOLKLORE_GB.get((name, method)) if optim == "adamw" else None
             label = method + ("" if optim == "adamw" else f" ({optim})")
             cells.append(f"~{folklore}" if folklore else "")
-            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label_name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

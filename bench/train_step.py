@@ -6,6 +6,7 @@
     python bench/train_step.py --cases lora-qv --profile 1 --log-dir /tmp/logs          # + profiler tables
     python bench/train_step.py --threads 1                                               # busy shared machine
     python bench/train_step.py --model gemma2 --cases lora-qv --shapes 4x256 --dtypes bf16  # another family
+    python bench/train_step.py --model mixtral --cases lora-qv --shapes 4x256 --dtypes bf16 --steps 6  # MoE
 
 Each side runs in its own worker process, so that its peak memory is its own: the model is loaded, two
 warm-up steps are taken, then the parent asks the two workers for one step at a time, alternately (nanoft
@@ -66,12 +67,14 @@ LORA_TARGETS = {
     "qlora-nf4": ["q_proj", "v_proj"],
 }
 CASES = [*LORA_TARGETS, "full"]
-# --model gemma2 / qwen3: SmolLM2-135M's widths and vocabulary over 12 layers, in each family's architecture
-# (Gemma 2: four norms a layer, GeGLU, soft-capped attention and logits, every other layer a 128-token window,
-# tied embeddings; Qwen3: q/k norms).
+# --model gemma2 / qwen3 / mixtral: SmolLM2-135M's widths and vocabulary over 12 layers, in each family's
+# architecture (Gemma 2: four norms a layer, GeGLU, soft-capped attention and logits, every other layer a
+# 128-token window, tied embeddings; Qwen3: q/k norms; Mixtral: 8 experts of the MLP's width a layer, each
+# token through 2 of them: 294M parameters, 103M of them active).
 FAMILY_MODELS = {
     "gemma2": dict(head_dim=64, sliding_window=128, tie_word_embeddings=True),
     "qwen3": dict(head_dim=64, tie_word_embeddings=True),
+    "mixtral": dict(head_dim=64, tie_word_embeddings=True, num_local_experts=8, num_experts_per_tok=2),
 }
 FAMILY_SIZES = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=9,
@@ -315,6 +318,9 @@ def matmul_peak_flops(dtype, device, tokens) -> float:
 
 
 def model_flops_per_token(config, seq_len: int, case: str) -> float:
+    """Of a mixture of experts, the k experts each token passes through."""
+    from nanoft.memory import count_parameters
+
     C, D, H, KV = config.hidden_size, config.head_dim, config.num_attention_heads, config.num_key_value_heads
     shapes = {
         "q_proj": (C, H * D),
@@ -325,7 +331,7 @@ def model_flops_per_token(config, seq_len: int, case: str) -> float:
         "up_proj": (C, config.intermediate_size),
         "down_proj": (config.intermediate_size, C),
     }
-    weights = config.num_hidden_layers * sum(i * o for i, o in shapes.values()) + config.vocab_size * C
+    weights = count_parameters(config).block_linear_active + config.vocab_size * C
     attention = config.num_hidden_layers * 4 * H * D * (seq_len + 1) / 2
     if case == "full":
         return 6 * weights + 3 * attention

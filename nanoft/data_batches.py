@@ -6,8 +6,9 @@
     state = batches.state_dict()  # {"epoch", "batch_index", ...}; batches.load_state_dict(state) resumes
 
 A batch is a dict: input_ids (B, T) long, targets (B, T) long (already shifted, -100 = no loss),
-position_ids (B, T) long, document_ids (B, T) long or None (packed rows only; -1 marks padding), sample_ids
-list[int] (indices into the examples, for diagnostics). Rows are right-padded with pad_id to the longest row
+position_ids (B, T) long, document_ids (B, T) long or None (packed rows only; -1 marks padding), real_tokens
+(B, T) bool (False on padding: what a mixture of experts' load-balancing loss counts), sample_ids list[int]
+(indices into the examples, for diagnostics). Rows are right-padded with pad_id to the longest row
 of the batch.
 """
 
@@ -146,6 +147,7 @@ class Batches:
             "targets": torch.from_numpy(targets),
             "position_ids": torch.from_numpy(position_ids),
             "document_ids": torch.from_numpy(document_ids) if self.pack else None,
+            "real_tokens": torch.from_numpy(document_ids >= 0),
             "sample_ids": [index for row in row_indices for index in self.rows[row]],
         }
 

@@ -42,10 +42,17 @@ ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
 
 
-def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear layer of a decoder block."""
+def linear_shapes(config: ModelConfig, has_experts: bool = False) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer of a decoder block; with `has_experts`, of a mixture
+    of experts' block: the router `gate` and each expert's linears (one of each per expert)."""
     C, M = config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    if has_experts:
+        expert_width = config.moe_intermediate_size or M
+        gate, up, down = config.expert_projection_names
+        attention = {"q_proj": (C, q), "k_proj": (C, kv), "v_proj": (C, kv), "o_proj": (q, C)}
+        experts = {gate: (C, expert_width), up: (C, expert_width), down: (expert_width, C)}
+        return attention | {"gate": (C, config.num_experts)} | experts
     if config.fused_projections:
         return {
             "qkv_proj": (C, q + 2 * kv),
@@ -67,30 +74,51 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 @dataclass
 class ParameterCount:
     embedding: int
-    block_linear: int  # the weights of q/k/v/o and the MLP in every layer: what QLoRA quantizes
-    block_other: int  # norms (q/k norms too) and attention biases
+    block_linear: int  # the weights of q/k/v/o and the MLP (all experts) in every layer: what QLoRA quantizes
+    block_other: int  # norms (q/k norms too), attention biases and mixture-of-experts routers
     final_norm: int
     lm_head: int  # 0 when tied to the embedding
+    # Of block_linear, what each token passes through: all of it, but only k experts of a mixture of experts.
+    block_linear_active: int
 
     @property
     def total(self) -> int:
         return self.embedding + self.block_linear + self.block_other + self.final_norm + self.lm_head
 
+    @property
+    def active(self) -> int:
+        """The parameters one token uses (the "A3B" of Qwen3-30B-A3B; counts the embedding, as Mistral's
+        12.9B for Mixtral 8x7B does)."""
+        return self.total - self.block_linear + self.block_linear_active
+
 
 def count_parameters(config: ModelConfig) -> ParameterCount:
     """From the shapes alone (equals sum(p.numel()) of nanoft's Transformer, a tied lm_head counted once)."""
-    shapes, C = linear_shapes(config), config.hidden_size
+    C = config.hidden_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     biases = (q + 2 * kv if config.attention_bias else 0) + (C if config.attention_output_bias else 0)
     norms = C * block_norms(config) + {None: 0, "head": 2 * config.head_dim, "width": q + kv}[config.qk_norm]
-    per_layer_linear = sum(n_in * n_out for n_in, n_out in shapes.values())
+    block_linear = block_linear_active = routers = 0
+    for layer in range(config.num_hidden_layers):
+        shapes = linear_shapes(config, config.has_experts(layer))
+        if "gate" in shapes:  # a mixture of experts' layer: its router is kept apart (not quantized)
+            router, experts = shapes.pop("gate"), config.expert_projection_names
+            routers += router[0] * router[1]
+            expert = sum(n_in * n_out for name, (n_in, n_out) in shapes.items() if name in experts)
+            attention = sum(n_in * n_out for name, (n_in, n_out) in shapes.items() if name not in experts)
+            block_linear += attention + config.num_experts * expert
+            block_linear_active += attention + config.num_experts_per_tok * expert
+        else:
+            linear = sum(n_in * n_out for n_in, n_out in shapes.values())
+            block_linear, block_linear_active = block_linear + linear, block_linear_active + linear
     embedding = config.vocab_size * C
     return ParameterCount(
         embedding=embedding,
-        block_linear=config.num_hidden_layers * per_layer_linear,
-        block_other=config.num_hidden_layers * (norms + biases),
+        block_linear=block_linear,
+        block_other=config.num_hidden_layers * (norms + biases) + routers,
         final_norm=config.hidden_size,
         lm_head=0 if config.tie_word_embeddings else embedding,
+        block_linear_active=block_linear_active,
     )
 
 
@@ -101,10 +129,12 @@ def block_norms(config: ModelConfig) -> int:
 
 
 def lora_targets(config: ModelConfig, targets) -> tuple[str, ...]:
-    """The linear layers `targets` names; "all-linear" is every linear of the family's block."""
-    names = tuple(linear_shapes(config))
+    """The linear layers `targets` names; "all-linear" is every linear of the family's block (of a mixture of
+    experts: all but the router, as lora.py does)."""
+    kinds = {config.has_experts(layer) for layer in range(config.num_hidden_layers)}
+    names = tuple(dict.fromkeys(name for kind in sorted(kinds) for name in linear_shapes(config, kind)))
     if targets == "all-linear" or list(targets) == ["all-linear"]:
-        return names
+        return tuple(name for name in names if name != "gate" or not config.num_experts)
     if unknown := [target for target in targets if target not in names]:
         raise unknown_targets_error(unknown, names)
     return tuple(targets)
@@ -119,12 +149,17 @@ def unknown_targets_error(unknown: list[str], names) -> UserError:
 
 
 def lora_parameter_count(config: ModelConfig, targets, r: int, use_dora: bool = False) -> int:
-    """A and B of every adapted layer, and with DoRA its magnitude vector (one number per output row)."""
-    shapes = linear_shapes(config)
-    per_layer = sum(
-        r * (shapes[t][0] + shapes[t][1]) + use_dora * shapes[t][1] for t in lora_targets(config, targets)
-    )
-    return config.num_hidden_layers * per_layer
+    """A and B of every adapted layer (of each expert, on a mixture of experts' experts), and with DoRA its
+    magnitude vector (one number per output row)."""
+    targets, count = lora_targets(config, targets), 0
+    for layer in range(config.num_hidden_layers):
+        has_experts = config.has_experts(layer)
+        shapes = linear_shapes(config, has_experts)
+        for target in (t for t in targets if t in shapes):
+            copies = config.num_experts if has_experts and target in config.expert_projection_names else 1
+            n_in, n_out = shapes[target]
+            count += copies * (r * (n_in + n_out) + use_dora * n_out)
+    return count
 
 
 @dataclass
@@ -208,8 +243,9 @@ class MemoryEstimate:
         return sum(parts) + self.workspace
 
 
-def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
-    """Bytes one decoder layer keeps for backward per token: what autograd saves in nanoft's model.
+def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape, has_experts=False) -> float:
+    """Bytes one decoder layer (`has_experts`: a mixture of experts' layer) keeps for backward per token: what
+    autograd saves in nanoft's model.
 
     Derived by listing the tensors torch.autograd.graph.saved_tensors_hooks sees on tiny models of each kind
     of block, and checked against that listing for all three methods in tests/test_memory.py. C hidden size,
@@ -218,7 +254,8 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
     - each RMSNorm keeps its input as it came and one fp32 number per token: r C + 4 for a norm before a
       branch (it reads the residual stream), c C + 4 for one after it (Gemma 2/3, OLMo 2);
     - attention: see `attention_bytes_per_token`;
-    - the gated MLP keeps gate's and up's outputs (it recomputes act(gate) in backward): 2 c M;
+    - the gated MLP keeps gate's and up's outputs (it recomputes act(gate) in backward): 2 c M; a mixture of
+      experts: `experts_bytes_per_token`;
     - LoRA / QLoRA: a frozen linear keeps nothing (bitsandbytes' 4-bit matmul neither); the adapters' share
       is `lora_activation_bytes_per_token`;
     - full fine-tune, fp32 weights under autocast: autocast casts the fp32 input of attention and of the MLP
@@ -230,19 +267,27 @@ def layer_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) 
     after = 0 if config.norm_placement == "pre" else 2
     norms = (block_norms(config) - after) * (r * C + 4) + after * (c * C + 4)
     attention = attention_bytes_per_token(config, shape)
-    mlp = 2 * c * M
+    mlp = experts_bytes_per_token(config, shape) if has_experts else 2 * c * M
+    down_input = 0 if has_experts else c * M  # (the experts count their own)
     if shape.method == "full":
         if c < 4:
-            input_readers = 2 if config.fused_projections else 5
-            return norms + input_readers * c * C + attention + mlp + c * M
-        return norms + 2 * 4 * C + attention + mlp + 4 * M
+            attention_readers, mlp_readers = (1, 1) if config.fused_projections else (3, 2)
+            mlp_readers = 1 if has_experts else mlp_readers  # the router; the experts count their own
+            return norms + (attention_readers + mlp_readers) * c * C + attention + mlp + down_input
+        return norms + 2 * 4 * C + attention + mlp + (0 if has_experts else 4 * M)
     return (
         norms
         + attention
         + mlp
-        + lora_activation_bytes_per_token(config, shape)
+        + lora_activation_bytes_per_token(config, shape, has_experts)
         + dora_bytes_per_token(config, shape)
     )
+
+
+def adapted_shapes(config: ModelConfig, shape: TrainingShape) -> list[tuple[int, int]]:
+    """(in, out) of the adapted linears of a dense block (DoRA's terms below; not on experts)."""
+    shapes = linear_shapes(config)
+    return [shapes[t] for t in lora_targets(config, shape.lora_targets) if t in shapes]
 
 
 def dora_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
@@ -250,8 +295,7 @@ def dora_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
     the magnitudes' gradient."""
     if not shape.use_dora or shape.method == "full":
         return 0
-    shapes = linear_shapes(config)
-    return sum(2 * shape.compute_bytes * shapes[t][1] for t in lora_targets(config, shape.lora_targets))
+    return sum(2 * shape.compute_bytes * n_out for _, n_out in adapted_shapes(config, shape))
 
 
 def dora_dequantized_weight_bytes(config: ModelConfig, shape: TrainingShape) -> int:
@@ -259,9 +303,24 @@ def dora_dequantized_weight_bytes(config: ModelConfig, shape: TrainingShape) -> 
     for backward: per adapted layer, the whole weight in the compute dtype (as PEFT does)."""
     if not (shape.use_dora and shape.method == "qlora" and shape.lora_dropout > 0):
         return 0
-    shapes = linear_shapes(config)
-    targets = lora_targets(config, shape.lora_targets)
-    return sum(shape.compute_bytes * shapes[t][0] * shapes[t][1] for t in targets)
+    return sum(shape.compute_bytes * n_in * n_out for n_in, n_out in adapted_shapes(config, shape))
+
+
+def experts_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> float:
+    """A mixture of experts' layer (nanoft/moe.py), per token: routing keeps the fp32 probabilities (4 E), the
+    top-k's sum (4) and for each of its k choices 32 bytes (its expert's index, its weight, its place in the
+    grouped order, its token, the weight gathered in that order). Each choice runs one expert, which keeps
+    gate's and up's outputs (2 c M for the expert's width M); the weighting keeps the expert's output (c C)
+    and index_add its weighted copy (in the residual stream's dtype). A full fine-tune's experts also keep
+    down_proj's input (c M) and their linears' inputs (under autocast one cast copy for gate and one for up,
+    2 c C; fp32: one shared, 4 C)."""
+    C, E, k, c = config.hidden_size, config.num_experts, config.num_experts_per_tok, shape.compute_bytes
+    M = config.moe_intermediate_size or config.intermediate_size
+    r = residual_bytes(shape) if shape.method == "full" else c  # a frozen base computes in the compute dtype
+    per_choice = 2 * c * M + c * C + r * C
+    if shape.method == "full":
+        per_choice += c * M + (2 * c * C if c < 4 else 4 * C)
+    return 4 * E + 4 + k * (32 + per_choice)
 
 
 def residual_bytes(shape: TrainingShape) -> int:
@@ -339,19 +398,34 @@ def attention_bias_bytes(config: ModelConfig, shape: TrainingShape) -> int:
     return masks * c * T * T * (B if shape.packed else 1)
 
 
-def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape) -> int:
-    shapes, c, r = linear_shapes(config), shape.compute_bytes, shape.lora_r
-    targets = lora_targets(config, shape.lora_targets)
+def lora_activation_bytes_per_token(config: ModelConfig, shape: TrainingShape, has_experts=False) -> int:
+    """What the adapters keep per token: their input, where the base does not keep it (or its dropped-out
+    copy and mask), and the rank-r product. An adapted expert's share is that of the k tokens it sees."""
+    shapes, c, r = linear_shapes(config, has_experts), shape.compute_bytes, shape.lora_r
+    targets = [t for t in lora_targets(config, shape.lora_targets) if t in shapes]
+    experts = config.expert_projection_names if has_experts else ()
+    adapted_experts = [t for t in targets if t in experts]
+    targets = [t for t in targets if t not in experts]
+    expert_bytes = 0
+    if adapted_experts and shape.lora_dropout > 0:
+        expert_bytes = sum((dropout_mask_bytes(shape) + c) * shapes[t][0] + c * r for t in adapted_experts)
+    elif adapted_experts:  # gate and up read the expert's grouped input, down the gated product
+        gate, up, down = experts
+        grouped_input = c * shapes[gate][0] if {gate, up} & set(adapted_experts) else 0
+        product = c * shapes[down][0] if down in adapted_experts else 0
+        expert_bytes = grouped_input + product + len(adapted_experts) * c * r
     if shape.lora_dropout > 0:
-        return sum((dropout_mask_bytes(shape) + c) * shapes[t][0] + c * r for t in targets)
+        dense = sum((dropout_mask_bytes(shape) + c) * shapes[t][0] + c * r for t in targets)
+        return dense + config.num_experts_per_tok * expert_bytes
     input_groups = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "sdpa"}
-    input_groups |= {"qkv_proj": "attention", "gate_up_proj": "mlp"}
+    input_groups |= {"qkv_proj": "attention", "gate_up_proj": "mlp", "gate": "mlp"}
     input_groups |= {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "product"}
     # o_proj's input is attention's output, counted by attention_bytes_per_token
     group_width = {"attention": config.hidden_size, "sdpa": 0, "mlp": config.hidden_size}
     group_width["product"] = config.intermediate_size
     kept_inputs = {input_groups[t] for t in targets}
-    return sum(c * group_width[group] for group in kept_inputs) + len(targets) * c * r
+    dense = sum(c * group_width[group] for group in kept_inputs) + len(targets) * c * r
+    return dense + config.num_experts_per_tok * expert_bytes
 
 
 def dropout_mask_bytes(shape: TrainingShape) -> int:
@@ -365,7 +439,9 @@ def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: b
     """Everything autograd keeps for backward at the end of a micro-batch's forward."""
     tokens, layers, C = shape.micro_batch * shape.seq_len, config.num_hidden_layers, config.hidden_size
     residual = residual_bytes(shape)
-    per_layer = layer_activation_bytes_per_token(config, shape)
+    per_layer = [
+        layer_activation_bytes_per_token(config, shape, config.has_experts(i)) for i in range(layers)
+    ]
     final_norm = residual * C + 4
     # cos and sin, shared by the layers: one pair per RoPE base (Gemma 3's local and global layers)
     ropes = 2 if config.rope_local_base_freq is not None and "sliding_attention" in config.layer_types else 1
@@ -374,9 +450,9 @@ def activation_bytes(config: ModelConfig, shape: TrainingShape, checkpointing: b
     embedding_indices = 8 if trains_embedding(config, shape) else 0
     dequantized = dora_dequantized_weight_bytes(config, shape)  # per layer, whatever the tokens
     if checkpointing:  # only each layer's input is kept; backward recomputes one layer at a time
-        layer_bytes = layers * residual * C + per_layer
+        layer_bytes = layers * residual * C + max(per_layer)
     else:
-        layer_bytes = layers * per_layer - first_layer_saving(config, shape)
+        layer_bytes = sum(per_layer) - first_layer_saving(config, shape)
         dequantized *= layers - (not trains_embedding(config, shape))  # the first layer's input needs no grad
     per_token = layer_bytes + final_norm + rope + loss + embedding_indices
     return math.ceil(per_token * tokens) + attention_bias_bytes(config, shape) + dequantized
@@ -459,9 +535,8 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
         logits_loss += 4 * lm_head + (c + 4 if c < 4 else 4) * lm_head
 
     # DoRA's row norms (lora.py's weight_norm): one (out, in) fp32 matrix, of one adapted layer at a time.
-    shapes = linear_shapes(config)
-    adapted = [shapes[t][0] * shapes[t][1] for t in lora_targets(config, shape.lora_targets)]
-    dora_norm = 4 * max(adapted) if shape.use_dora and shape.method != "full" else 0
+    adapted = [n_in * n_out for n_in, n_out in adapted_shapes(config, shape)]
+    dora_norm = 4 * max(adapted, default=0) if shape.use_dora and shape.method != "full" else 0
 
     host_offload = 0
     if shape.shards > 1 or shape.cpu_offload:

@@ -1,5 +1,5 @@
-"""The decoder of the dense model families people fine-tune, in plain PyTorch: Llama 2/3, Mistral, Qwen2,
-Qwen3, SmolLM2/3, Gemma 1/2/3, Phi-3/Phi-4, OLMo 2, Granite.
+"""The decoder of the model families people fine-tune, in plain PyTorch: Llama 2/3, Mistral, Qwen2, Qwen3,
+SmolLM2/3, Gemma 1/2/3, Phi-3/Phi-4, OLMo 2, Granite, and the mixtures of experts Mixtral and Qwen3-MoE.
 
     config = ModelConfig.from_hf(json.load(open("config.json")))
     model = Transformer(config)
@@ -9,13 +9,15 @@ Qwen3, SmolLM2/3, Gemma 1/2/3, Phi-3/Phi-4, OLMo 2, Granite.
 Every family is the Llama block with a few switches: the fields of ModelConfig under "what the families
 change", each with the families that use it, all set from a family's config.json in one function,
 `family_settings`: the place to read what a family does differently.
+Mixtral and Qwen3-MoE swap the MLP for nanoft/moe.py's block of experts.
 Parameter names are exactly Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, Phi-3's fused
-`qkv_proj`, ...), so checkpoints load without renaming and lora.py / quant.py can swap any `nn.Linear` by
-walking `named_modules()`. Loading and saving Hugging Face directories lives in nanoft/weights.py.
+`qkv_proj`, Mixtral's `block_sparse_moe.experts.0.w1`, ...), so checkpoints load without renaming and
+lora.py / quant.py can swap any `nn.Linear` by walking `named_modules()`. Loading and saving Hugging Face
+directories lives in nanoft/weights.py.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from nanoft.cpu_attention import grouped_attention, uses_matmul_attention
 from nanoft.errors import UserError
 from nanoft.loss import chunked_cross_entropy, final_logits
+from nanoft.moe import SparseMoE, load_balancing_loss
 
 # model_type -> the transformers class that loads it (written into config.json's "architectures").
 ARCHITECTURES = {
@@ -39,6 +42,8 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",  # Phi-3, Phi-3.5-mini, Phi-4, Phi-4-mini
     "olmo2": "Olmo2ForCausalLM",
     "granite": "GraniteForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -123,6 +128,27 @@ class ModelConfig:
     # Granite: the logits are divided by this.
     logits_scaling: float = 1.0
 
+    # ---- mixtures of experts (Mixtral, Qwen3-MoE): nanoft/moe.py's block takes the MLP's place
+    num_experts: int = 0  # experts in each MoE layer; 0: every layer has the dense MLP
+    num_experts_per_tok: int = 2  # top-k: the experts each token is sent to
+    moe_intermediate_size: int | None = None  # each expert's MLP width (Qwen3-MoE); None: intermediate_size
+    # Renormalise the k chosen probabilities to sum to 1: Mixtral always, Qwen3-MoE when its config says so.
+    norm_topk_prob: bool = True
+    # Qwen3-MoE: experts in layer i when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers;
+    # the other layers keep the dense MLP (intermediate_size wide).
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    # Mixtral: in training the router's input is scaled by uniform noise in [1 - j, 1 + j] (0 in releases).
+    router_jitter_noise: float = 0.0
+    # Add router_aux_loss_coef x the router's load-balancing loss (nanoft/moe.py) to the training loss, as
+    # transformers does when config.json has output_router_logits: true.
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    # Checkpoint names: the block's (Mixtral: "block_sparse_moe") and each expert's gate, up and down
+    # projections (Mixtral: w1, w3, w2).
+    moe_block_name: str = "mlp"
+    expert_projection_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
             raise unsupported(f"model_type '{self.model_type}'")
@@ -145,6 +171,12 @@ class ModelConfig:
             raise UserError(f"layer_types must give '{FULL}' or '{SLIDING}' for each of the {layers} layers")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise UserError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and num_experts "
+                f"({self.num_experts})"
+            )
+        self.expert_projection_names = tuple(self.expert_projection_names)
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -165,6 +197,14 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    def has_experts(self, layer_index: int) -> bool:
+        """Whether the layer's MLP is a mixture of experts (Qwen3-MoE may keep some layers dense)."""
+        return (
+            self.num_experts > 0
+            and (layer_index + 1) % self.decoder_sparse_step == 0
+            and layer_index not in self.mlp_only_layers
+        )
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -196,15 +236,25 @@ class ModelConfig:
         family = self.model_type
         activation_key = "hidden_activation" if family in ("gemma2", "gemma3_text") else "hidden_act"
         hf[activation_key] = self.hidden_act
-        if family not in ("mistral", "qwen2", "phi3"):
+        if family not in ("mistral", "qwen2", "phi3", "mixtral"):
             hf["attention_bias"] = self.attention_bias
         if family in ("llama", "smollm3", "granite"):
             hf["mlp_bias"] = False
-        if family in ("mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text", "phi3"):
+        if family in (
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "smollm3",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "mixtral",
+            "qwen3_moe",
+        ):
             hf["sliding_window"] = self.sliding_window
         if family in ("qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text"):
             hf["layer_types"] = self.layer_types
-        if family in ("qwen2", "qwen3", "smollm3"):
+        if family in ("qwen2", "qwen3", "smollm3", "qwen3_moe"):
             hf["use_sliding_window"] = SLIDING in self.layer_types
         if family == "smollm3":
             hf["no_rope_layers"] = self.no_rope_layers
@@ -221,6 +271,15 @@ class ModelConfig:
             hf["residual_multiplier"] = self.residual_multiplier
             hf["attention_multiplier"] = self.attention_multiplier
             hf["logits_scaling"] = self.logits_scaling
+        if family in ("mixtral", "qwen3_moe"):
+            hf["num_local_experts" if family == "mixtral" else "num_experts"] = self.num_experts
+            for key in ("num_experts_per_tok", "output_router_logits", "router_aux_loss_coef"):
+                hf[key] = getattr(self, key)
+        if family == "mixtral":
+            hf["router_jitter_noise"] = self.router_jitter_noise
+        if family == "qwen3_moe":
+            for key in ("moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"):
+                hf[key] = getattr(self, key)
         # A family's switches follow from its config.json: a config built by hand with other ones would be
         # saved as a model that transformers builds differently.
         if (reread := ModelConfig.from_hf(hf)) != self:
@@ -237,9 +296,19 @@ def family_settings(hf: dict) -> dict:
     the family's transformers config class). The one place to read a family's differences."""
     family, get = hf["model_type"], hf.get
     settings = read_rope(hf)
-    if family in ("llama", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite"):
+    if family in (
+        "llama",
+        "qwen3",
+        "smollm3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "olmo2",
+        "granite",
+        "qwen3_moe",
+    ):
         settings["attention_bias"] = get("attention_bias", False)
-    if family in ("mistral", "phi3"):  # the window applies to every layer
+    if family in ("mistral", "phi3", "mixtral"):  # the window applies to every layer
         settings["sliding_window"] = get("sliding_window")
     if family == "qwen2":  # q/k/v biases, never in config.json; o_proj has none
         settings |= dict(attention_bias=True, attention_output_bias=False)
@@ -251,6 +320,9 @@ def family_settings(hf: dict) -> dict:
         settings |= dict(sliding_window=window, layer_types=get("layer_types") or derived)
     if family == "qwen3":
         settings |= dict(qk_norm="head", head_dim=128)
+    if family == "qwen3_moe":  # Qwen3's attention; a window (with use_sliding_window) on every layer
+        window = get("sliding_window") if get("use_sliding_window", False) else None
+        settings |= dict(qk_norm="head", sliding_window=window)
     if family == "smollm3":
         every = get("no_rope_layer_interval", 4)
         no_rope = get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(hf["num_hidden_layers"])]
@@ -295,6 +367,25 @@ def family_settings(hf: dict) -> dict:
             "logits_scaling",
         )
         settings |= {key: get(key, 1.0) for key in multipliers}
+    if family in ("mixtral", "qwen3_moe"):
+        # config.json may call it num_experts or num_local_experts (transformers reads either).
+        experts = get("num_local_experts", get("num_experts", 8 if family == "mixtral" else 128))
+        settings |= dict(
+            num_experts=experts,
+            num_experts_per_tok=get("num_experts_per_tok", 2 if family == "mixtral" else 8),
+            output_router_logits=get("output_router_logits", False),
+            router_aux_loss_coef=get("router_aux_loss_coef", 0.001),
+        )
+    if family == "mixtral":
+        settings |= dict(moe_block_name="block_sparse_moe", expert_projection_names=("w1", "w3", "w2"))
+        settings |= dict(router_jitter_noise=get("router_jitter_noise", 0.0), rms_norm_eps=1e-5)
+    if family == "qwen3_moe":
+        settings |= dict(
+            moe_intermediate_size=get("moe_intermediate_size", 768),
+            norm_topk_prob=get("norm_topk_prob", False),
+            decoder_sparse_step=get("decoder_sparse_step", 1),
+            mlp_only_layers=get("mlp_only_layers") or [],
+        )
     if family not in ("gemma", "gemma2", "gemma3_text"):
         activation = get("hidden_act", "silu")
         settings["hidden_act"] = "silu" if activation == "swish" else activation
@@ -305,7 +396,9 @@ def read_rope(hf: dict) -> dict:
     """rope_theta, rope_scaling (and Gemma 3's local base, Phi-3's partial factor) from the transformers 4
     keys or transformers 5's `rope_parameters` (per layer type for Gemma 3)."""
     family, get = hf["model_type"], hf.get
-    default_theta = {"smollm3": 2_000_000.0, "gemma3_text": 1_000_000.0}.get(family, 10000.0)
+    default_theta = {"smollm3": 2_000_000.0, "gemma3_text": 1_000_000.0, "mixtral": 1_000_000.0}.get(
+        family, 10000.0
+    )
     rope = {"rope_theta": get("rope_theta", default_theta), "rope_scaling": get("rope_scaling")}
     parameters = get("rope_parameters")
     if family == "gemma3_text":
@@ -530,27 +623,30 @@ def cuda_sdpa_shares_kv_heads(dtype: torch.dtype, head_dim: int, mask) -> bool:
 
 
 class MLP(nn.Module):
-    """The gated MLP: down(act(gate(x)) * up(x)). A mixture-of-experts block would take its place in
-    DecoderLayer, built from the same config."""
+    """The gated MLP: down(act(gate(x)) * up(x)); also each expert of a mixture of experts, then `width` wide
+    under the checkpoint's `names` for gate, up and down (Mixtral: w1, w3, w2)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, width=None, names=("gate_proj", "up_proj", "down_proj")):
         super().__init__()
-        C, M = config.hidden_size, config.intermediate_size
+        C, M = config.hidden_size, width or config.intermediate_size
         self.fused = config.fused_projections
+        self.names = names
         if self.fused:
             self.gate_up_proj = nn.Linear(C, 2 * M, bias=False)
         else:
-            self.gate_proj = nn.Linear(C, M, bias=False)
-            self.up_proj = nn.Linear(C, M, bias=False)
-        self.down_proj = nn.Linear(M, C, bias=False)
+            self.add_module(names[0], nn.Linear(C, M, bias=False))
+            self.add_module(names[1], nn.Linear(C, M, bias=False))
+        self.add_module(names[2], nn.Linear(M, C, bias=False))
         self.activation = config.hidden_act
 
     def forward(self, x):
+        # Looked up by name: lora.py and quant.py replace the linears in place.
+        gate_name, up_name, down_name = self.names
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(_GatedActivation.apply(gate, up, self.activation))
+            gate, up = getattr(self, gate_name)(x), getattr(self, up_name)(x)
+        return getattr(self, down_name)(_GatedActivation.apply(gate, up, self.activation))
 
 
 class _GatedActivation(torch.autograd.Function):
@@ -593,18 +689,36 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
         if config.norm_placement != "pre":
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLP(config)
+        self.has_experts = config.has_experts(layer_index)
+        if self.has_experts:  # under the checkpoint's name: `mlp`, or Mixtral's `block_sparse_moe`
+            width, names = config.moe_intermediate_size, config.expert_projection_names
+            experts = [MLP(config, width, names) for _ in range(config.num_experts)]
+            self.add_module(config.moe_block_name, SparseMoE(config, experts))
+            self.feed_forward_name = config.moe_block_name
+        else:
+            self.mlp = MLP(config)
+            self.feed_forward_name = "mlp"
 
     def forward(self, x, rope, mask, kv_cache=None):
+        """(B, T, C) -> (B, T, C), and the router's logits (B*T, experts) in a mixture-of-experts layer, else
+        None (the load-balancing loss reads them)."""
         if self.norm_placement == "pre":  # Llama
             x = self.add(x, self.self_attn(self.input_layernorm(x), rope, mask, kv_cache))
-            return self.add(x, self.mlp(self.post_attention_layernorm(x)))
+            feed_forward, router_logits = self.feed_forward(self.post_attention_layernorm(x))
+            return self.add(x, feed_forward), router_logits
         if self.norm_placement == "sandwich":  # Gemma 2/3
             attention = self.self_attn(self.input_layernorm(x), rope, mask, kv_cache)
             x = self.add(x, self.post_attention_layernorm(attention))
-            return self.add(x, self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
+            feed_forward, router_logits = self.feed_forward(self.pre_feedforward_layernorm(x))
+            return self.add(x, self.post_feedforward_layernorm(feed_forward)), router_logits
         x = self.add(x, self.post_attention_layernorm(self.self_attn(x, rope, mask, kv_cache)))  # OLMo 2
-        return self.add(x, self.post_feedforward_layernorm(self.mlp(x)))
+        feed_forward, router_logits = self.feed_forward(x)
+        return self.add(x, self.post_feedforward_layernorm(feed_forward)), router_logits
+
+    def feed_forward(self, x):
+        """The MLP's or the experts' output, and the router's logits (None for the MLP)."""
+        block = getattr(self, self.feed_forward_name)
+        return block(x) if self.has_experts else (block(x), None)
 
     def add(self, x, branch):
         """The residual add (Granite scales the branch first)."""
@@ -633,6 +747,9 @@ class Transformer(nn.Module):
         for name, inv_freq in self.rope_frequencies().items():
             self.register_buffer(f"rope_{name}_inv_freq", inv_freq, persistent=False)
         self.activation_checkpointing = False  # recompute each layer in backward: less memory, ~30% more time
+        # The load-balancing loss of the last training forward (mixtures of experts with
+        # output_router_logits), for the step log.
+        self.router_aux_loss = None
 
     def rope_frequencies(self) -> dict[str, torch.Tensor]:
         """The inverse frequencies of each RoPE the layers use (see layer_rope)."""
@@ -656,7 +773,12 @@ class Transformer(nn.Module):
         attention_mask=None,
         document_ids=None,
         kv_cache=None,
+        real_tokens=None,
     ):
+        """input_ids (B, T); position_ids (B, T), default 0.. after the cache; attention_mask (B, cached + T),
+        0 on padding; document_ids (B, T): packed documents never see each other; real_tokens (B, T) bool,
+        False on padding, for the load-balancing loss (default: attention_mask's 1s, else every token).
+        Returns the logits (B, T, vocab), or with targets (B, T) the summed loss and the number of targets."""
         B, T = input_ids.shape
         config, past = self.config, kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
@@ -678,21 +800,34 @@ class Transformer(nn.Module):
         sizes = (B, config.num_attention_heads, T, past + T)
         if config.attn_logit_softcapping or uses_matmul_attention(device_type, dtype.itemsize, *sizes):
             masks = {w: self._attention_bias(mask, T, past, dtype, x.device) for w, mask in masks.items()}
+        router_logits = []  # each MoE layer's (B*T, experts)
         for layer in self.model.layers:
             rope, mask = ropes.get(layer.rope), masks[layer.sliding_window]
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
+                x, layer_router_logits = checkpoint(layer, x, rope, mask, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, kv_cache)
+                x, layer_router_logits = layer(x, rope, mask, kv_cache)
+            if layer_router_logits is not None:
+                router_logits.append(layer_router_logits)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.model.norm(x)
         if targets is None:
             logits = self.lm_head(x)  # (B, T, vocab)
             return final_logits(logits, config.logits_scaling, config.final_logit_softcapping)
-        return chunked_cross_entropy(
+        loss_sum, n_targets = chunked_cross_entropy(
             x, self.lm_head.weight, targets, config.logits_scaling, config.final_logit_softcapping
         )
+        if config.output_router_logits and router_logits and self.training:
+            # transformers' training loss is the mean cross-entropy + coef x aux: added here as a sum over the
+            # targets, so that loss_sum / n_targets is that loss and across micro-batches the aux loss weighs
+            # like their targets. Evaluation keeps the plain cross-entropy. Padding is not counted (the
+            # attention mask's 0s, or real_tokens' False).
+            counted = real_tokens if real_tokens is not None else attention_mask
+            aux_loss = load_balancing_loss(router_logits, config.num_experts_per_tok, counted)
+            self.router_aux_loss = aux_loss.detach()
+            loss_sum = loss_sum + config.router_aux_loss_coef * aux_loss * n_targets
+        return loss_sum, n_targets
 
     def _rope(self, position_ids, dtype, name):
         # Angles in fp32 (bf16 positions lose precision past 256), then cast like the reference.

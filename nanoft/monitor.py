@@ -71,9 +71,18 @@ class Monitor:
         self.train_losses, self.last_eval, self.warned_flat = [], None, False  # for the warnings at evals
 
     def log_step(
-        self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, seconds: float, context: int
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tokens: int,
+        seconds: float,
+        context: int,
+        router_aux_loss: float | None = None,
     ) -> None:
-        """One optimizer step: `tokens` processed by all ranks in `seconds`, sequences `context` long."""
+        """One optimizer step: `tokens` processed by all ranks in `seconds`, sequences `context` long;
+        `router_aux_loss`: a mixture of experts' load-balancing loss (in `loss` times its coefficient)."""
         if not self.enabled:
             return
         self.train_losses.append(loss)
@@ -91,6 +100,8 @@ class Monitor:
             mfu=mfu,
             **self.memory.step(),
         )
+        if router_aux_loss is not None:
+            metrics["router_aux_loss"] = router_aux_loss
         for tracker in self.trackers:
             tracker.log_metrics({f"train/{name}": value for name, value in metrics.items()}, step)
         self.append_metrics({"step": step, **metrics})
@@ -99,8 +110,10 @@ class Monitor:
         if not self.live and (step % self.log_every == 0 or step == self.total_steps):
             minutes = (time.perf_counter() - self.started) / 60
             eta = minutes / (step - self.start_step) * (self.total_steps - step)
+            aux = f" (router aux {router_aux_loss:.4f})" if router_aux_loss is not None else ""
             self.print(
-                f"step {step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tokens_per_s:.0f} tokens/s, "
+                f"step {step}/{self.total_steps}: loss {loss:.4f}{aux}, lr {lr:.2e}, "
+                f"{tokens_per_s:.0f} tokens/s, "
                 f"MFU {mfu:.0%}, {minutes:.1f} min, ETA {eta:.1f} min"
             )
 
@@ -205,13 +218,16 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 def matmul_weights(model) -> tuple[int, int]:
     """(frozen, trainable) weights that take part in matrix multiplies: the decoder's and lm_head's; not the
-    norms, nor the embedding table (only indexed) unless tied to lm_head (then listed once, by its name)."""
+    norms, nor the embedding table (only indexed) unless tied to lm_head (then listed once, by its name).
+    Per token: of a mixture of experts' experts, the share of num_experts_per_tok."""
     frozen = trainable = 0
     for name, param in model.named_parameters():
         if param.dim() < 2 or (name == "model.embed_tokens.weight" and not model.config.tie_word_embeddings):
             continue
         quant_state = getattr(param, "quant_state", None)  # 4-bit weights are packed two to a byte
         numel = quant_state.shape.numel() if quant_state is not None else param.numel()
+        if ".experts." in name:  # a mixture of experts: each token passes through k of them
+            numel = numel * model.config.num_experts_per_tok // model.config.num_experts
         if param.requires_grad:
             trainable += numel
         else:

@@ -433,7 +433,8 @@ def format_plan(plan: Plan, model_name: str = "") -> str:
     lines = [
         f"nanoft plan{' for ' + model_name if model_name else ''}: {p.total / 1e9:.2f}B parameters "
         f"({p.block_linear / 1e9:.2f}B in the decoder blocks' linears, {p.embedding / 1e9:.2f}B embedding"
-        + (f", {p.lm_head / 1e9:.2f}B lm_head)" if p.lm_head else ", lm_head tied)"),
+        + (f", {p.lm_head / 1e9:.2f}B lm_head)" if p.lm_head else ", lm_head tied)")
+        + (f"; {p.active / 1e9:.2f}B active per token (experts)" if p.active < p.total else ""),
         f"hardware: {hw.description}; usable {gib(hw.usable_bytes)} GiB per device "
         f"({USABLE_FRACTION[hw.device_type]:.0%})",
         "",

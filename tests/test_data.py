@@ -544,6 +544,7 @@ def test_packed_loss_equals_one_by_one(chatml, tmp_path):
     packed_losses = {}
     for batch in packed:
         assert batch["position_ids"][batch["document_ids"] == 1].min() == 0  # positions restart per example
+        assert torch.equal(batch["real_tokens"], batch["document_ids"] >= 0)
         packed_losses.update(per_example_losses(model, batch))
     single = Batches(train, batch_size=1, pad_id=chatml.pad_id, shuffle=False, drop_last=False)
     single_losses = {}
@@ -607,6 +608,8 @@ def test_padding_to_longest_in_batch():
             assert (batch["input_ids"][row, len(ids) :] == 0).all() and (
                 batch["targets"][row, len(ids) :] == IGNORE_INDEX
             ).all()
+            # what a mixture of experts' load-balancing loss counts: the row's tokens, not its padding
+            assert batch["real_tokens"][row].tolist() == [t < len(ids) for t in range(max(lengths))]
 
 
 def test_two_ranks_cover_each_epoch_once_and_reshuffle():

@@ -506,3 +506,37 @@ def test_lora_variants_under_fsdp_match_one_process_and_load_in_peft(tiny_model_
     )
     if "qlora" not in variant:  # a 4-bit base's adapter is checked against PEFT in tests/test_lora.py
         assert_peft_loads_with_our_logits(tiny_model_dir, fsdp_dir / "adapter", fsdp_dir / "merged")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_mixture_of_experts_trains_the_same_under_fsdp(family_dir, tiny_model_dir, tmp_path, method):
+    """Mixtral's experts are sharded with their layer: two FSDP ranks train as one process does (the same
+    losses; the experts each rank's tokens skip still join every collective). Without the load-balancing
+    loss, which like transformers' is taken over each rank's own tokens. A small lr: Adam's first step
+    moves each weight by about lr x the sign of its gradient, so gradients that differ in rounding alone move
+    a router by +-lr, which near a tie sends a token to another expert (at 1e-2: 0.7% apart at step 2)."""
+    model_dir = shutil.copytree(family_dir("mixtral"), tmp_path / "mixtral")
+    for data in ("train.jsonl", "val.jsonl"):
+        shutil.copy(tiny_model_dir / data, model_dir)
+    flags = [
+        "--max-steps",
+        "2",
+        "--method",
+        method,
+        "--lr",
+        "1e-4",
+        "--batch-size",
+        "4",
+        "--fsdp",
+        "full_shard",
+    ]
+    run_train(model_dir, tmp_path / "fsdp", *flags, torchrun=True)
+    run_train(model_dir, tmp_path / "one", *flags[:-2], "--batch-size", "8", torchrun=False)  # 2 ranks x 4
+    losses = [train_losses_of(tmp_path / run) for run in ("fsdp", "one")]
+    assert len(losses[0]) == 2
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
+
+
+def train_losses_of(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]

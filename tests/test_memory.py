@@ -6,7 +6,7 @@ import torch
 
 import lora
 import quant
-from bench.memory_estimate import measure, write_measured_model
+from bench.memory_estimate import REFERENCE_MODELS, measure, write_measured_model
 from nanoft.loss import LOGITS_PER_CHUNK
 from nanoft.memory import (
     TrainingShape,
@@ -29,7 +29,7 @@ LLAMA_2_7B = ModelConfig(
 )
 # Each kind of block at SMALL's sizes: q/k norms per head (Qwen3) or over the width (OLMo 2, norms after the
 # branches), four norms with soft-capped attention and windows (Gemma 2) or local and global RoPE (Gemma 3),
-# fused projections with partial RoPE (Phi-3), NoPE layers (SmolLM3), multipliers (Granite).
+# fused projections with partial RoPE (Phi-3), NoPE layers (SmolLM3), multipliers (Granite), experts.
 BLOCK_KINDS = {
     "qwen3": {},
     "olmo2": {},
@@ -38,6 +38,14 @@ BLOCK_KINDS = {
     "phi3": {"partial_rotary_factor": 0.5},
     "smollm3": {"no_rope_layer_interval": 2},
     "granite": {"residual_multiplier": 0.5, "embedding_multiplier": 4.0},
+    # Mixtures of experts (8, top 2); Qwen3-MoE with narrower experts and a dense layer among them.
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen3_moe": {
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 176,
+        "mlp_only_layers": [1],
+    },
 }
 
 
@@ -65,6 +73,16 @@ def test_parameter_count_equals_the_model(config):
 def test_parameter_count_of_llama_2_7b():
     assert count_parameters(LLAMA_2_7B).total == 6_738_415_616  # as Hugging Face reports it
     assert lora_parameter_count(LLAMA_2_7B, ("q_proj", "v_proj"), 8) == 4_194_304  # as PEFT reports r=8
+
+
+def test_total_and_active_parameters_of_mixtral_and_qwen3_moe():
+    """As their makers give them: Mixtral 8x7B 46.7B with 12.9B active per token, Qwen3-30B-A3B 30.5B with
+    3.3B active."""
+    mixtral, qwen3_moe = REFERENCE_MODELS["Mixtral-8x7B"], REFERENCE_MODELS["Qwen3-30B-A3B"]
+    assert count_parameters(mixtral).total == 46_702_792_704
+    assert count_parameters(mixtral).active == 12_879_925_248
+    assert count_parameters(qwen3_moe).total == 30_532_122_624
+    assert count_parameters(qwen3_moe).active == 3_353_032_704
 
 
 def saved_activation_bytes(model, autocast, micro_batch, seq_len, device="cpu", packed=False):
@@ -100,6 +118,8 @@ CASES = [  # 96 tokens: nanoft's own CPU attention; 1024: SDPA (the scores would
     ("qlora", ("q_proj", "v_proj"), 0.05, 96),
 ]
 FAMILY_CASES = [CASES[i] for i in (0, 1, 2, 6)]
+# Mixtures of experts: adapters on every expert too, with and without dropout, and 4-bit experts.
+EXPERT_CASES = [CASES[i] for i in (4, 5, 7)]
 VARIANT_CASES = [  # LoRA's variants (lora.py): DoRA's magnitudes, modules_to_save trained whole
     ("lora", ("q_proj", "v_proj"), 0.05, 96, {"use_dora": True}),
     ("lora", "all-linear", 0.0, 96, {"use_dora": True}),
@@ -114,7 +134,8 @@ VARIANT_CASES = [  # LoRA's variants (lora.py): DoRA's magnitudes, modules_to_sa
     "family, method, targets, dropout, seq_len, variant",
     [("llama", *case, {}) for case in CASES]
     + [("llama", *case) for case in VARIANT_CASES]
-    + [(family, *case, {}) for family in BLOCK_KINDS for case in FAMILY_CASES],
+    + [(family, *case, {}) for family in BLOCK_KINDS for case in FAMILY_CASES]
+    + [(family, *case, {}) for family in ("mixtral", "qwen3_moe") for case in EXPERT_CASES],
 )
 def test_activation_estimate_matches_what_autograd_saves(family, method, targets, dropout, seq_len, variant):
     config = small(family)

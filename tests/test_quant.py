@@ -359,12 +359,17 @@ def test_missing_bitsandbytes_message_says_what_to_install_or_drop():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_loads_in_nf4_and_its_adapters_train(family_dir, family):
-    """Each family's every block linear (fused qkv_proj and gate_up_proj too) becomes NF4 and computes what
-    the full-precision model computes with the dequantized weights, and LoRA on all of them gets gradients."""
+    """Each family's every block linear (fused qkv_proj and gate_up_proj, experts too) but routers becomes NF4
+    and computes what the full-precision model computes with the dequantized weights, and LoRA on all of them
+    (all-linear leaves the routers out) gets gradients."""
     inputs = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     model = load_quantized(family_dir(family), compute_dtype=torch.float32)
     block_linears = {name: m for name, m in model.named_modules() if name.startswith("model.layers.")}
     block_linears = {name: m for name, m in block_linears.items() if isinstance(m, nn.Linear)}
+    # A mixture of experts' routers stay as they were; the experts are 4-bit like any linear.
+    routers = {name: block_linears.pop(name) for name in list(block_linears) if name.endswith(".gate")}
+    assert all(type(m) is nn.Linear for m in routers.values())
+    assert bool(routers) == (family in ("mixtral", "qwen3_moe"))
     assert block_linears and all(type(m).__name__ == "Linear4bit" for m in block_linears.values())
     dequantized = from_pretrained(family_dir(family))
     with torch.no_grad():

@@ -552,6 +552,33 @@ def test_every_family_trains_two_steps_and_saves(family_dir, data_files, tmp_pat
     assert all(not torch.equal(p, original.get_parameter(name)) for name, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("method", ["qlora", "full"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_mixtures_of_experts_train_with_the_router_loss(
+    family_dir, data_files, tmp_path, family, method, capsys
+):
+    """QLoRA (experts in NF4) and a full fine-tune of each mixture of experts, with config.json asking for
+    the load-balancing loss: it is logged every step, and the full fine-tune moves every weight, routers
+    included. (LoRA on q, v runs for them with every family above.)"""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(family_dir(family), checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text()) | {"output_router_logits": True}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    flags = ["--max-steps", "2", "--method", method, "--lr", "1e-3", "--lora-targets", "q_proj,v_proj"]
+    summary = train(checkpoint, data_files, tmp_path / "run", *flags)
+    assert summary["steps"] == 2 and np.isfinite(summary["final_val_loss"])
+    aux_losses = [row["router_aux_loss"] for row in metrics(tmp_path / "run") if "loss" in row]
+    assert len(aux_losses) == 2 and all(aux > 1 for aux in aux_losses)  # 1: perfectly balanced
+    assert "(router aux " in capsys.readouterr().out
+    if method == "full":
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "run/model")
+        original = AutoModelForCausalLM.from_pretrained(checkpoint)
+        moved = [not torch.equal(p, original.get_parameter(name)) for name, p in model.named_parameters()]
+        assert all(moved)
+
+
 @pytest.mark.parametrize("flag", ["--activation-checkpointing", "--pack", "--group-by-length"])
 def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag, capsys):
     """Activation checkpointing recomputes the same numbers; packing and length grouping change the batches
