@@ -16,7 +16,7 @@ val loss (per target token, over the same held-out examples) of every way to ser
 - the merged export quantized to NF4 again (a common way to shrink a merged model for serving);
 and, for scale, the 4-bit and bf16 bases without the adapter.
 
-The measurements (README "QLoRA: which base to merge into") decided --merge's default: the original weights.
+The measurements (README, "QLoRA: which base to merge into") decided --merge's default: the original weights.
 """
 
 import argparse
@@ -107,7 +107,7 @@ def main():
     val_batches = val_batches[: max(1, args.val_examples // 8)]
 
     with tempfile.TemporaryDirectory() as work:
-        model_dir = write_bf16_copy(default_model_dir(), Path(work, "original"))
+        model_dir = write_bf16_copy(default_model_dir(), Path(work, "bf16"))
         model = load_quantized(model_dir)
         losses = {"4-bit base, no adapter": val_loss(model, val_batches)}
         model = inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0, targets="all-linear"))
@@ -132,15 +132,16 @@ def main():
         losses["4-bit base + adapter (trained)"] = val_loss(model, val_batches)
         rounding = rounding_error_relative_to_update(model)
         for base in ("original", "quantized"):
-            merge_adapter(model_dir, adapter_dir, Path(work, base), base, QuantConfig("nf4"))
-            merged = from_pretrained(Path(work, base), dtype=torch.bfloat16)
+            merged_dir = Path(work, f"merged-{base}")  # never model_dir: the next merge reads it
+            merge_adapter(model_dir, adapter_dir, merged_dir, base, QuantConfig("nf4"))
+            merged = from_pretrained(merged_dir, dtype=torch.bfloat16)
             losses[f"merged into the {base} base (bf16 file)"] = val_loss(merged, val_batches)
         bf16_base = from_pretrained(model_dir, dtype=torch.bfloat16)
         losses["bf16 base, no adapter"] = val_loss(bf16_base, val_batches)
         losses["bf16 base + adapter, not merged"] = val_loss(
             load_adapter(bf16_base, adapter_dir), val_batches
         )
-        requantized = load_quantized(Path(work, "original"))
+        requantized = load_quantized(Path(work, "merged-original"))
         losses["merged into the original, re-quantized to NF4"] = val_loss(requantized, val_batches)
 
     served = losses["4-bit base + adapter (trained)"]
