@@ -153,8 +153,9 @@ def test_the_failed_attempt_is_freed_before_the_retry():
     failed_outputs, alive_at_retry = [], []
 
     def remember_output(module, args, output):
-        if output.shape[0] > 2:  # the attempt that will fail in layer 1
-            failed_outputs.append(weakref.ref(output))
+        hidden_states, _ = output  # a decoder layer returns them with its router logits (None: no experts)
+        if hidden_states.shape[0] > 2:  # the attempt that will fail in layer 1
+            failed_outputs.append(weakref.ref(hidden_states))
 
     def note_failed_outputs(module, args):
         alive_at_retry.extend(ref() is not None for ref in failed_outputs)

@@ -383,7 +383,7 @@ def family_input_ids():
 
 
 # PEFT 0.21 leaves out the adapters of Qwen3-MoE's dense layers when the experts have some (test_moe.py).
-PEFT_CASES = [
+FAMILY_PEFT_CASES = [
     pytest.param(family, targets, marks=pytest.mark.xfail(strict=True, reason="PEFT drops the dense MLP's"))
     if (family, targets) == ("qwen3_moe", "all-linear")
     else (family, targets)
@@ -392,7 +392,7 @@ PEFT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("family, targets", PEFT_CASES)
+@pytest.mark.parametrize("family, targets", FAMILY_PEFT_CASES)
 def test_family_peft_loads_our_adapter_with_same_logits(family_dir, tmp_path, family, targets):
     base = family_dir(family)
     lora_targets = "all-linear" if targets == "all-linear" else tuple(QV_TARGETS[family])
