@@ -150,10 +150,11 @@ def assert_same_training(result: dict, expected: dict, atol=1e-5):
     ],
 )
 def test_two_ranks_train_like_one_process_with_twice_the_batch(distributed, reference, name, reference_name):
-    # 25M weights trained in full: Adam turns the last bits by which the ranks' gradient sums differ into
-    # up to 2% of an update (9e-5 of 4e-3) where gradients are tiny; the losses still agree to 1e-6.
+    # From a checkpoint (transformers' initialisation: some gradients tiny), Adam turns the last bits by which
+    # the ranks' gradient sums differ into up to a few % of an update (9e-5 of 4e-3; LoRA A: 1 element of
+    # 2048); the losses still agree to 1e-6.
     assert_same_training(
-        distributed[name], reference[reference_name], atol=2e-4 if "full_loaded" in name else 1e-5
+        distributed[name], reference[reference_name], atol=2e-4 if "_loaded" in name else 1e-5
     )
     # ... and both trained: every trainable tensor moved away from where it started.
     reference_run = next(run for run in REFERENCE_RUNS if run.name == reference_name)
@@ -178,7 +179,9 @@ def test_under_fsdp_each_rank_loads_only_its_shards(distributed, reference, meth
     for rank_bytes in held:  # every dtype's parameters halved (4-bit bytes included)
         assert {dtype: 2 * n for dtype, n in rank_bytes.items()} == pytest.approx(whole, rel=0.01)
     if method != "qlora":  # the 4-bit base is 13 MB: the process's own noise is of that size
-        assert max(per_rank) <= 0.6 * one_process
+        # Against the whole model's bytes, not one_process (a process that ran other trainings before reuses
+        # the heap they freed, so what loading adds to its peak can be next to nothing).
+        assert max(per_rank) <= 0.6 * sum(whole.values())
 
 
 def test_ddp_ranks_retry_together_when_one_runs_out_of_memory(distributed, reference):
