@@ -333,12 +333,13 @@ def lora_state_dict(model: nn.Module, gathered: dict | None = None) -> dict[str,
     """The trainable tensors (adapters and modules_to_save) under PEFT's on-disk names: the model's own, or
     `gathered` ones (by parameter name, a tied weight once: distributed.full_state_dict under FSDP)."""
     trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    # keep_vars keeps Parameters, whose identity tells trainable ones apart; a tied lm_head is listed too,
-    # as PEFT's files with ensure_weight_tying carry both names.
+    # remove_duplicate=False lists a tied lm_head under its own name too, as PEFT's files with
+    # ensure_weight_tying carry both. Not state_dict(): on rank 0 alone under FSDP its hook reshards the
+    # model, and the ranks' next forwards then disagree on what to gather (a hang under shard_grad_op).
     return {
-        PEFT_PREFIX + name: tensor.detach() if gathered is None else gathered[trainable[id(tensor)]]
-        for name, tensor in model.state_dict(keep_vars=True).items()
-        if id(tensor) in trainable
+        PEFT_PREFIX + name: param.detach() if gathered is None else gathered[trainable[id(param)]]
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if id(param) in trainable
     }
 
 
