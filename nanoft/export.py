@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -194,8 +194,9 @@ def rope_factors_tensor(config: ModelConfig) -> np.ndarray | None:
     """Llama 3.1 RoPE scaling as llama.cpp takes it: what each frequency is divided by."""
     if (config.rope_scaling or {}).get("rope_type") != "llama3":
         return None
-    unscaled = rope_inverse_frequencies(replace(config, rope_scaling=None))
-    return (unscaled / rope_inverse_frequencies(config)).numpy().astype(np.float32)
+    unscaled = rope_inverse_frequencies(config.rotary_dim, config.rope_theta, None)
+    scaled = rope_inverse_frequencies(config.rotary_dim, config.rope_theta, config.rope_scaling)
+    return (unscaled / scaled).numpy().astype(np.float32)
 
 
 def write_hyperparameters(writer: GGUFWriter, config: ModelConfig, family: GGUFFamily) -> None:

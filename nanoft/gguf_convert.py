@@ -65,6 +65,7 @@ def model_config(metadata: dict, tensor_names: set[str]) -> ModelConfig:
         model_type=model_type,
         **values,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
+        attention_output_bias="blk.0.attn_output.bias" in tensor_names,  # Qwen2: q, k, v only
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),

@@ -324,7 +324,7 @@ def run_export(*args):
 
 
 def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, tiny_tokenizer_dir):
-    # A family llama.cpp runs but nanoft does not train yet, a word-level tokenizer, a missing adapter.
+    # A family nanoft trains but does not export yet, a word-level tokenizer, a missing adapter.
     gemma = transformers.AutoConfig.for_model(
         "gemma2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=8
     )
@@ -333,7 +333,7 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, tiny_tokenizer
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_tokenizer_dir / name, word_level / name)
     cases = {
-        "gemma2": ([f"--model={tmp_path / 'gemma2'}"], "model_type 'gemma2' is not supported"),
+        "gemma2": ([f"--model={tmp_path / 'gemma2'}"], "model_type 'gemma2' has no GGUF export yet"),
         "word-level": ([f"--model={word_level}"], "a WordLevel tokenizer; GGUF export supports byte-level"),
         "adapter": ([f"--model={word_level}", "--adapter=missing"], "--adapter missing: no such directory"),
     }
