@@ -418,8 +418,9 @@ def test_family_merged_export_loads_in_transformers_with_same_logits(family_dir,
     merge_adapter(base, tmp_path / "adapter", tmp_path / "merged")  # what --merge writes
     with torch.no_grad():
         merged = load_transformers(tmp_path / "merged").eval()(family_input_ids()).logits
-    # Twice the tolerance: W + scale B A is rounded once per weight, and Mixtral has 96 expert linears.
-    assert (merged - adapted).abs().max() < 2 * TOLERANCE
+    # W + scale B A is rounded to fp32 once per weight (Mixtral has 96 expert linears; Gemma's logits reach
+    # ~5, its embedding scaled by sqrt(hidden)): held relative to the logits' size.
+    assert (merged - adapted).abs().max() < 2 * TOLERANCE * max(1.0, adapted.abs().max().item())
 
 
 def test_fused_families_name_their_fused_layers():
