@@ -71,7 +71,10 @@ def write_run_report(run_dir, config, progress, data_report, facts: dict) -> dic
     )
     summary["gates"] = [asdict(gate) for gate in gates]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_loss_plot(run_dir)
+    try:
+        write_loss_plot(run_dir)
+    except (ImportError, OSError, MemoryError) as error:  # e.g. no address space left to load matplotlib
+        print(f"loss.png not written ({error}); python -m nanoft.report {run_dir} draws it later")
     (run_dir / "report.md").write_text(report_markdown(run_dir, summary, gates_markdown(gates)))
     return summary
 

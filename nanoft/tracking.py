@@ -73,8 +73,16 @@ class TensorBoardTracker:
             key: value if isinstance(value, int | float | str | bool) else str(value)
             for key, value in config.items()
         }
-        hparams = {f"hparams/{key}": value for key, value in results.items()}
-        self.writer.add_hparams(plain, hparams, run_name="hparams")
+        from torch.utils.tensorboard.summary import hparams  # tensorboard: imported where it is used
+
+        metrics = {f"hparams/{key}": value for key, value in results.items()}
+        # Into the run's own event file, as add_hparams writes them into a new one: that would start another
+        # writer thread, which a process out of address space (after an OOM retry) cannot.
+        writer = self.writer._get_file_writer()
+        for summary in hparams(plain, metrics):
+            writer.add_summary(summary)
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value)
 
     def close(self, stop_reason: str | None) -> None:
         self.writer.close()
