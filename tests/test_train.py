@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 from families import FAMILIES, QV_TARGETS
 from safetensors.torch import load_file
 
@@ -28,20 +29,7 @@ from nanoft.weights import copy_tokenizer_files, save_pretrained
 from train import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+TINY = TINY_MODEL  # conftest's tiny Llama
 N_WORDS = 58  # the tiny tokenizer's words w0..w57 (ids 6..63)
 
 
