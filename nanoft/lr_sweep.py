@@ -10,7 +10,8 @@ trained on: the drop of that held-out loss says how much it learned that carries
 real run will. (Scored on the batches it trained on, a short test favours the lrs that memorise them fastest:
 the largest.) Among the lrs that did not diverge, take the largest whose drop is within SAME_DROP of the best
 drop: a larger lr that learns as fast in the short test covers more ground in the long run, while one that
-spikes, ends above its start or makes the held-out loss worse is out however far it fell on the way.
+spikes, or ends above its start or makes the held-out loss worse (by more than RISE_TOLERANCE, what
+a tiny lr's batch noise moves), is out however far it fell on the way.
 A choice at either end of the grid says nothing about the lrs past it: the grid widens by 10x on that side
 (MAX_WIDENINGS times at most) until the choice lies inside it; otherwise nothing is recommended.
 """
@@ -25,6 +26,7 @@ import torch
 
 SAME_DROP = 0.9  # a drop at least 90% of the best counts as "as fast": the short test is that noisy
 SPIKE_FACTOR = 2.0  # a loss above twice the first one (same start for every lr) is divergence
+RISE_TOLERANCE = 0.01  # a loss less than 1% above where it started is a tiny lr's noise, not divergence
 SWEEP_DATA_FRACTION = 0.01
 MIN_SWEEP_BATCHES = 4
 PASSES = 3  # each lr goes over the sweep batches this many times
@@ -61,15 +63,15 @@ class SweepRow:
 
     @property
     def diverged(self) -> bool:
-        """A non-finite loss, a last pass above the first, a loss above twice the very first one, or a
-        held-out loss that got worse."""
+        """A non-finite loss, a loss above twice the very first one, or a last pass or a held-out loss that
+        ended more than RISE_TOLERANCE above where it started."""
         losses = [*self.losses, self.run.held_out_after]
         if len(self.losses) < 2 * self.window or not all(math.isfinite(loss) for loss in losses):
             return True
         return (
-            mean(self.last_pass) > mean(self.first_pass)
+            mean(self.last_pass) > (1 + RISE_TOLERANCE) * mean(self.first_pass)
             or max(self.losses) > SPIKE_FACTOR * self.losses[0]
-            or self.run.held_out_after > self.run.held_out_before
+            or self.run.held_out_after > (1 + RISE_TOLERANCE) * self.run.held_out_before
         )
 
     @property
@@ -161,7 +163,8 @@ def sweep_table(result: SweepResult) -> str:
         last = f"{mean(row.last_pass):.4f}" if finite else "-"
         held_out = f"{row.run.held_out_before:.4f} -> {row.run.held_out_after:.4f}"
         drop = "-" if row.diverged else f"{row.drop:.4f}"
-        verdict = "diverged" if row.diverged else ("recommended" if row.lr == result.recommended_lr else "")
+        verdict = "diverged" if row.diverged else "no drop" if row.drop <= 0 else ""
+        verdict = "recommended" if row.lr == result.recommended_lr else verdict
         lines.append(f"{row.lr:>10.2g}  {first + ' -> ' + last:>19}  {held_out:>19}  {drop:>8}  {verdict}")
     if result.recommended_lr is None:
         lines.append(f"no recommendation: {result.reason}")

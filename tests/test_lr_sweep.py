@@ -51,6 +51,9 @@ def test_divergence_rule():
     assert diverged([2.0, 1.8, 1.5])  # stopped (a NaN) before a second pass
     assert diverged([2.0, 1.8, 1.0, 0.8], held_out_after=2.1)  # memorised: worse on batches it did not see
     assert not diverged([2.0, 2.4, 1.5, 1.9])  # batch noise: the same batches each pass, both fell
+    # A tiny lr: the train loss flat within noise (2e-6 on the built-in run: 3.5602 -> 3.5610), the held-out
+    # loss a little lower. Not diverged: it ranks by its small drop.
+    assert not diverged([3.56, 3.5604, 3.5606, 3.5614], held_out_after=1.99)
 
 
 def run_with_drop(drop, losses=(3.0, 2.9, 2.5, 2.4)) -> SweepRun:
@@ -74,6 +77,10 @@ def test_recommends_the_largest_lr_whose_held_out_loss_falls_about_as_fast_as_th
     flat = lambda lr, n: SweepRun([3.0, 3.1], 3.0, 3.05)
     nothing = lr_range_test(flat, default_lr=1e-4, n_steps=2, window=1)
     assert nothing.recommended_lr is None and "no recommendation" in sweep_table(nothing)
+    still = lambda lr, n: SweepRun([3.0, 3.001], 3.0, 3.001)  # too small to move: not diverged either
+    unmoved = lr_range_test(still, default_lr=1e-4, n_steps=2, window=1)
+    assert not any(row.diverged for row in unmoved.rows) and unmoved.recommended_lr is None
+    assert sweep_table(unmoved).count("no drop") == len(unmoved.rows)
 
 
 def test_a_choice_at_the_end_of_the_grid_widens_it_or_is_not_recommended():
