@@ -118,12 +118,10 @@ def resolve_config(config: TrainConfig, started: float) -> Run:
         config = planner.apply_plan(config, plan)
         reason = f"{plan.reasons[-1]} (--plan shows why)"
         distributed.print0(dist, f"--method auto: {plan.method}, {plan.layout}; {reason}")
-    # CPU: reuse what a step frees, not fault in fresh pages; under FSDP give the gathered layers back at once
-    # (nanoft/cpu_allocator.py).
-    if dist.device.type == "cpu" and config.fsdp == "none":
-        cpu_allocator.keep_freed_memory()
-    elif dist.device.type == "cpu":
-        cpu_allocator.give_back_freed_memory()
+    # CPU: reuse what a step frees, not fault in fresh pages; under FSDP or an address-space cap give it back
+    # at once (nanoft/cpu_allocator.py).
+    if dist.device.type == "cpu":
+        cpu_allocator.choose_for_run(sharded=config.fsdp != "none")
     config = config.with_defaults()  # the lr by method, --out by a time stamp, NF4 for QLoRA
     run_dir = checkpoint.prepare_run_dir(
         config.out, resume=config.resume, overwrite=config.overwrite, dist=dist
