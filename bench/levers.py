@@ -4,6 +4,7 @@
     python bench/levers.py --rounds 10 --json bench/levers.json
     python bench/levers.py --base nf4 --variants "compiled layers" --threads 1   # QLoRA; some variants only
     python bench/levers.py --model llama-1b --shape 1x256 --variants "loss chunks 4x larger"
+    python bench/levers.py --rounds 1 --variants none --copies   # every copy in a default step, and why
 
 One process; the default model, and a model of its own for the variants that change how it is built.
 Every round runs one training step (forward, backward, AdamW, zero_grad) of each
@@ -200,13 +201,13 @@ def timed_step(model, optimizer, input_ids, targets, autocast) -> tuple[float, f
 
 
 def list_copies(step) -> None:
-    """Profile one call of `step` (after warm-up) and print every aten::copy_ in it: the op that asked for it
-    (_to_copy: a dtype cast; clone / contiguous: a layout copy), the shapes and dtypes (to, from), and its
-    cause: the nanoft line that called it, or for backward the autograd node that ran it."""
+    """Profile one call of `step` (after warm-up) and print every aten::copy_ in it, grouped: the op that
+    asked for it (_to_copy: a dtype cast; clone: a layout copy; slice_backward: a slice's gradient written
+    into zeros of the whole), the shapes and dtypes (to, from), and for backward the autograd node that ran
+    it (forward ones say "forward": their shapes and counts tell which line, e.g. 61 = SmolLM2's norms)."""
     from torch.profiler import ProfilerActivity, profile
 
-    repo = str(Path(__file__).resolve().parent.parent)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=True) as profiler:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
         step()
     rows = {}  # (asked by, shapes, dtypes, cause) -> [calls, self CPU microseconds]
     total = 0.0
@@ -214,17 +215,14 @@ def list_copies(step) -> None:
         total += event.self_cpu_time_total
         if event.name != "aten::copy_":
             continue
-        parent, asked_by, cause = event, "", ""
-        while parent is not None and not cause:
-            if parent is not event and parent.name.startswith("aten::"):
-                asked_by = asked_by or parent.name
+        parent, asked_by, cause = event.cpu_parent, "", "forward"
+        while parent is not None:
+            asked_by = asked_by or (parent.name if parent.name.startswith("aten::") else "")
             if parent.name.startswith("autograd::engine::evaluate_function: "):
                 cause = "backward: " + parent.name.rpartition(" ")[2]
-            ours = [frame for frame in parent.stack if frame.startswith(repo) and "bench/" not in frame]
-            cause = cause or (ours[0].removeprefix(repo + "/") if ours else "")
             parent = parent.cpu_parent
         shapes = " ".join(str(tuple(shape)) for shape in event.input_shapes if shape)
-        key = (asked_by or "-", shapes, " ".join(t for t in event.input_dtypes if t), cause or "?")
+        key = (asked_by or "-", shapes, " ".join(t for t in event.input_dtypes if t), cause)
         calls_and_time = rows.setdefault(key, [0, 0.0])
         calls_and_time[0] += 1
         calls_and_time[1] += event.self_cpu_time_total
