@@ -29,7 +29,8 @@ busy machine), and the first step's time (a compiled model compiles in it). Vari
   for memory: its activation bytes, from nanoft.memory's estimate (tests/test_memory.py holds it to within 1%
   of what autograd keeps), are printed under the table;
 - compiled layers: each decoder layer through torch.compile (`--compile`; inductor's C++ kernels on CPU), a
-  model of its own;
+  model of its own; its first step compiles (about 4 minutes on 2 cores the first time, seconds once
+  inductor's cache holds the graphs);
 - q,k,v and gate,up as one matmul each: a model whose layers also hold their frozen q, k, v weights stacked
   into one (and gate, up into one; NF4 ones bit for bit), multiplied once; the adapters of q and v are added
   to their slices of the output one by one, as LoRALinear adds them.
