@@ -15,11 +15,10 @@ directory ends up holding the best adapter (PEFT format) or best weights (Huggin
 report.md, resumable checkpoints, TensorBoard logs and metrics.jsonl.
 """
 
+import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +28,12 @@ import lora
 import quant
 from nanoft import (
     checkpoint,
+    config,
     cpu_allocator,
+    data_batches,
+    data_report,
+    default_data,
+    default_model,
     distributed,
     errors,
     export,
@@ -37,30 +41,25 @@ from nanoft import (
     loss,
     lr_sweep,
     merge,
+    monitor,
     planner,
+    precision,
     report,
     schedule,
+    tokenizer,
     weights,
 )
-from nanoft.config import TrainConfig, parse_config, save_config
-from nanoft.data_batches import Batches
-from nanoft.data_report import DataReport
-from nanoft.default_data import default_data_path
-from nanoft.default_model import resolve_model
-from nanoft.monitor import Monitor, generate_samples, val_prompts
-from nanoft.precision import Precision, choose_precision
-from nanoft.tokenizer import Tokenizer
 
 
 @errors.exit_on_user_error
 def main(argv=None):
     started = time.perf_counter()
-    config = parse_config(argv)
-    if config.plan:  # what fits this model on this hardware, and why; train nothing (nanoft/planner.py)
-        plan = planner.plan_for_run(config, planning_only=True)
-        print(planner.format_plan(plan, config.model or "SmolLM2-135M-Instruct"))
+    train_config = config.parse_config(argv)
+    if train_config.plan:  # what fits this model on this hardware, and why; train nothing (nanoft/planner.py)
+        plan = planner.plan_for_run(train_config, planning_only=True)
+        print(planner.format_plan(plan, train_config.model or "SmolLM2-135M-Instruct"))
         return
-    run = resolve_config(config, started)
+    run = resolve_config(train_config, started)
     torch.manual_seed(run.config.seed)  # the same on every rank: LoRA's first A is the same everywhere
     training_data = prepare_data(run)
     model, parameter_counts = build_model(run)
@@ -71,7 +70,7 @@ def main(argv=None):
     # The input is checked and the model built (bad weights or LoRA targets fail above): from here on the
     # directory holds a run, and resume needs this file (a resumed run rewrites it with its checkpoints).
     if run.dist.is_main and not run.config.resume:
-        save_config(run.config, run.dir / "config.json")
+        config.save_config(run.config, run.dir / "config.json")
     progress = checkpoint.Progress()
     if run.config.resume:
         progress = restore_training_state(run, model, optimizer, scaler, training_data)
@@ -79,94 +78,101 @@ def main(argv=None):
     print_what_to_watch(run, training_data, parameter_counts)
     total_steps, dtype = training_data.total_steps, run.precision.compute_dtype
     unwrapped = distributed.unwrap(model)
-    monitor = Monitor(run.dir, run.dist, total_steps, progress.step, unwrapped, dtype, run.config)
+    run_monitor = monitor.Monitor(run.dir, run.dist, total_steps, progress.step, unwrapped, dtype, run.config)
     signals = interruptions.StopSignals()  # SIGINT / SIGTERM from here on: finish the step, save, exit
-    stop_reason = train(run, model, optimizer, scaler, training_data, progress, monitor, signals)
+    stop_reason = train(run, model, optimizer, scaler, training_data, progress, run_monitor, signals)
     signals.restore()
     if stop_reason == "signal":
-        exit_on_signal(run, monitor, signals, progress.step)
-    report_run(run, model, training_data, progress, monitor, stop_reason)
+        exit_on_signal(run, run_monitor, signals, progress.step)
+    report_run(run, model, training_data, progress, run_monitor, stop_reason)
 
 
 # ---------------------------------------------------------------- resolve the config
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """What every phase needs to know about this run once its config is resolved."""
 
-    config: TrainConfig  # as trained: --method auto's plan applied; lr, --out, --quant and --dtype filled in
+    # As trained: --method auto's plan applied; lr, --out, --quant and --dtype filled in.
+    config: config.TrainConfig
     dist: distributed.Dist  # this process's rank, the number of processes and the device
     dir: Path  # the run directory (--out)
     model_dir: Path  # the Hugging Face model directory trained from (--model, or the built-in one)
-    precision: Precision  # the dtypes of compute, of the frozen base and of the trained weights, and why
+    # The dtypes of compute, of the frozen base and of the trained weights, and why.
+    precision: precision.Precision
     autocast: torch.autocast  # the forward's mixed precision: on for full fine-tunes in bf16 or fp16 only
     lora_config: lora.LoRAConfig | None  # the adapters to train; None for a full fine-tune
     started: float  # time.perf_counter() when the run started (moved back by earlier sessions' time)
     # Settings this resume changes (checkpoint.resume_changes): recorded in the progress once a step trains.
-    resume_changes: list = field(default_factory=list)
+    resume_changes: list = dataclasses.field(default_factory=list)
 
 
-def resolve_config(config: TrainConfig, started: float) -> Run:
+def resolve_config(train_config: config.TrainConfig, started: float) -> Run:
     """Join the other processes, settle every setting the config left open and check them against the run
     directory and the model, before anything expensive happens."""
-    dist = distributed.setup_distributed(config.device, timeout_s=config.dist_timeout)
-    if config.method == "auto":  # train with the plan's method, micro-batch, accumulation and checkpointing
+    dist = distributed.setup_distributed(train_config.device, timeout_s=train_config.dist_timeout)
+    # --method auto: train with the plan's method, micro-batch, accumulation and checkpointing.
+    if train_config.method == "auto":
         # Planned on rank 0 alone: free memory differs from rank to rank, and so could the plans.
-        plan = planner.plan_for_run(config, planning_only=False) if dist.is_main else None
+        plan = planner.plan_for_run(train_config, planning_only=False) if dist.is_main else None
         plan = distributed.scatter_from_main([plan] * dist.world_size if dist.is_main else None, dist)
-        config = planner.apply_plan(config, plan)
+        train_config = planner.apply_plan(train_config, plan)
         reason = f"{plan.reasons[-1]} (--plan shows why)"
         distributed.print0(dist, f"--method auto: {plan.method}, {plan.layout}; {reason}")
     # CPU: reuse what a step frees, not fault in fresh pages; under FSDP or an address-space cap give it back
     # at once (nanoft/cpu_allocator.py).
     if dist.device.type == "cpu":
-        cpu_allocator.choose_for_run(sharded=config.fsdp != "none")
-    config = config.with_defaults()  # the lr by method, --out by a time stamp, NF4 for QLoRA
+        cpu_allocator.choose_for_run(sharded=train_config.fsdp != "none")
+    train_config = train_config.with_defaults()  # the lr by method, --out by a time stamp, NF4 for QLoRA
     run_dir = checkpoint.prepare_run_dir(
-        config.out, resume=config.resume, overwrite=config.overwrite, dist=dist
+        train_config.out, resume=train_config.resume, overwrite=train_config.overwrite, dist=dist
     )
-    model_dir = resolve_model(config.model)
-    if config.gguf:  # a model llama.cpp cannot run is refused now, not after the training
+    model_dir = default_model.resolve_model(train_config.model)
+    if train_config.gguf:  # a model llama.cpp cannot run is refused now, not after the training
         export.read_exportable(model_dir)
     context = weights.load_config(model_dir).max_position_embeddings
-    if config.seq_len > context:
+    if train_config.seq_len > context:
         raise errors.UserError(
-            f"--seq-len {config.seq_len} is longer than the model's context ({context}); lower it"
+            f"--seq-len {train_config.seq_len} is longer than the model's context ({context}); lower it"
         )
     lora_config = None
-    if config.method in ("lora", "qlora"):  # a bad --lora-targets now, not after the data is tokenized
-        targets = "all-linear" if config.lora_targets == ["all-linear"] else tuple(config.lora_targets)
+    if train_config.method in ("lora", "qlora"):  # a bad --lora-targets now, not after the data is tokenized
+        targets = (
+            "all-linear" if train_config.lora_targets == ["all-linear"] else tuple(train_config.lora_targets)
+        )
         lora_config = lora.LoRAConfig(
-            r=config.lora_r,
-            alpha=config.lora_alpha,
-            dropout=config.lora_dropout,
+            r=train_config.lora_r,
+            alpha=train_config.lora_alpha,
+            dropout=train_config.lora_dropout,
             targets=targets,
-            use_rslora=config.use_rslora,
-            use_dora=config.use_dora,
-            modules_to_save=tuple(config.modules_to_save),
+            use_rslora=train_config.use_rslora,
+            use_dora=train_config.use_dora,
+            modules_to_save=tuple(train_config.modules_to_save),
         )
         lora.lora_layers(weights.empty_model(model_dir), lora_config)  # on the meta device: no weights read
-    precision = choose_precision(config.dtype, dist.device, config.method)
+    dtypes = precision.choose_precision(train_config.dtype, dist.device, train_config.method)
     # Mixed precision for full fine-tunes: fp32 weights, bf16/fp16 matmuls; LoRA needs none (precision.py).
-    autocast = torch.autocast(dist.device.type, precision.compute_dtype, enabled=precision.autocast)
-    config = replace(config, dtype=precision.name)
-    if config.resume:  # before anything is written: a failed resume leaves the run's config.json as it was
-        checkpoint.check_resume_config(run_dir, config.to_dict())
-    return Run(config, dist, run_dir, model_dir, precision, autocast, lora_config, started)
+    autocast = torch.autocast(dist.device.type, dtypes.compute_dtype, enabled=dtypes.autocast)
+    train_config = dataclasses.replace(train_config, dtype=dtypes.name)
+    # Before anything is written: a failed resume leaves the run's config.json as it was.
+    if train_config.resume:
+        checkpoint.check_resume_config(run_dir, train_config.to_dict())
+    return Run(train_config, dist, run_dir, model_dir, dtypes, autocast, lora_config, started)
 
 
 # ---------------------------------------------------------------- prepare the data
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainingData:
     """The tokenized examples in batches, and the optimizer steps they make."""
 
-    tokenizer: Tokenizer
-    train_batches: Batches  # this rank's slice of every global batch; .examples: the training split
-    val_batches: Batches  # this rank's share of the val split, read whole at every eval
-    report: DataReport  # what was read, deduplicated, dropped and split (summary.json's "data")
+    tokenizer: tokenizer.Tokenizer
+    # This rank's slice of every global batch; .examples: the training split.
+    train_batches: data_batches.Batches
+    val_batches: data_batches.Batches  # this rank's share of the val split, read whole at every eval
+    report: data_report.DataReport  # what was read, deduplicated, dropped and split (summary.json's "data")
     steps_per_epoch: float  # optimizer steps per pass over the training split (under 1: a step spans epochs)
     total_steps: int  # optimizer steps the run takes: --max-steps, or --epochs worth
     warmup_steps: int  # of them, the first ones that ramp the lr up
@@ -174,35 +180,37 @@ class TrainingData:
 
 def prepare_data(run: Run) -> TrainingData:
     """Read, check, deduplicate, tokenize and split the data (data.py), then batch it for this rank."""
-    config, dist = run.config, run.dist
-    tokenizer = Tokenizer.from_pretrained(run.model_dir)
-    train_examples, val_examples, data_report = data.prepare_data(
-        config.data or [default_data_path()],
-        tokenizer,
-        config.seq_len,
-        val_paths=config.val_data,
-        val_frac=config.val_frac,
-        seed=config.seed,
-        format=config.data_format,
-        dedup=config.dedup,
-        near_dup_threshold=config.near_dup_threshold,
-        train_on_everything=config.train_on_everything,
-        skip_bad_records=config.skip_bad_records,
-        alpaca_style=config.alpaca_style,
+    train_config, dist = run.config, run.dist
+    model_tokenizer = tokenizer.Tokenizer.from_pretrained(run.model_dir)
+    train_examples, val_examples, preparation_report = data.prepare_data(
+        train_config.data or [default_data.default_data_path()],
+        model_tokenizer,
+        train_config.seq_len,
+        val_paths=train_config.val_data,
+        val_frac=train_config.val_frac,
+        seed=train_config.seed,
+        format=train_config.data_format,
+        dedup=train_config.dedup,
+        near_dup_threshold=train_config.near_dup_threshold,
+        train_on_everything=train_config.train_on_everything,
+        skip_bad_records=train_config.skip_bad_records,
+        alpaca_style=train_config.alpaca_style,
         run_dir=run.dir if dist.is_main else None,
         log=lambda text: distributed.print0(dist, text),
     )
     if not len(val_examples):  # the best checkpoint is chosen by val loss
-        if config.val_data:
+        if train_config.val_data:
             why = "no --val-data example has a target left (see the data report above); fix those files"
-        elif config.val_frac == 0:
+        elif train_config.val_frac == 0:
             why = "--val-frac 0 and no --val-data; pass --val-frac 0.05 or --val-data FILE"
         else:  # the split holds out at most a quarter of the examples (data.py)
             n = len(train_examples)
             why = f"{n} examples are too few to split (4 at least); add data or pass --val-data"
         raise errors.UserError(f"no validation data: {why}")
     # Tokens added to a tokenizer without resizing the model's embedding would fail deep in the first step.
-    largest_id = max(tokenizer.pad_id, *(int(e.input_ids.max()) for e in (train_examples, val_examples)))
+    largest_id = max(
+        model_tokenizer.pad_id, *(int(e.input_ids.max()) for e in (train_examples, val_examples))
+    )
     vocab_size = weights.load_config(run.model_dir).vocab_size
     if largest_id >= vocab_size:
         raise errors.UserError(
@@ -211,30 +219,39 @@ def prepare_data(run: Run) -> TrainingData:
             "without resizing the embeddings"
         )
     # Each rank reads its own slice of every global batch; evaluation covers the whole val split once.
-    shard = dict(rank=dist.rank, world_size=dist.world_size, pack=config.pack)
-    train_batches = Batches(
+    shard = dict(rank=dist.rank, world_size=dist.world_size, pack=train_config.pack)
+    train_batches = data_batches.Batches(
         train_examples,
-        config.batch_size,
-        tokenizer.pad_id,
-        seed=config.seed,
-        group_by_length=config.group_by_length,
+        train_config.batch_size,
+        model_tokenizer.pad_id,
+        seed=train_config.seed,
+        group_by_length=train_config.group_by_length,
         **shard,
     )
-    val_batches = Batches(
-        val_examples, config.batch_size, tokenizer.pad_id, shuffle=False, drop_last=False, **shard
+    val_batches = data_batches.Batches(
+        val_examples, train_config.batch_size, model_tokenizer.pad_id, shuffle=False, drop_last=False, **shard
     )
-    if config.pack:
+    if train_config.pack:
         distributed.print0(dist, "data: " + train_batches.packing_line())
-    steps_per_epoch = len(train_batches) / config.grad_accum
-    total_steps = config.max_steps or math.floor(config.epochs * len(train_batches) / config.grad_accum)
+    steps_per_epoch = len(train_batches) / train_config.grad_accum
+    total_steps = train_config.max_steps or math.floor(
+        train_config.epochs * len(train_batches) / train_config.grad_accum
+    )
     if total_steps == 0:
+        per_step = f"{train_config.grad_accum} x {train_config.batch_size} x {dist.world_size}"
         raise errors.UserError(
-            f"one step takes {config.grad_accum} x {config.batch_size} x {dist.world_size} sequences; "
+            f"one step takes {per_step} sequences; "
             f"the training split has {len(train_examples)}: lower --grad-accum or --batch-size"
         )
-    warmup_steps = round(config.warmup_frac * total_steps)
+    warmup_steps = round(train_config.warmup_frac * total_steps)
     return TrainingData(
-        tokenizer, train_batches, val_batches, data_report, steps_per_epoch, total_steps, warmup_steps
+        model_tokenizer,
+        train_batches,
+        val_batches,
+        preparation_report,
+        steps_per_epoch,
+        total_steps,
+        warmup_steps,
     )
 
 
@@ -247,10 +264,10 @@ def build_model(run: Run):
 
     It is built empty on the meta device, where nothing is allocated, and its weights are read once it has
     its final shape (wrap_model: under FSDP each rank then reads and holds only its shards)."""
-    config, dist, precision = run.config, run.dist, run.precision
-    model = weights.empty_model(run.model_dir, precision.base_dtype)
+    train_config, dist = run.config, run.dist
+    model = weights.empty_model(run.model_dir, run.precision.base_dtype)
     quantize = quant_config = None
-    if config.method == "qlora":  # the decoder's linears become bitsandbytes layers, quantized as read
+    if train_config.method == "qlora":  # the decoder's linears become bitsandbytes layers, quantized as read
         quant_config = qlora_quant_config(run)
         quant.quantize_linears(model, quant_config)
         quantize = quant.weight_quantizer(quant_config, dist.device)
@@ -261,22 +278,22 @@ def build_model(run: Run):
         distributed.print0(dist, lora.trainable_parameters_line(model))
         if caveat := lora.peft_expert_adapters_caveat(model):
             distributed.print0(dist, caveat)
-    model.activation_checkpointing = config.activation_checkpointing
-    if config.compile:  # each layer in place, before wrap_model shards it: FSDP's hooks stay out of the graph
+    model.activation_checkpointing = train_config.activation_checkpointing
+    # Each layer compiled in place, before wrap_model shards it: FSDP's hooks stay out of the graph.
+    if train_config.compile:
         for layer in model.model.layers:
             layer.compile()
-    parameters = lora.count_parameters(
-        model
-    )  # (trainable, all); a 4-bit weight counted as one, not half a byte
+    # (trainable, all); a 4-bit weight counted as one, not half a byte.
+    parameters = lora.count_parameters(model)
     # DDP under torchrun; --fsdp shards instead. FSDP's mixed precision only where autocast would be used
     # (full fine-tunes): a LoRA base is already stored in the compute dtype and its adapters stay fp32.
-    mixed_precision = precision.compute_dtype if precision.autocast else None
+    mixed_precision = run.precision.compute_dtype if run.precision.autocast else None
     load = lambda model, device: weights.load_weights(model, run.model_dir, device, quantize=quantize)
     model = distributed.wrap_model(
-        model, dist, config.fsdp, config.fsdp_cpu_offload, mixed_precision, load=load
+        model, dist, train_config.fsdp, train_config.fsdp_cpu_offload, mixed_precision, load=load
     )
     # From here on (dropout) each rank draws its own random numbers.
-    torch.manual_seed(distributed.seed_for_rank(config.seed, dist))
+    torch.manual_seed(distributed.seed_for_rank(train_config.seed, dist))
     return model, parameters
 
 
@@ -329,7 +346,9 @@ def sweep_lr(model, train_batches, run: Run) -> None:
     make_sweep_optimizer = lambda params, lr: quant.make_optimizer(params, run.config.optim, lr=lr)
     make_scaler = lambda: torch.amp.GradScaler(dist.device.type, enabled=run.precision.grad_scaler)
     # Every rank takes the mean over ranks: all see the same loss and stop a diverging lr together.
-    mean_over_ranks = lambda loss: distributed.all_reduce_sum(loss.detach(), dist).item() / dist.world_size
+    mean_over_ranks = lambda rank_loss: (
+        distributed.all_reduce_sum(rank_loss.detach(), dist).item() / dist.world_size
+    )
     result = lr_sweep.run_lr_sweep(
         model, train_batches, run.config.lr, mean_loss, make_sweep_optimizer, make_scaler, mean_over_ranks
     )
@@ -339,13 +358,14 @@ def sweep_lr(model, train_batches, run: Run) -> None:
 
 def print_what_to_watch(run: Run, training_data: TrainingData, parameters) -> None:
     """The model line, then each key hyperparameter and what to watch to know it works (planner.py)."""
-    config, dist = run.config, run.dist
+    train_config, dist = run.config, run.dist
     trainable, total = parameters
     distributed.print0(
-        dist, f"{run.model_dir} ({total / 1e6:.0f}M), {config.method}, on {dist.device} x {dist.world_size}"
+        dist,
+        f"{run.model_dir} ({total / 1e6:.0f}M), {train_config.method}, on {dist.device} x {dist.world_size}",
     )
     notes = planner.hyperparameter_notes(
-        config,
+        train_config,
         world_size=dist.world_size,
         steps_per_epoch=training_data.steps_per_epoch,
         total_steps=training_data.total_steps,
@@ -362,32 +382,34 @@ def print_what_to_watch(run: Run, training_data: TrainingData, parameters) -> No
 
 
 def train(
-    run: Run, model, optimizer, scaler, training_data: TrainingData, progress, monitor, signals
+    run: Run, model, optimizer, scaler, training_data: TrainingData, progress, run_monitor, signals
 ) -> str | None:
     """The loop: evaluate (at step 0, the untuned baseline, then every --eval-every steps) keeping the best
     weights, save a checkpoint every --save-every steps, take one optimizer step; until the last step, early
     stopping, a signal or a NaN loss. Then the final evaluation and checkpoint. Returns why it stopped: None
     when it finished, "early_stop", "signal" or "nan"."""
-    config, dist = run.config, run.dist
+    train_config, dist = run.config, run.dist
     total_steps, warmup_steps = training_data.total_steps, training_data.warmup_steps
     train_batches, val_batches = training_data.train_batches, training_data.val_batches
-    prompts = val_prompts(val_batches.examples, n=3)  # generated from at every eval: what the model writes
+    prompts = monitor.val_prompts(val_batches.examples, n=3)  # generated from at every eval
     micro_batches = epoch_after_epoch(train_batches)
-    oom = interruptions.OOMRecovery(config.batch_size, config.grad_accum)  # out of memory: smaller pieces
-    eval_oom = interruptions.OOMRecovery(config.batch_size, 1, evaluation=True)
+    # Out of memory: the step or the eval retried in smaller pieces (nanoft/interruptions.py).
+    oom = interruptions.OOMRecovery(train_config.batch_size, train_config.grad_accum)
+    eval_oom = interruptions.OOMRecovery(train_config.batch_size, 1, evaluation=True)
     first_step, stop_reason = progress.step, None  # a resumed run's first step is checkpointed already
     step, resume_changes = first_step, run.resume_changes
 
     def evaluate_and_keep_best():
-        val_loss = evaluate(model, val_batches, dist, run.autocast, eval_oom, step, monitor.print)
+        val_loss = evaluate(model, val_batches, dist, run.autocast, eval_oom, step, run_monitor.print)
         if progress.record_eval(step, val_loss):
             save_best_weights(model, run)
         if dist.is_main and not distributed.is_fsdp(model):  # FSDP would need every rank to take part
-            progress.samples = generate_samples(distributed.unwrap(model), training_data.tokenizer, prompts)
-        monitor.log_eval(step, val_loss, progress, warmup_steps)
+            unwrapped = distributed.unwrap(model)
+            progress.samples = monitor.generate_samples(unwrapped, training_data.tokenizer, prompts)
+        run_monitor.log_eval(step, val_loss, progress, warmup_steps)
 
     def record_peak_memory():  # the run's peak takes in this session's once it has trained
-        progress.peak_memory_bytes = max(progress.peak_memory_bytes, monitor.memory.peak())
+        progress.peak_memory_bytes = max(progress.peak_memory_bytes, run_monitor.memory.peak())
 
     def save_checkpoint():
         progress.wall_seconds = time.perf_counter() - run.started
@@ -395,30 +417,31 @@ def train(
         save_training_state(run, model, optimizer, scaler, train_batches, progress)
 
     while step < total_steps and stop_reason is None:
-        if step % config.eval_every == 0 and not progress.evaluated_at(step):
+        if step % train_config.eval_every == 0 and not progress.evaluated_at(step):
             evaluate_and_keep_best()
         # Checked outside the eval as well: a run resumed after its early stop stops again, at once.
-        if config.patience and progress.evals_since_best >= config.patience:
-            stop_reason = "early_stop"
-            best = progress.best_step
-            monitor.print(f"early stop: no better val loss in {config.patience} evals (best at step {best})")
-        elif step > first_step and step % config.save_every == 0:
+        if train_config.patience and progress.evals_since_best >= train_config.patience:
+            stop_reason, patience, best = "early_stop", train_config.patience, progress.best_step
+            run_monitor.print(f"early stop: no better val loss in {patience} evals (best at step {best})")
+        elif step > first_step and step % train_config.save_every == 0:
             save_checkpoint()
         if stop_reason is None and signals.received(dist):  # on any rank: every rank stops at this step
             stop_reason = "signal"
         if stop_reason is None:
             step_started = time.perf_counter()
-            batches = [next(micro_batches) for _ in range(config.grad_accum)]
-            lr = schedule.lr_at(step, config.lr, warmup_steps, total_steps)
+            batches = [next(micro_batches) for _ in range(train_config.grad_accum)]
+            lr = schedule.lr_at(step, train_config.lr, warmup_steps, total_steps)
             lengths = train_batches.examples.lengths
-            done = train_step(model, optimizer, scaler, batches, lr, step, run, oom, monitor, lengths)
+            done = train_step(model, optimizer, scaler, batches, lr, step, run, oom, run_monitor, lengths)
             if done is None:  # NaN or inf: stopped before the update, the weights stay as they were
                 stop_reason = "nan"
                 sources = [
                     train_batches.examples.sources[i] for batch in batches for i in batch["sample_ids"]
                 ]
                 bad_samples = distributed.gather_to_main(sources, dist)  # "file:line" of the step's records
-                distributed.print0(dist, report.nan_advice(step + 1, config.lr, sum(bad_samples or [], [])))
+                distributed.print0(
+                    dist, report.nan_advice(step + 1, train_config.lr, sum(bad_samples or [], []))
+                )
             else:
                 train_loss, grad_norm, n_tokens, router_aux_loss = done
                 step += 1
@@ -428,7 +451,7 @@ def train(
                 progress.changed_on_resume += resume_changes  # this session trains with them from here on
                 resume_changes = []
                 context = max(batch["input_ids"].shape[1] for batch in batches)
-                monitor.log_step(
+                run_monitor.log_step(
                     step,
                     train_loss,
                     lr,
@@ -448,7 +471,7 @@ def train(
     return stop_reason
 
 
-def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run, oom, monitor, lengths):
+def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run, oom, run_monitor, lengths):
     """One optimizer step over the step's micro-batches: (train loss, grad norm, tokens, a mixture of experts'
     load-balancing loss or None) over all ranks, or None when the loss is NaN or inf (then nothing is
     updated). `lengths`: the tokens of each example.
@@ -467,12 +490,12 @@ def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run
     n_targets, n_tokens = distributed.all_reduce_sum(counts, dist).tolist()
     # Out of memory on any rank: all retry the step, its micro-batches cut in halves (interruptions.py).
     sums = oom.run(
-        partial(forward_backward, model, dist, scaler, run.autocast, n_targets),
+        lambda pieces: forward_backward(model, dist, scaler, run.autocast, n_targets, pieces),
         batches,
         step,
         dist,
         sharded=distributed.is_fsdp(model) and dist.world_size > 1,
-        log=monitor.print,
+        log=run_monitor.print,
         before_retry=lambda: optimizer.zero_grad(set_to_none=True),
     )
     distributed.all_reduce_gradients(
@@ -608,12 +631,12 @@ def save_training_state(run: Run, model, optimizer, scaler, train_batches, progr
     rng_states = distributed.gather_to_main(checkpoint.rng_state(), dist)
     if dist.is_main:
         state = {**progress.to_dict(), "data": train_batches.state_dict(), "scaler": scaler.state_dict()}
-        config = run.config.to_dict()
-        checkpoint.save(run.dir, progress.step, trainable, optimizer_state, rng_states, state, config)
+        settings = run.config.to_dict()
+        checkpoint.save(run.dir, progress.step, trainable, optimizer_state, rng_states, state, settings)
         checkpoint.prune(run.dir, run.config.keep_last, keep_step=progress.best_step)
         # A resumed run's config.json changes once it has trained (a resume that trains nothing leaves it).
         changes = [report.change_line(change) for change in progress.changed_on_resume]
-        save_config(run.config, run.dir / "config.json", changes)
+        config.save_config(run.config, run.dir / "config.json", changes)
 
 
 def restore_training_state(run: Run, model, optimizer, scaler, training_data: TrainingData):
@@ -643,9 +666,9 @@ def restore_training_state(run: Run, model, optimizer, scaler, training_data: Tr
 # ---------------------------------------------------------------- report
 
 
-def exit_on_signal(run: Run, monitor, signals, step: int) -> None:
+def exit_on_signal(run: Run, run_monitor, signals, step: int) -> None:
     """A signal stopped the run after saving a checkpoint: say how to continue, exit with 128 + its number."""
-    monitor.close("signal")
+    run_monitor.close("signal")
     saved = f"checkpoint saved; continue with: python train.py --out {run.dir} --resume"
     distributed.print0(
         run.dist, f"stopped by {signals.name} at step {step}: " + (saved if step else "nothing to save yet")
@@ -654,13 +677,13 @@ def exit_on_signal(run: Run, monitor, signals, step: int) -> None:
     sys.exit(128 + signals.number)
 
 
-def report_run(run: Run, model, training_data: TrainingData, progress, monitor, stop_reason) -> None:
+def report_run(run: Run, model, training_data: TrainingData, progress, run_monitor, stop_reason) -> None:
     """summary.json and report.md with the quality gates, the final lines, then the best adapter merged into
     the base (--merge) and the best weights as a GGUF file (--gguf); a run stopped by a NaN loss then exits
     with an error."""
-    config, dist = run.config, run.dist
-    best_dir = run.dir / ("model" if config.method == "full" else "adapter")
-    peak_memory_per_rank = distributed.gather_to_main(monitor.memory.peak(), dist)  # this session's
+    train_config, dist = run.config, run.dist
+    best_dir = run.dir / ("model" if train_config.method == "full" else "adapter")
+    peak_memory_per_rank = distributed.gather_to_main(run_monitor.memory.peak(), dist)  # this session's
     if dist.is_main:
         facts = dict(
             stop_reason=stop_reason,
@@ -672,25 +695,27 @@ def report_run(run: Run, model, training_data: TrainingData, progress, monitor, 
             peak_memory_bytes_per_rank=peak_memory_per_rank,
             device=dist.device,
             world_size=dist.world_size,
-            utilisation=monitor.utilisation,
+            utilisation=run_monitor.utilisation,
         )
-        summary = report.write_run_report(run.dir, config, progress, training_data.report, facts)
-        monitor.finish(config, summary)
+        summary = report.write_run_report(run.dir, train_config, progress, training_data.report, facts)
+        run_monitor.finish(train_config, summary)
         for line in report.summary_lines(summary):
             print(line)
-    monitor.close(stop_reason)
+    run_monitor.close(stop_reason)
     distributed.teardown(dist)
     # After teardown: the merge reads the checkpoint and the best adapter from disk (nanoft/merge.py), so the
     # other ranks are gone and none waits in a collective past --dist-timeout while rank 0 merges.
-    if config.merge and dist.is_main:
-        quant_config = qlora_quant_config(run) if config.quant else None
-        merged_dir = run.dir / "merged"
-        merged = merge.merge_adapter(run.model_dir, best_dir, merged_dir, config.merge_base, quant_config)
-        print(merge.merge_line(merged, best_dir, run.model_dir, merged_dir, config.merge_base, config.quant))
-    if config.gguf and dist.is_main:  # the best weights for llama.cpp: an adapter merged into the fp32 base
-        source, adapter = (best_dir, None) if config.method == "full" else (run.model_dir, best_dir)
-        gguf = export.export_gguf(source, run.dir / f"model-{config.gguf}.gguf", config.gguf, adapter)
-        print(f"gguf ({config.gguf}): {gguf}; llama-cli -m {gguf} -cnv")
+    if train_config.merge and dist.is_main:
+        quant_config = qlora_quant_config(run) if train_config.quant else None
+        merged_dir, merge_base = run.dir / "merged", train_config.merge_base
+        merged = merge.merge_adapter(run.model_dir, best_dir, merged_dir, merge_base, quant_config)
+        print(merge.merge_line(merged, best_dir, run.model_dir, merged_dir, merge_base, train_config.quant))
+    # The best weights for llama.cpp: an adapter merged into the fp32 base.
+    if train_config.gguf and dist.is_main:
+        source, adapter = (best_dir, None) if train_config.method == "full" else (run.model_dir, best_dir)
+        gguf_type = train_config.gguf
+        gguf = export.export_gguf(source, run.dir / f"model-{gguf_type}.gguf", gguf_type, adapter)
+        print(f"gguf ({gguf_type}): {gguf}; llama-cli -m {gguf} -cnv")
     if stop_reason == "nan":
         sys.exit(
             f"error: loss is NaN or inf at step {progress.step + 1}; stopped, best weights kept in {best_dir}"

@@ -7,6 +7,8 @@
     python bench/train_step.py --threads 1                                               # busy shared machine
     python bench/train_step.py --model gemma2 --cases lora-qv --shapes 4x256 --dtypes bf16  # another family
     python bench/train_step.py --model mixtral --cases lora-qv --shapes 4x256 --dtypes bf16 --steps 6  # MoE
+    python bench/train_step.py --model llama-1b --cases lora-qv qlora-nf4 --shapes 1x256 --dtypes bf16 \
+        --steps 2  # Llama-3.2-1B's shape
 
 Each side runs in its own worker process, so that its peak memory is its own: the model is loaded, two
 warm-up steps are taken, then the parent asks the two workers for one step at a time, alternately (nanoft
@@ -16,9 +18,9 @@ The CPU time of each step is recorded too: with --threads 1 it leaves out the ti
 core, so its ratio ("speed, CPU time") is the one to trust on a machine that others are using.
 
 What both sides do, per case (model: SmolLM2-135M-Instruct, a Hugging Face directory, or a model family of
-FAMILY_MODELS: a ~100M model of SmolLM2's widths in that family's architecture, random weights written by
-transformers; data: the same random token ids; every token a target, i.e. labels=input_ids for transformers
-and the same ids shifted left for nanoft):
+FAMILY_MODELS: a ~100M model of SmolLM2's widths in that family's architecture, or llama-1b, Llama-3.2-1B's
+shape; random bf16 weights written by transformers; data: the same random token ids; every token a target,
+i.e. labels=input_ids for transformers and the same ids shifted left for nanoft):
 - lora-qv: LoRA r=16, alpha=32, dropout 0.05 on q_proj and v_proj; base weights loaded in --dtype; adapters
   stored in fp32 on both sides (PEFT's default; lora.py's). lora-all: the same on all linears of a block.
 - qlora-nf4: the decoder linears as bitsandbytes NF4 Linear4bit (double quant, uint8 storage, compute in
@@ -71,15 +73,31 @@ CASES = [*LORA_TARGETS, "full"]
 # architecture (Gemma 2: four norms a layer, GeGLU, soft-capped attention and logits, every other layer a
 # 128-token window, tied embeddings; Qwen3: q/k norms; Mixtral: 8 experts of the MLP's width a layer, each
 # token through 2 of them: 294M parameters, 103M of them active).
-FAMILY_MODELS = {
-    "gemma2": dict(head_dim=64, sliding_window=128, tie_word_embeddings=True),
-    "qwen3": dict(head_dim=64, tie_word_embeddings=True),
-    "mixtral": dict(head_dim=64, tie_word_embeddings=True, num_local_experts=8, num_experts_per_tok=2),
-}
-FAMILY_SIZES = dict(
+# --model llama-1b: Llama-3.2-1B's shape (2048 wide, MLP 8192, 16 layers, 32 query and 8 key/value heads,
+# 128,256-word vocabulary, tied; 1.24B parameters): users fine-tune 1-8B models, whose matmuls are wider than
+# SmolLM2's 576 and leave the elementwise work a smaller share.
+SMOLLM2_SIZES = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=9,
     num_key_value_heads=3, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0,
 )  # fmt: skip
+LLAMA_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+    max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000,
+    eos_token_id=128001, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+)  # fmt: skip
+FAMILY_MODELS = {  # --model NAME: (model_type, config.json settings)
+    "gemma2": ("gemma2", dict(SMOLLM2_SIZES, head_dim=64, sliding_window=128, tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(SMOLLM2_SIZES, head_dim=64, tie_word_embeddings=True)),
+    "mixtral": (
+        "mixtral",
+        dict(
+            SMOLLM2_SIZES, head_dim=64, tie_word_embeddings=True, num_local_experts=8, num_experts_per_tok=2
+        ),
+    ),
+    "llama-1b": ("llama", LLAMA_1B),
+}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LORA_R, LORA_ALPHA, LORA_DROPOUT, LR, WARMUP_STEPS = 16, 32, 0.05, 1e-4, 2
 
@@ -87,13 +105,16 @@ LORA_R, LORA_ALPHA, LORA_DROPOUT, LR, WARMUP_STEPS = 16, 32, 0.05, 1e-4, 2
 # ---------------------------------------------------------------- the two sides
 
 
-def write_family_model(family: str, path: Path) -> None:
-    """A random model of FAMILY_MODELS' family, written by transformers."""
+def write_family_model(name: str, path: Path) -> None:
+    """A random model of FAMILY_MODELS' shape, written by transformers (in bf16: the 1B one would take
+    5 GB in fp32)."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(family, **FAMILY_SIZES, **FAMILY_MODELS[family])
+    model_type, settings = FAMILY_MODELS[name]
+    config = transformers.AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
 
 
 def build_nanoft(case, dtype, device, model_dir, compile_layers):
@@ -301,9 +322,10 @@ class Worker:
 # ---------------------------------------------------------------- parent: peak, FLOPs, alternation, table
 
 
-def matmul_peak_flops(dtype, device, tokens) -> float:
+def matmul_peak_flops(dtype, device, tokens, config) -> float:
     """Best FLOP/s of the model's matmul shapes (and 2048^3) in `dtype`, each the best of 5 runs."""
-    shapes = [(tokens, 576, 1536), (tokens, 576, 576), (tokens, 1536, 576), (2048, 2048, 2048)]
+    C, M = config.hidden_size, config.intermediate_size
+    shapes = [(tokens, C, M), (tokens, C, C), (tokens, M, C), (2048, 2048, 2048)]
     best = 0.0
     for m, k, n in shapes:
         a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
@@ -416,8 +438,8 @@ def main() -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help=f"Hugging Face model dir, or a family ({', '.join(FAMILY_MODELS)}) at SmolLM2's sizes with "
-        "random weights (default: the built-in SmolLM2)",
+        help=f"Hugging Face model dir, or one of {', '.join(FAMILY_MODELS)} (random weights; llama-1b: "
+        "Llama-3.2-1B's shape, the rest SmolLM2's sizes; default: the built-in SmolLM2)",
     )
     parser.add_argument("--compile", action="store_true", help="nanoft: torch.compile each decoder layer")
     parser.add_argument(
@@ -450,7 +472,8 @@ def main() -> None:
     config = load_config(args.model)
     tokens = max(int(b) * int(t) for b, t in (shape.split("x") for shape in args.shapes))
     peaks = {
-        dtype: matmul_peak_flops(DTYPES[dtype], torch.device(args.device), tokens) for dtype in args.dtypes
+        dtype: matmul_peak_flops(DTYPES[dtype], torch.device(args.device), tokens, config)
+        for dtype in args.dtypes
     }
     machine = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     threads = args.threads or torch.get_num_threads()

@@ -440,15 +440,18 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, style):
-        # bf16 * fp32 computes in fp32, so x is never copied to fp32 as a whole.
+        # On CPU a kernel over bf16 and fp32 first copies its bf16 input to fp32 as a whole (CUDA's cast as
+        # they read): cast x once for both the norm and the product, not once in each (61 copies of the
+        # hidden states less in a SmolLM2 step: `python bench/levers.py --copies`).
+        x32 = x.float() if x.device.type == "cpu" else x
         rstd = torch.rsqrt(
-            torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32) ** 2 / x.shape[-1] + eps
+            torch.linalg.vector_norm(x32, dim=-1, keepdim=True, dtype=torch.float32) ** 2 / x.shape[-1] + eps
         )
         ctx.save_for_backward(x, weight, rstd)
         ctx.style = style
         if style == "llama":  # cast back, then scale
-            return weight * (x * rstd).to(x.dtype)
-        return (fp32_scale(weight, style) * (x * rstd)).to(x.dtype)  # scale in fp32, then cast back
+            return weight * (x32 * rstd).to(x.dtype)
+        return (fp32_scale(weight, style) * (x32 * rstd)).to(x.dtype)  # scale in fp32, then cast back
 
     @staticmethod
     def backward(ctx, grad):

@@ -96,7 +96,8 @@ def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory):
     Transformer's own initialisation. Load it with nanoft.weights.from_pretrained or transformers."""
 
     def make(seed: int = 0, std: float | None = 0.02, every_tensor: bool = False, **overrides) -> Path:
-        config = ModelConfig(**{**TINY_MODEL, **overrides})
+        # Read as config.json is: model_type="qwen2" brings that family's settings (its q, k, v biases).
+        config = ModelConfig.from_hf({**TINY_MODEL, **overrides})
         torch.manual_seed(seed)
         model = Transformer(config)
         if std is not None:

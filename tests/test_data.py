@@ -15,6 +15,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 from family_templates import FAMILY_TEMPLATES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -491,17 +492,9 @@ def test_property_alpaca_renders_and_aligns(base, instruction, input, output):
 
 def tiny_model(vocab_size):
     torch.manual_seed(0)
-    config = ModelConfig(
-        model_type="llama",
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-    )
+    # conftest's tiny Llama, untied, over this test's vocabulary.
+    untied = dict(vocab_size=vocab_size, tie_word_embeddings=False, max_position_embeddings=512)
+    config = ModelConfig(**{**TINY_MODEL, **untied})
     return Transformer(config).eval()
 
 

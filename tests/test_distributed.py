@@ -23,7 +23,7 @@ import torch
 import transformers
 from dist_worker import Run
 from safetensors.torch import load_file
-from test_train import save_tiny_model, write_data
+from test_train import write_data
 
 from lora import load_adapter, save_adapter
 from nanoft.distributed import all_reduce_sum, gpu_index, local_gradients, setup_distributed, wrap_model
@@ -357,10 +357,10 @@ def test_fsdp_refuses_4bit_bytes_that_mixed_precision_would_cast():
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
-    """test_train.py's tiny tied Llama, with its learnable data: 48 train records, 21 val records (so one
-    rank's share of the last val batch is empty, and under FSDP it must still join the forward)."""
-    path = save_tiny_model(tmp_path_factory.mktemp("tiny_model"), tiny_tokenizer_dir)
+def tiny_llama_dir(tiny_model_dir):
+    """conftest's tiny tied Llama, with its learnable data: 48 train records, 21 val records (so one rank's
+    share of the last val batch is empty, and under FSDP it must still join the forward)."""
+    path = tiny_model_dir()
     write_data(path / "train.jsonl", 48, seed=1)
     write_data(path / "val.jsonl", 21, seed=2)
     return path
@@ -391,7 +391,7 @@ def run_train(model_dir: Path, out_dir: Path, *flags, torchrun: bool):
     return finished.stdout
 
 
-def test_a_bad_flag_under_torchrun_is_reported_once(tiny_model_dir, tmp_path):
+def test_a_bad_flag_under_torchrun_is_reported_once(tiny_llama_dir, tmp_path):
     """Every rank meets the missing file; the user reads its one line once, from rank 0, with no traceback of
     ours (torchrun's own failure summary follows it)."""
     missing = tmp_path / "missing.jsonl"
@@ -399,7 +399,7 @@ def test_a_bad_flag_under_torchrun_is_reported_once(tiny_model_dir, tmp_path):
         *TORCHRUN,
         "train.py",
         "--model",
-        tiny_model_dir,
+        tiny_llama_dir,
         "--seq-len",
         "32",
         "--data",
@@ -421,31 +421,31 @@ def test_a_bad_flag_under_torchrun_is_reported_once(tiny_model_dir, tmp_path):
     assert 'train.py", line' not in finished.stderr  # no Python traceback from train.py
 
 
-def test_method_auto_under_torchrun_plans_for_both_ranks_and_says_so_once(tiny_model_dir, tmp_path):
+def test_method_auto_under_torchrun_plans_for_both_ranks_and_says_so_once(tiny_llama_dir, tmp_path):
     output = run_train(
-        tiny_model_dir, tmp_path / "run", "--method", "auto", "--max-steps", "1", torchrun=True
+        tiny_llama_dir, tmp_path / "run", "--method", "auto", "--max-steps", "1", torchrun=True
     )
     assert output.count("--method auto:") == 1, output
     assert "--method auto: lora, ddp;" in output  # the model fits whole on each rank: DDP over the 2 ranks
 
 
-def test_shard_grad_op_saves_a_checkpoint_right_after_an_eval(tiny_model_dir, tmp_path):
+def test_shard_grad_op_saves_a_checkpoint_right_after_an_eval(tiny_llama_dir, tmp_path):
     """shard_grad_op leaves the weights an eval's forward gathered unsharded (no backward frees them); the
     step-2 checkpoint, saved just after the step-2 eval, must find the optimizer's sharded parameters."""
-    run_train(tiny_model_dir, tmp_path / "run", "--fsdp", "shard_grad_op", "--max-steps", "2", torchrun=True)
+    run_train(tiny_llama_dir, tmp_path / "run", "--fsdp", "shard_grad_op", "--max-steps", "2", torchrun=True)
     assert (tmp_path / "run/checkpoints/step-0000002/optimizer.pt").is_file()
 
 
 def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_peft(
-    tiny_model_dir, tmp_path
+    tiny_llama_dir, tmp_path
 ):
     fsdp_dir, one_dir = tmp_path / "fsdp", tmp_path / "one"
     # --merge: rank 0 merges from disk after the process group is gone: no rank waits on it in a collective.
     output = run_train(
-        tiny_model_dir, fsdp_dir, "--fsdp", "full_shard", "--batch-size", "2", "--merge", torchrun=True
+        tiny_llama_dir, fsdp_dir, "--fsdp", "full_shard", "--batch-size", "2", "--merge", torchrun=True
     )
     assert output.count("merged: adapter") == 1, output
-    run_train(tiny_model_dir, one_dir, "--batch-size", "4", torchrun=False)
+    run_train(tiny_llama_dir, one_dir, "--batch-size", "4", torchrun=False)
     assert_same_run(fsdp_dir, one_dir, val_rtol=1e-6)
 
     # Resume under FSDP from the step-2 checkpoint: the step-3 checkpoint comes out bit for bit the same.
@@ -453,14 +453,14 @@ def test_train_py_with_fsdp_matches_one_process_resumes_exactly_and_exports_for_
     shutil.copytree(fsdp_dir, resumed_dir)
     step_3 = resumed_dir / "checkpoints" / "step-0000003"
     shutil.rmtree(step_3)
-    run_train(tiny_model_dir, resumed_dir, "--resume", torchrun=True)
+    run_train(tiny_llama_dir, resumed_dir, "--resume", torchrun=True)
     uninterrupted = load_file(fsdp_dir / "checkpoints" / "step-0000003" / "trainable.safetensors")
     resumed = load_file(step_3 / "trainable.safetensors")
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
 
     # The adapter rank 0 wrote from the gathered shards is one PEFT loads onto transformers' model.
-    assert_peft_loads_with_our_logits(tiny_model_dir, fsdp_dir / "adapter", fsdp_dir / "merged")
+    assert_peft_loads_with_our_logits(tiny_llama_dir, fsdp_dir / "adapter", fsdp_dir / "merged")
 
 
 def assert_same_run(fsdp_dir: Path, one_dir: Path, val_rtol: float) -> None:
@@ -495,24 +495,24 @@ def assert_peft_loads_with_our_logits(model_dir: Path, adapter_dir: Path, merged
     ["--use-dora --use-rslora --modules-to-save embed_tokens --merge", "--method qlora --use-dora"],
     ids=["lora-dora-rslora-embed_tokens", "qlora-dora"],
 )
-def test_lora_variants_under_fsdp_match_one_process_and_load_in_peft(tiny_model_dir, tmp_path, variant):
+def test_lora_variants_under_fsdp_match_one_process_and_load_in_peft(tiny_llama_dir, tmp_path, variant):
     """`--fsdp` alone shards fully. DoRA (its norms need each layer's whole weight, which FSDP gathers; a
     4-bit one dequantized from the gathered bytes), rsLoRA and a trained embedding (tied to lm_head: the
     adapter file names both) shard and train as one process does; the merged model is PEFT's."""
     fsdp_dir, one_dir = tmp_path / "fsdp", tmp_path / "one"
-    run_train(tiny_model_dir, fsdp_dir, "--fsdp", "--batch-size", "2", *variant.split(), torchrun=True)
-    run_train(tiny_model_dir, one_dir, "--batch-size", "4", *variant.split(), torchrun=False)
+    run_train(tiny_llama_dir, fsdp_dir, "--fsdp", "--batch-size", "2", *variant.split(), torchrun=True)
+    run_train(tiny_llama_dir, one_dir, "--batch-size", "4", *variant.split(), torchrun=False)
     assert json.loads((fsdp_dir / "config.json").read_text())["fsdp"] == "full_shard"
     assert_same_run(fsdp_dir, one_dir, val_rtol=1e-5)
     assert any(
         "lora_magnitude_vector" in name for name in load_file(fsdp_dir / "adapter/adapter_model.safetensors")
     )
     if "qlora" not in variant:  # a 4-bit base's adapter is checked against PEFT in tests/test_lora.py
-        assert_peft_loads_with_our_logits(tiny_model_dir, fsdp_dir / "adapter", fsdp_dir / "merged")
+        assert_peft_loads_with_our_logits(tiny_llama_dir, fsdp_dir / "adapter", fsdp_dir / "merged")
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_a_mixture_of_experts_trains_the_same_under_fsdp(family_dir, tiny_model_dir, tmp_path, method):
+def test_a_mixture_of_experts_trains_the_same_under_fsdp(family_dir, tiny_llama_dir, tmp_path, method):
     """Mixtral's experts are sharded with their layer: two FSDP ranks train as one process does (the same
     losses; the experts each rank's tokens skip still join every collective). Without the load-balancing
     loss, which like transformers' is taken over each rank's own tokens. A small lr: Adam's first step
@@ -520,7 +520,7 @@ def test_a_mixture_of_experts_trains_the_same_under_fsdp(family_dir, tiny_model_
     a router by +-lr, which near a tie sends a token to another expert (at 1e-2: 0.7% apart at step 2)."""
     model_dir = shutil.copytree(family_dir("mixtral"), tmp_path / "mixtral")
     for data in ("train.jsonl", "val.jsonl"):
-        shutil.copy(tiny_model_dir / data, model_dir)
+        shutil.copy(tiny_llama_dir / data, model_dir)
     flags = [
         "--max-steps",
         "2",

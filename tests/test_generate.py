@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
+from conftest import TINY_MODEL
 from families import FAMILIES, WINDOW
 
 from nanoft.generate import generate, generate_batch, main, next_token
@@ -21,16 +22,11 @@ PROMPTS = [[1, 10, 11, 12, 13], [1, 20], [1, 30, 31, 32, 33, 34, 35, 36, 37]]
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    config = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
+    # conftest's tiny Llama at half the width, untied.
+    narrow = dict(
+        hidden_size=32, intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=False
     )
+    config = ModelConfig(**{**TINY_MODEL, **narrow})
     torch.manual_seed(0)
     model = Transformer(config)
     for parameter in model.parameters():

@@ -12,6 +12,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from nanoft.data_batches import Batches
 from nanoft.data_cache import TokenizedExamples
@@ -22,14 +23,8 @@ from nanoft.loss import IGNORE_INDEX
 from nanoft.model import ModelConfig, Transformer
 from train import evaluate
 
-TINY = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+# conftest's tiny Llama at half the width, untied.
+TINY = ModelConfig(**{**TINY_MODEL, "hidden_size": 32, "intermediate_size": 64, "tie_word_embeddings": False})
 ONE_PROCESS = setup_distributed(device="cpu")
 
 

@@ -9,16 +9,16 @@ import sys
 
 import matplotlib.image
 import pytest
-from test_train import REPO, metrics, save_tiny_model, train, write_data
+from test_train import REPO, metrics, train, write_data
 
 from nanoft.loss_plot import read_metrics, smooth
 
 
 @pytest.fixture(scope="module")
-def run(tiny_tokenizer_dir, tmp_path_factory):
+def run(tiny_model_dir, tmp_path_factory):
     """(run directory, summary) of a 24-step run of the tiny model."""
     folder = tmp_path_factory.mktemp("loss_plot")
-    model_dir = save_tiny_model(folder / "model", tiny_tokenizer_dir)
+    model_dir = tiny_model_dir()
     data = write_data(folder / "train.jsonl", 96, seed=1), write_data(folder / "val.jsonl", 16, seed=2)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NANOFT_CACHE", str(folder / "cache"))

@@ -5,6 +5,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from conftest import TINY_MODEL
 
 from nanoft.distributed import Dist, all_reduce_sum, wrap_model
 from nanoft.lr_sweep import (
@@ -21,14 +22,8 @@ from nanoft.model import ModelConfig, Transformer
 from tests.test_planner import write_tiny_run
 from train import main as train_main
 
-TINY = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+# conftest's tiny Llama at half the width, untied.
+TINY = ModelConfig(**{**TINY_MODEL, "hidden_size": 32, "intermediate_size": 64, "tie_word_embeddings": False})
 
 
 def test_grid_is_ten_x_spaced_around_the_default():

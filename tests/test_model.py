@@ -13,7 +13,7 @@ from families import FAMILIES, WINDOW, reference_gradients
 import nanoft.cpu_attention
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
-from nanoft.model import KVCache, ModelConfig, Transformer
+from nanoft.model import KVCache, ModelConfig, RMSNorm, Transformer
 from nanoft.weights import from_pretrained, load_config, save_pretrained
 
 LLAMA3_ROPE = {
@@ -164,6 +164,33 @@ def test_loss_in_bf16_is_close_to_fp32():
         bf16, _ = model.to(torch.bfloat16)(input_ids, targets)
     assert bf16.dtype == torch.float32
     assert abs(bf16.item() - fp32.item()) <= 0.02 * fp32.item()
+
+
+@pytest.mark.parametrize("style", ["llama", "olmo2", "gemma"])
+def test_rmsnorm_in_bf16_matches_transformers(style):
+    """The bf16 path (on CPU x is cast to fp32 once, for the norm and the product): each family's RMSNorm of
+    transformers, run by autograd, as the reference for the output and both gradients."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    reference = {"llama": LlamaRMSNorm, "olmo2": Olmo2RMSNorm, "gemma": Gemma2RMSNorm}[style](64, eps=1e-5)
+    ours = RMSNorm(64, 1e-5, style)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, generator=generator) * 0.2 + (0 if style == "gemma" else 1)
+    for norm in (ours, reference):
+        norm.weight.data = weight.clone()
+        norm.bfloat16()
+    x = (torch.randn(2, 16, 64, generator=generator) * 3).bfloat16()
+    grad = torch.randn(2, 16, 64, generator=generator).bfloat16()
+    results = []
+    for norm in (ours, reference):
+        x_leaf = x.clone().requires_grad_()
+        output = norm(x_leaf)
+        output.backward(grad)
+        results.append((output, x_leaf.grad, norm.weight.grad))
+    for name, mine, theirs in zip(("output", "x grad", "weight grad"), *results, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=0.02, rtol=0.016, msg=name)  # bf16: 1-2 roundings
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_train import metrics, save_tiny_model, write_data
+from test_train import metrics, write_data
 
 from train import main
 
@@ -70,11 +70,10 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_run_inputs(tiny_tokenizer_dir, tmp_path_factory):
+def tiny_run_inputs(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    model_dir = save_tiny_model(folder / "model", tiny_tokenizer_dir)
     return (
-        model_dir,
+        tiny_model_dir(),
         write_data(folder / "train.jsonl", 64, seed=1),
         write_data(folder / "val.jsonl", 16, seed=2),
     )

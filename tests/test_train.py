@@ -19,39 +19,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
 from families import FAMILIES, QV_TARGETS
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from nanoft.config import parse_config
-from nanoft.model import ModelConfig, Transformer
-from nanoft.weights import copy_tokenizer_files, save_pretrained
 from train import main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TINY_MODEL  # conftest's tiny Llama
 N_WORDS = 58  # the tiny tokenizer's words w0..w57 (ids 6..63)
 
 
-def save_tiny_model(path: Path, tokenizer_dir: Path, poison_word: int | None = None) -> Path:
-    torch.manual_seed(0)
-    # Untied when poisoned: an inf row in a tied lm_head would make every logit, not one batch, NaN.
-    config = ModelConfig(**{**TINY, "tie_word_embeddings": poison_word is None})
-    model = Transformer(config)
-    for param in model.parameters():
-        if param.dim() >= 2:
-            torch.nn.init.normal_(param, std=0.02)  # Hugging Face's initialisation: small, stable logits
-    if poison_word is not None:  # a token whose embedding is inf: any batch holding it has a NaN loss
-        with torch.no_grad():
-            model.model.embed_tokens.weight[6 + poison_word] = float("inf")
-    save_pretrained(model.state_dict(), config, path)
-    copy_tokenizer_files(tokenizer_dir, path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny_model_dir(tiny_tokenizer_dir, tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), tiny_tokenizer_dir)
+def tiny_llama_dir(tiny_model_dir):
+    """conftest's tiny Llama (TINY_MODEL, tied) as a Hugging Face directory, shared by this file's runs."""
+    return tiny_model_dir()
+
+
+def poison(model_dir: Path, word: int) -> Path:
+    """The word's embedding set to inf in the model's weights: any batch holding it has a NaN loss."""
+    weights_file = model_dir / "model.safetensors"
+    tensors = load_file(weights_file)
+    tensors["model.embed_tokens.weight"][6 + word] = float("inf")
+    save_file(tensors, weights_file, {"format": "pt"})
+    return model_dir
 
 
 def write_data(path: Path, n: int, seed: int, shift: int = 1, n_words_range=(2, 7)) -> Path:
@@ -82,11 +72,11 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOFT_CACHE", str(tmp_path / "cache"))  # tokenized-data cache per test
 
 
-def train(tiny_model_dir, data_files, out: Path, *flags: str) -> dict:
+def train(model_dir, data_files, out: Path, *flags: str) -> dict:
     """Run train.py's main() with small defaults (later flags override them); return summary.json."""
     train_file, val_file = data_files
     defaults = "--seq-len 64 --batch-size 4 --grad-accum 2 --lr 1e-2 --eval-every 4 --lora-targets all-linear"
-    paths = ["--model", str(tiny_model_dir), "--data", str(train_file), "--val-data", str(val_file)]
+    paths = ["--model", str(model_dir), "--data", str(train_file), "--val-data", str(val_file)]
     main([*paths, "--out", str(out), *defaults.split(), *flags])
     return json.loads((out / "summary.json").read_text())
 
@@ -112,13 +102,13 @@ def run_cli(args: list[str], cache: Path) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------------------- the loop's arithmetic
 
 
-def test_accumulating_4_micro_batches_of_1_equals_one_batch_of_4(tiny_model_dir, data_files, tmp_path):
+def test_accumulating_4_micro_batches_of_1_equals_one_batch_of_4(tiny_llama_dir, data_files, tmp_path):
     """Loss and gradients are normalised by the target tokens of the whole step, so how the step's sequences
     fall into micro-batches changes nothing: the same loss, grad norm and adapter weights, step for step.
     (fp32: in bf16 the different padding of the two layouts alone moves the grad norm by ~1e-3.)"""
     flags = "--max-steps 3 --lora-dropout 0 --save-every 3 --eval-every 3 --dtype fp32".split()
-    train(tiny_model_dir, data_files, tmp_path / "one", *flags, "--batch-size", "4", "--grad-accum", "1")
-    train(tiny_model_dir, data_files, tmp_path / "four", *flags, "--batch-size", "1", "--grad-accum", "4")
+    train(tiny_llama_dir, data_files, tmp_path / "one", *flags, "--batch-size", "4", "--grad-accum", "1")
+    train(tiny_llama_dir, data_files, tmp_path / "four", *flags, "--batch-size", "1", "--grad-accum", "4")
     one, four = metrics(tmp_path / "one"), metrics(tmp_path / "four")
     for a, b in zip(one, four, strict=True):
         for key in ("loss", "grad_norm", "val_loss"):
@@ -134,18 +124,18 @@ def test_accumulating_4_micro_batches_of_1_equals_one_batch_of_4(tiny_model_dir,
     )  # it trained
 
 
-def test_resume_continues_exactly(tiny_model_dir, data_files, tmp_path):
+def test_resume_continues_exactly(tiny_llama_dir, data_files, tmp_path):
     """Keep only the step-8 checkpoint of a 16-step run and resume from it: steps 9-16 give the uninterrupted
     run's losses, val losses and weights. Dropout is on, so the random state must come back too, and an epoch
     (6 steps) ends before the checkpoint and another after it, so the data position must too."""
     flags = "--max-steps 16 --save-every 2 --keep-last 20 --lora-dropout 0.1 --batch-size 8 --grad-accum 2"
-    full = train(tiny_model_dir, data_files, tmp_path / "full", *flags.split())
+    full = train(tiny_llama_dir, data_files, tmp_path / "full", *flags.split())
     interrupted = tmp_path / "interrupted"
     shutil.copytree(tmp_path / "full", interrupted)
     for checkpoint in (interrupted / "checkpoints").iterdir():
         if checkpoint.name != "step-0000008":
             shutil.rmtree(checkpoint)
-    resumed = train(tiny_model_dir, data_files, interrupted, *flags.split(), "--resume")
+    resumed = train(tiny_llama_dir, data_files, interrupted, *flags.split(), "--resume")
     full_losses, resumed_losses = train_losses(tmp_path / "full"), train_losses(interrupted)
     assert sorted(resumed_losses) == list(range(1, 17))
     for step in range(9, 17):
@@ -159,9 +149,9 @@ def test_resume_continues_exactly(tiny_model_dir, data_files, tmp_path):
 
 
 def test_resume_with_a_different_lora_rank_is_refused_and_the_run_kept(
-    tiny_model_dir, data_files, tmp_path, capsys
+    tiny_llama_dir, data_files, tmp_path, capsys
 ):
-    train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "2")
+    train(tiny_llama_dir, data_files, tmp_path / "run", "--max-steps", "2")
     saved = (tmp_path / "run/config.json").read_text()
     with pytest.raises(SystemExit) as stopped:
         main(["--out", str(tmp_path / "run"), "--resume", "--lora-r", "8"])
@@ -171,12 +161,12 @@ def test_resume_with_a_different_lora_rank_is_refused_and_the_run_kept(
 
 
 def test_resume_with_another_lr_says_and_records_it_and_a_resume_that_trains_nothing_changes_nothing(
-    tiny_model_dir, data_files, tmp_path, capsys
+    tiny_llama_dir, data_files, tmp_path, capsys
 ):
     """The QA report: `--resume --lr 1e-3` on a finished run trained nothing, said nothing, rewrote its config
     with the new lr (so a later resume trained at it unasked) and reported its own process's peak memory."""
     run = tmp_path / "run"
-    first = train(tiny_model_dir, data_files, run, "--max-steps", "4")
+    first = train(tiny_llama_dir, data_files, run, "--max-steps", "4")
     config_json, checkpoints = (run / "config.json").read_text(), sorted((run / "checkpoints").iterdir())
     state = (checkpoints[-1] / "state.json").read_text()
     # In a fresh process: its own peak (loading alone) is not the run's, recorded by the session that trained.
@@ -195,7 +185,7 @@ def test_resume_with_another_lr_says_and_records_it_and_a_resume_that_trains_not
     assert summary["changed_on_resume"] == [] and summary["val_curve"] == first["val_curve"]
 
     capsys.readouterr()
-    resumed = train(tiny_model_dir, data_files, run, "--resume", "--lr", "5e-3", "--max-steps", "6")
+    resumed = train(tiny_llama_dir, data_files, run, "--resume", "--lr", "5e-3", "--max-steps", "6")
     printed = capsys.readouterr().out
     assert "  lr 1e-2 -> 5e-3 from step 4\n  max_steps 4 -> 6 from step 4\n" in printed
     said = ["lr 1e-2 -> 5e-3 from step 4", "max_steps 4 -> 6 from step 4"]
@@ -217,32 +207,32 @@ def test_resume_with_another_lr_says_and_records_it_and_a_resume_that_trains_not
     assert "does not repeat" not in capsys.readouterr().err
 
 
-def test_qlora_counts_its_parameters_once(tiny_model_dir, data_files, tmp_path, capsys):
+def test_qlora_counts_its_parameters_once(tiny_llama_dir, data_files, tmp_path, capsys):
     """The QA report: the PEFT line said 135M weights and the run's own lines 82M (4-bit bytes counted)."""
     pytest.importorskip("bitsandbytes")
-    train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "1", "--method", "qlora")
+    train(tiny_llama_dir, data_files, tmp_path / "run", "--max-steps", "1", "--method", "qlora")
     printed = capsys.readouterr().out
     total = re.search(r"all params: ([\d,]+)", printed).group(1)
     assert re.search(rf"LoRA r=16 .*: [\d,]+ of {total} weights train", printed), printed
 
 
-def test_a_step_longer_than_an_epoch_trains(tiny_model_dir, data_files, tmp_path, capsys):
+def test_a_step_longer_than_an_epoch_trains(tiny_llama_dir, data_files, tmp_path, capsys):
     """96 examples in micro-batches of 16 are 6 per epoch; a step of 8 spans two epochs (it crashed with a
     ZeroDivisionError while printing the notes)."""
     flags = "--batch-size 16 --grad-accum 8 --max-steps 1".split()
-    summary = train(tiny_model_dir, data_files, tmp_path / "run", *flags)
+    summary = train(tiny_llama_dir, data_files, tmp_path / "run", *flags)
     assert summary["steps"] == 1
     assert "1 steps = 1.3 epochs of 0.75 steps" in capsys.readouterr().out
 
 
-def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path, capsys):
+def test_best_by_val_is_kept_and_early_stopping(tiny_llama_dir, tmp_path, capsys):
     """Validation answers follow another rule than training's, so after a first improvement (the format) the
     more the model learns the worse val gets: the best adapter is an early one, kept on disk (its checkpoint
     survives pruning to the last 1), the rise is flagged as overfitting, and patience stops the run."""
     train_file = write_data(tmp_path / "train.jsonl", 96, seed=1, shift=1)
     val_file = write_data(tmp_path / "val.jsonl", 16, seed=2, shift=5)
     flags = "--max-steps 60 --eval-every 2 --save-every 2 --keep-last 1 --patience 3".split()
-    summary = train(tiny_model_dir, (train_file, val_file), tmp_path / "run", *flags)
+    summary = train(tiny_llama_dir, (train_file, val_file), tmp_path / "run", *flags)
     curve = summary["val_curve"]
     assert summary["stop_reason"] == "early stop (patience)"
     assert summary["steps"] < 60
@@ -260,15 +250,16 @@ def test_best_by_val_is_kept_and_early_stopping(tiny_model_dir, tmp_path, capsys
         torch.testing.assert_close(tensor, at_best[name.removeprefix("base_model.model.")], rtol=0, atol=0)
 
     # Resumed, the early-stopped run stops again at once: no step is trained past the stop.
-    resumed = train(tiny_model_dir, (train_file, val_file), tmp_path / "run", *flags, "--resume")
+    resumed = train(tiny_llama_dir, (train_file, val_file), tmp_path / "run", *flags, "--resume")
     assert (resumed["steps"], resumed["val_curve"]) == (summary["steps"], curve)
 
 
-def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_tokenizer_dir, tmp_path, capsys):
+def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_model_dir, tmp_path, capsys):
     """A record holding a token whose embedding is inf makes its batch's loss NaN: the run stops without
     applying that step, keeps its earlier checkpoint and best adapter, names the record, and exits 1 with a
     one-line error (sys.exit with a message: Python prints it to stderr and exits with status 1)."""
-    model_dir = save_tiny_model(tmp_path / "model", tiny_tokenizer_dir, poison_word=57)
+    # Untied: an inf row in a tied lm_head would make every logit, not one batch, NaN.
+    model_dir = poison(tiny_model_dir(tie_word_embeddings=False), word=57)
     train_file = write_data(tmp_path / "train.jsonl", 96, seed=1, n_words_range=(2, 6))
     rows = train_file.read_text().splitlines()
     rows[40] = json.dumps({"instruction": "w3 w57 w4", "output": "w4 w5"})
@@ -293,9 +284,9 @@ def test_nan_loss_stops_cleanly_with_the_batch_named(tiny_tokenizer_dir, tmp_pat
         assert torch.isfinite(tensor).all()
 
 
-def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_model_dir, data_files, tmp_path):
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tiny_llama_dir, data_files, tmp_path):
     flags = "--batch-size 2 --grad-accum 1 --eval-every 100000 --save-every 100000"
-    args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", flags)
+    args = cli_args(tiny_llama_dir, *data_files, tmp_path / "run", flags)
     env = {**os.environ, "NANOFT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [*args, "--max-steps", "100000"],
@@ -334,16 +325,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
 def test_out_of_memory_under_an_address_space_cap_halves_the_micro_batch_and_finishes(
-    tiny_tokenizer_dir, tmp_path
+    tiny_model_dir, tmp_path
 ):
     """A real out-of-memory: train.py at micro-batch 32 in a process whose address space is capped (prlimit
     --as) 600 MB above what a micro-batch-4 run peaked at. 32 rows of 256 tokens need about 1.5 GB of
     activations, 4 rows 190 MB: the step fails, is retried at 16 and 8 (or less), and the run finishes."""
     bigger = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8)
-    config = ModelConfig(**{**TINY, **bigger, "num_key_value_heads": 4, "max_position_embeddings": 512})
-    model_dir = tmp_path / "model"
-    save_pretrained(Transformer(config).state_dict(), config, model_dir)
-    copy_tokenizer_files(tiny_tokenizer_dir, model_dir)
+    model_dir = tiny_model_dir(std=None, **bigger, num_key_value_heads=4, max_position_embeddings=512)
     train_file = write_data(tmp_path / "train.jsonl", 40, seed=1, n_words_range=(100, 121))
     val_file = write_data(tmp_path / "val.jsonl", 4, seed=2, n_words_range=(100, 121))
     flags = "--seq-len 256 --dtype fp32 --max-steps 1 --grad-accum 1 --eval-every 1000 --lora-dropout 0"
@@ -365,8 +353,8 @@ def test_out_of_memory_under_an_address_space_cap_halves_the_micro_batch_and_fin
 # ---------------------------------------------------------------------------- outputs
 
 
-def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_files, tmp_path, capsys):
-    summary = train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "12", "--merge")
+def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_llama_dir, data_files, tmp_path, capsys):
+    summary = train(tiny_llama_dir, data_files, tmp_path / "run", "--max-steps", "12", "--merge")
     printed = capsys.readouterr().out.splitlines()
     done, merged_line = next(line for line in printed if line.startswith("done (")), printed[-1]
     # Training time and wall time, each labelled: tokens/s divides by the first only.
@@ -379,7 +367,7 @@ def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_f
     assert summary["train_tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["train_s"])
     assert merged_line == (
         f"merged: adapter {tmp_path / 'run/adapter'} (14 weights updated) into the original fp32 weights of "
-        f"{tiny_model_dir} -> {tmp_path / 'run/merged'} (a Hugging Face model, fp32)"
+        f"{tiny_llama_dir} -> {tmp_path / 'run/merged'} (a Hugging Face model, fp32)"
     )
     for key in (
         "baseline_val_loss",
@@ -403,7 +391,7 @@ def test_end_to_end_outputs_load_in_transformers_and_peft(tiny_model_dir, data_f
     assert "## Quality gates" in (tmp_path / "run/report.md").read_text()
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
 
-    assert_peft_and_merged_give_our_logits(tiny_model_dir, tmp_path / "run")
+    assert_peft_and_merged_give_our_logits(tiny_llama_dir, tmp_path / "run")
 
 
 def assert_peft_and_merged_give_our_logits(model_dir: Path, run: Path) -> torch.Tensor:
@@ -429,20 +417,20 @@ def assert_peft_and_merged_give_our_logits(model_dir: Path, run: Path) -> torch.
 
 @pytest.mark.parametrize("flags", ["--use-rslora", "--use-dora", "--modules-to-save embed_tokens"])
 def test_lora_variants_from_the_command_line_resume_exactly_and_load_in_peft(
-    tiny_model_dir, data_files, tmp_path, flags
+    tiny_llama_dir, data_files, tmp_path, flags
 ):
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
     steps = "--max-steps 4 --save-every 2 --keep-last 10 --merge".split()
-    train(tiny_model_dir, data_files, run, *steps, *flags.split())
+    train(tiny_llama_dir, data_files, run, *steps, *flags.split())
     peft_config = json.loads((run / "adapter/adapter_config.json").read_text())  # says what the flags said
     assert peft_config["use_rslora"] == ("--use-rslora" in flags)
     assert peft_config["use_dora"] == ("--use-dora" in flags)
     assert peft_config["modules_to_save"] == (["embed_tokens"] if "embed_tokens" in flags else None)
-    ours = assert_peft_and_merged_give_our_logits(tiny_model_dir, run)
+    ours = assert_peft_and_merged_give_our_logits(tiny_llama_dir, run)
     with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
         assert (base(torch.tensor([[1, 3, 10, 11, 12, 5, 4]])).logits - ours).abs().max() > 1e-3  # it trained
 
     # The step-2 checkpoint holds every trained tensor (magnitudes, the saved module) and their optimizer
@@ -450,7 +438,7 @@ def test_lora_variants_from_the_command_line_resume_exactly_and_load_in_peft(
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints/step-0000004")
-    train(tiny_model_dir, data_files, resumed, *steps, *flags.split(), "--resume")
+    train(tiny_llama_dir, data_files, resumed, *steps, *flags.split(), "--resume")
     before = load_file(run / "checkpoints/step-0000004/trainable.safetensors")
     after = load_file(resumed / "checkpoints/step-0000004/trainable.safetensors")
     assert before.keys() == after.keys()
@@ -463,7 +451,7 @@ def test_lora_variants_from_the_command_line_resume_exactly_and_load_in_peft(
 
 
 def test_qlora_merge_goes_into_the_original_weights_or_the_quantized_base(
-    tiny_model_dir, data_files, tmp_path, capsys
+    tiny_llama_dir, data_files, tmp_path, capsys
 ):
     """The QA report: QLoRA --merge wrote the adapter merged into the dequantized NF4 base (every other layer
     off the original by up to 0.59) and never said where. Now the original weights by default, as PEFT
@@ -473,23 +461,23 @@ def test_qlora_merge_goes_into_the_original_weights_or_the_quantized_base(
 
     pytest.importorskip("bitsandbytes")
     flags = ("--max-steps", "2", "--method", "qlora", "--merge", "--lora-targets", "q_proj,v_proj")
-    train(tiny_model_dir, data_files, tmp_path / "original", *flags)
+    train(tiny_llama_dir, data_files, tmp_path / "original", *flags)
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith(
         f"merged: adapter {tmp_path / 'original/adapter'} (4 weights updated) into the original fp32"
     )
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     reference = PeftModel.from_pretrained(reference, tmp_path / "original/adapter").merge_and_unload()
     ids = torch.tensor([[1, 3, 10, 11, 12, 5, 4]])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "original/merged", dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference(ids).logits)
 
-    train(tiny_model_dir, data_files, tmp_path / "quantized", *flags, "--merge-base", "quantized")
+    train(tiny_llama_dir, data_files, tmp_path / "quantized", *flags, "--merge-base", "quantized")
     line = capsys.readouterr().out.splitlines()[-1]
     assert "(4 weights updated) into the weights of" in line and "rounded through nf4" in line
     k_proj = "model.layers.0.self_attn.k_proj.weight"  # no adapter: as stored, or rounded through NF4
-    base = load_file(tiny_model_dir / "model.safetensors")[k_proj]
+    base = load_file(tiny_llama_dir / "model.safetensors")[k_proj]
     assert torch.equal(load_file(tmp_path / "original/merged/model.safetensors")[k_proj], base)
     assert (load_file(tmp_path / "quantized/merged/model.safetensors")[k_proj] - base).abs().max() > 1e-4
     with pytest.raises(SystemExit):
@@ -497,14 +485,14 @@ def test_qlora_merge_goes_into_the_original_weights_or_the_quantized_base(
     assert "--merge-base quantized merges into the 4-bit base" in capsys.readouterr().err
 
 
-def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_model_dir, data_files, tmp_path):
+def test_full_fine_tune_keeps_best_weights_in_hugging_face_format(tiny_llama_dir, data_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
     flags = "--method full --lr 1e-3 --max-steps 8".split()
-    summary = train(tiny_model_dir, data_files, tmp_path / "run", *flags)
+    summary = train(tiny_llama_dir, data_files, tmp_path / "run", *flags)
     assert summary["best_val_loss"] < summary["baseline_val_loss"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run/model")
-    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     changed = [
         name for name, p in model.named_parameters() if not torch.equal(p, original.get_parameter(name))
     ]
@@ -568,13 +556,13 @@ def test_mixtures_of_experts_train_with_the_router_loss(
 
 
 @pytest.mark.parametrize("flag", ["--activation-checkpointing", "--pack", "--group-by-length"])
-def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag, capsys):
+def test_options_train_the_same_model(tiny_llama_dir, data_files, tmp_path, flag, capsys):
     """Activation checkpointing recomputes the same numbers; packing and length grouping change the batches
     but the run still trains. (--compile is exercised by bench/train_step.py: compiling takes minutes.)"""
     flags = "--max-steps 4 --lora-dropout 0".split()
-    plain = train(tiny_model_dir, data_files, tmp_path / "plain", *flags)
+    plain = train(tiny_llama_dir, data_files, tmp_path / "plain", *flags)
     capsys.readouterr()
-    other = train(tiny_model_dir, data_files, tmp_path / "other", *flags, flag)
+    other = train(tiny_llama_dir, data_files, tmp_path / "other", *flags, flag)
     assert other["best_val_loss"] < other["baseline_val_loss"]
     packing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data: pack:")]
     if flag == "--pack":  # rows and how full they are
@@ -598,9 +586,9 @@ def test_options_train_the_same_model(tiny_model_dir, data_files, tmp_path, flag
         "--optim adamw8bit",
     ],
 )
-def test_bitsandbytes_paths_train(tiny_model_dir, data_files, tmp_path, flags):
+def test_bitsandbytes_paths_train(tiny_llama_dir, data_files, tmp_path, flags):
     """QLoRA (4-bit NF4 or int8 base through quant.py) and the 8-bit optimizer train and export an adapter."""
-    summary = train(tiny_model_dir, data_files, tmp_path / "run", "--max-steps", "4", *flags.split())
+    summary = train(tiny_llama_dir, data_files, tmp_path / "run", "--max-steps", "4", *flags.split())
     assert summary["best_val_loss"] < summary["baseline_val_loss"]
     assert summary["config"]["quant"] == ("int8" if "int8" in flags else "nf4" if "qlora" in flags else "")
     assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
@@ -608,12 +596,12 @@ def test_bitsandbytes_paths_train(tiny_model_dir, data_files, tmp_path, flags):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_cuda_precisions(tiny_model_dir, data_files, tmp_path, dtype):
+def test_cuda_precisions(tiny_llama_dir, data_files, tmp_path, dtype):
     """On a GPU: bf16, or fp16 with the gradient scaler (whose state a checkpoint keeps), train and resume."""
     if dtype == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     flags = ["--device", "cuda", "--dtype", dtype, "--max-steps", "4", "--save-every", "2"]
-    summary = train(tiny_model_dir, data_files, tmp_path / "run", *flags)
+    summary = train(tiny_llama_dir, data_files, tmp_path / "run", *flags)
     assert summary["best_val_loss"] < summary["baseline_val_loss"] and summary["config"]["dtype"] == dtype
     assert summary["peak_memory_bytes"] > 0
     state = json.loads((tmp_path / "run/checkpoints/step-0000004/state.json").read_text())
@@ -636,11 +624,11 @@ BAD_INPUTS = {  # flags -> what the one-line error says
 
 
 @pytest.mark.parametrize("flags", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2(flags, tiny_llama_dir, data_files, tmp_path, capsys):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "config.json").write_text("{}")
-    args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", flags.format(existing=existing))
+    args = cli_args(tiny_llama_dir, *data_files, tmp_path / "run", flags.format(existing=existing))
     with pytest.raises(SystemExit) as stopped:
         main(args[2:])
     assert stopped.value.code == 2
@@ -649,9 +637,9 @@ def test_bad_input_is_one_line_and_exit_2(flags, tiny_model_dir, data_files, tmp
     assert not (tmp_path / "run/config.json").exists()  # so the corrected command needs no --overwrite
 
 
-def test_a_bad_lora_target_is_reported_before_the_data_is_read(tiny_model_dir, data_files, tmp_path, capsys):
+def test_a_bad_lora_target_is_reported_before_the_data_is_read(tiny_llama_dir, data_files, tmp_path, capsys):
     """The QA report: it came after the data was read, deduplicated and tokenized (minutes, on big sets)."""
-    args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", "--lora-targets q_proj,gate")
+    args = cli_args(tiny_llama_dir, *data_files, tmp_path / "run", "--lora-targets q_proj,gate")
     with pytest.raises(SystemExit):
         main(args[2:])
     out, err = capsys.readouterr()
@@ -659,14 +647,14 @@ def test_a_bad_lora_target_is_reported_before_the_data_is_read(tiny_model_dir, d
     assert "data:" not in out and not (tmp_path / "cache" / "data").exists()  # nothing read, nothing cached
 
 
-def test_too_little_data_to_split_says_so(tiny_model_dir, tmp_path, capsys):
+def test_too_little_data_to_split_says_so(tiny_llama_dir, tmp_path, capsys):
     """Three records and no --val-data: the split holds none out, and the error must not blame --val-frac."""
     train_file = write_data(tmp_path / "train.jsonl", 3, seed=1)
     with pytest.raises(SystemExit) as stopped:
         main(
             [
                 "--model",
-                str(tiny_model_dir),
+                str(tiny_llama_dir),
                 "--data",
                 str(train_file),
                 "--out",
@@ -681,15 +669,10 @@ def test_too_little_data_to_split_says_so(tiny_model_dir, tmp_path, capsys):
     )
 
 
-def test_tokenizer_larger_than_the_embedding_is_a_user_error(
-    tiny_tokenizer_dir, data_files, tmp_path, capsys
-):
+def test_tokenizer_larger_than_the_embedding_is_a_user_error(tiny_model_dir, data_files, tmp_path, capsys):
     """The 64-token tokenizer on a model with 32 embedding rows: one line before training, not an IndexError
     from inside the first step."""
-    model_dir = tmp_path / "model"
-    config = ModelConfig(**{**TINY, "vocab_size": 32})
-    save_pretrained(Transformer(config).state_dict(), config, model_dir)
-    copy_tokenizer_files(tiny_tokenizer_dir, model_dir)
+    model_dir = tiny_model_dir(vocab_size=32, std=None)
     args = cli_args(model_dir, *data_files, tmp_path / "run", "")
     with pytest.raises(SystemExit) as stopped:
         main(args[2:])
@@ -699,9 +682,9 @@ def test_tokenizer_larger_than_the_embedding_is_a_user_error(
     assert not (tmp_path / "run/config.json").exists()
 
 
-def test_bad_input_from_the_command_line(tiny_model_dir, data_files, tmp_path):
+def test_bad_input_from_the_command_line(tiny_llama_dir, data_files, tmp_path):
     """The same through a real process: status 2, one line on stderr, no traceback, nothing on stdout."""
-    args = cli_args(tiny_model_dir, *data_files, tmp_path / "run", "--method full --quant nf4")
+    args = cli_args(tiny_llama_dir, *data_files, tmp_path / "run", "--method full --quant nf4")
     result = run_cli(args, tmp_path / "cache")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
