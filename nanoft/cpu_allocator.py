@@ -27,7 +27,8 @@ def choose_for_run(sharded: bool) -> None:
     heap keeps the address space of what it keeps: after a step ran out of memory at micro-batch 32 under a
     3.2 GiB cap, the built-in model's process still held 3.34 GB of it (1.8 GB of heap, 0.8 GB resident after
     trim_heap), and its retries failed down to micro-batch 1, though micro-batch 8 alone fits under that cap.
-    Given back, it fell to 1.68 GB after that failure, and the retries had that room again."""
+    Given back, it fell to 1.68 GB after that failure (what a failed attempt still leaves: the README's
+    "Out of memory mid-run")."""
     capped = resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
     if sharded or capped:
         give_back_freed_memory()
