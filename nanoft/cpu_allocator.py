@@ -4,6 +4,14 @@
     keep_freed_memory()        # ... which is this for one process
     give_back_freed_memory()   # ... or this, under FSDP or an address-space cap
     trim_heap()                # after an out-of-memory (nanoft/interruptions.py)
+    keep_few_matmul_kernels()  # choose_for_run does this too, for every CPU run
+
+oneDNN, which runs CPU bf16 matmuls, compiles a kernel for each matmul shape it meets and keeps the last
+1024 of them by default, about 0.9 MB of resident, executable memory each. A LoRA micro-batch of SmolLM2
+compiles 28 (its projections, the adapters, the loss's chunks, forward and backward) and runs them 1,137
+times. Rows are padded to their batch's longest, so nearly every micro-batch brings new shapes: after 20
+micro-batches of 4 rows of 64-256 tokens the kernels held 482 MB, and each attempt of a retried step, cut
+into still other shapes, added more. The last 128 are a few micro-batches' worth; a miss costs ~1 ms.
 
 glibc's malloc gives a freed block above its mmap threshold (128 KiB, adapting up to 32 MiB) straight back to
 the kernel, and trims free memory off the top of its heap. A training step frees and allocates the same
@@ -15,10 +23,12 @@ memory: the full fine-tune step 1.17x as fast, LoRA and QLoRA 1.01-1.02x, for 2-
 """
 
 import ctypes
+import os
 import resource
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 LARGEST_INT = 2**31 - 1  # mallopt takes an int
+MATMUL_KERNELS_KEPT = 128
 
 
 def choose_for_run(sharded: bool) -> None:
@@ -27,13 +37,20 @@ def choose_for_run(sharded: bool) -> None:
     heap keeps the address space of what it keeps: after a step ran out of memory at micro-batch 32 under a
     3.2 GiB cap, the built-in model's process still held 3.34 GB of it (1.8 GB of heap, 0.8 GB resident after
     trim_heap), and its retries failed down to micro-batch 1, though micro-batch 8 alone fits under that cap.
-    Given back, it fell to 1.68 GB after that failure (what a failed attempt still leaves: the README's
-    "Out of memory mid-run")."""
+    Given back, it fell to 1.68 GB after that failure, and with the compiled matmul kernels bounded as well
+    (keep_few_matmul_kernels) the retry at micro-batch 16 finished."""
+    keep_few_matmul_kernels()
     capped = resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
     if sharded or capped:
         give_back_freed_memory()
     else:
         keep_freed_memory()
+
+
+def keep_few_matmul_kernels() -> None:
+    """Bound oneDNN's cache of compiled matmul kernels (see the top of this file) unless the user has. oneDNN
+    reads the setting when it first compiles one: call this before the first bf16 matmul."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(MATMUL_KERNELS_KEPT))
 
 
 def keep_freed_memory() -> bool:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nanoft.cpu_allocator import keep_freed_memory
 
@@ -72,3 +73,38 @@ def test_under_an_address_space_cap_freed_memory_is_given_back():
     )
     assert kept_mib([]) >= 256
     assert kept_mib(["prlimit", f"--as={16 * 2**30}"]) < 16
+
+
+# Executable memory (oneDNN's compiled kernels) after bf16 matmuls of 500 shapes, as rows padded to each
+# batch's longest make them; argv[1] "nanoft": with train.py's choice for a CPU run made first.
+KERNEL_MEMORY = """
+import sys, torch
+from nanoft.cpu_allocator import choose_for_run
+if sys.argv[1] == "nanoft":
+    choose_for_run(sharded=False)
+weight = torch.randn(64, 64, dtype=torch.bfloat16)
+for rows in range(100, 600):
+    torch.randn(rows, 64, dtype=torch.bfloat16) @ weight.t()
+executable = 0
+for line in open("/proc/self/maps"):
+    fields = line.split()
+    if len(fields) == 5 and "x" in fields[1]:  # anonymous and executable: code compiled at run time
+        start, end = (int(address, 16) for address in fields[0].split("-"))
+        executable += end - start
+print(executable // 2**20)
+"""
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="bf16 matmuls are not oneDNN's")
+def test_compiled_matmul_kernels_are_bounded():
+    """oneDNN keeps a compiled kernel per matmul shape, 1024 by default; a CPU run keeps 128 (a few
+    micro-batches' worth), so new row counts every micro-batch, or a retried step's, do not pile them up."""
+    mib = {
+        variant: int(
+            subprocess.run(
+                [sys.executable, "-c", KERNEL_MEMORY, variant], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for variant in ("default", "nanoft")
+    }
+    assert mib["nanoft"] < mib["default"] / 3, mib
