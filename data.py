@@ -24,7 +24,8 @@ The data pipeline is this file and the nanoft/data_*.py modules it calls, in the
 Public API of this file (everything else here is a helper): `prepare_data(paths, tokenizer, seq_len, *,
 val_paths=None, val_frac=0.05, seed=0, format="auto", dedup=True, near_dup_threshold=0.8,
 train_on_everything=False, skip_bad_records=False, alpaca_style="auto", run_dir=None, cache_dir=None,
-log=print) -> (train, val, DataReport)`. train and val are `TokenizedExamples` (val may be empty). With
+log=print) -> (train, val, DataReport)`. `paths` empty or None: the built-in dataset
+(nanoft/default_data.py). train and val are `TokenizedExamples` (val may be empty). With
 `run_dir` it writes samples.txt (50 training samples, trained spans marked ⟦ ⟧) and dedup_examples.jsonl
 there. Tokenized data is cached under cache_dir (default $NANOFT_CACHE/data).
 
@@ -61,6 +62,7 @@ from nanoft.data_report import (
     write_jsonl,
     write_spot_check,
 )
+from nanoft.default_data import default_data_path
 from nanoft.errors import UserError
 from nanoft.loss import IGNORE_INDEX
 
@@ -471,10 +473,10 @@ def prepare_data(
         raise UserError(f"val_frac {val_frac} must be in [0, 1)")
     if not 0 < near_dup_threshold <= 1:
         raise UserError(f"near-duplicate threshold {near_dup_threshold} must be in (0, 1]")
-    train_files = [Path(p) for p in ([paths] if isinstance(paths, str | Path) else paths)]
+    # No files: the built-in dataset, as `python train.py` without --data trains on.
+    train_files = [Path(p) for p in ([paths] if isinstance(paths, str | Path) else paths or [])]
+    train_files = train_files or [default_data_path()]
     val_files = [Path(p) for p in ([val_paths] if isinstance(val_paths, str | Path) else val_paths or [])]
-    if not train_files:
-        raise UserError("no data files given; pass --data FILE")
     for path in train_files + val_files:  # before the cache key, which reads every file
         check_data_file(path)
     settings = DataSettings(

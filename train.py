@@ -32,13 +32,11 @@ from nanoft import (
     cpu_allocator,
     data_batches,
     data_report,
-    default_data,
     default_model,
     distributed,
     errors,
     export,
     interruptions,
-    loss,
     lr_sweep,
     merge,
     monitor,
@@ -183,7 +181,7 @@ def prepare_data(run: Run) -> TrainingData:
     train_config, dist = run.config, run.dist
     model_tokenizer = tokenizer.Tokenizer.from_pretrained(run.model_dir)
     train_examples, val_examples, preparation_report = data.prepare_data(
-        train_config.data or [default_data.default_data_path()],
+        train_config.data,  # none: the built-in dataset
         model_tokenizer,
         train_config.seq_len,
         val_paths=train_config.val_data,
@@ -431,8 +429,7 @@ def train(
             step_started = time.perf_counter()
             batches = [next(micro_batches) for _ in range(train_config.grad_accum)]
             lr = schedule.lr_at(step, train_config.lr, warmup_steps, total_steps)
-            lengths = train_batches.examples.lengths
-            done = train_step(model, optimizer, scaler, batches, lr, step, run, oom, run_monitor, lengths)
+            done = train_step(model, optimizer, scaler, batches, lr, step, run, oom, run_monitor)
             if done is None:  # NaN or inf: stopped before the update, the weights stay as they were
                 stop_reason = "nan"
                 sources = [
@@ -471,22 +468,17 @@ def train(
     return stop_reason
 
 
-def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run, oom, run_monitor, lengths):
+def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run, oom, run_monitor):
     """One optimizer step over the step's micro-batches: (train loss, grad norm, tokens, a mixture of experts'
     load-balancing loss or None) over all ranks, or None when the loss is NaN or inf (then nothing is
-    updated). `lengths`: the tokens of each example.
+    updated).
 
     The loss is normalised by the number of target tokens in all the micro-batches, on all ranks (counted
     first), so every token weighs the same however the tokens fall into micro-batches; a mean of
     per-micro-batch means would overweight short ones."""
     dist = run.dist
     # Counted on the CPU, where the batches are, and summed over ranks there: no wait for the GPU.
-    counts = torch.tensor(
-        [
-            sum(int((batch["targets"] != loss.IGNORE_INDEX).sum()) for batch in batches),
-            sum(int(lengths[batch["sample_ids"]].sum()) for batch in batches),
-        ]
-    )
+    counts = torch.tensor(data_batches.token_counts(batches))
     n_targets, n_tokens = distributed.all_reduce_sum(counts, dist).tolist()
     # Out of memory on any rank: all retry the step, its micro-batches cut in halves (interruptions.py).
     sums = oom.run(
@@ -589,13 +581,9 @@ def evaluate(model, val_batches, dist, autocast, oom, step: int, log) -> float:
     if distributed.is_fsdp(model):
         # FSDP's forward is a collective: where this rank's share of the last batch was empty, it still joins
         # the others' forward, with one token and no target.
-        no_target = {
-            "input_ids": torch.zeros((1, 1), dtype=torch.long),
-            "targets": torch.full((1, 1), loss.IGNORE_INDEX),
-        }
         for _ in range(len(val_batches) - n_batches):
             with autocast:
-                model(**to_device(no_target, dist.device))
+                model(**to_device(data_batches.no_target_batch(), dist.device))
     model.train()
     totals = distributed.all_reduce_sum(totals, dist)
     return (totals[0] / totals[1]).item()

@@ -10,7 +10,7 @@ random weights) with the built-in model's tokenizer, written once under --work. 
 step of train.py on the built-in data (LoRA r=16 q,v or QLoRA NF4: 2 micro-batches of 1 x 128 tokens), once
 as one process and once under `torchrun --nproc_per_node=N --fsdp full_shard`; the peak is each rank's
 peak resident memory from start to end, loading included (summary.json's peak_memory_bytes_per_rank).
-Runs one at a time: the 1.7B LoRA case needs 4.0 GiB for one process and 2.9 GiB per rank.
+Runs one at a time: the 1.7B LoRA case needs 4.0 GiB for one process and 2.7 GiB per rank.
 """
 
 import argparse

@@ -4,6 +4,7 @@
     for batch in batches:  # the rest of the current epoch; the next `for` starts the next epoch
         ...
     state = batches.state_dict()  # {"epoch", "batch_index", ...}; batches.load_state_dict(state) resumes
+    n_targets, n_tokens = token_counts(step_batches)  # what a step's loss is divided by; its tokens
 
 A batch is a dict: input_ids (B, T) long, targets (B, T) long (already shifted, -100 = no loss),
 position_ids (B, T) long, document_ids (B, T) long or None (packed rows only; -1 marks padding), real_tokens
@@ -36,6 +37,20 @@ def pack_examples(lengths: np.ndarray, capacity: int) -> list[list[int]]:
             packs[pack].append(index)
             bisect.insort(room, (space - int(lengths[index]), pack))
     return packs
+
+
+def token_counts(batches: list[dict]) -> tuple[int, int]:
+    """(target tokens, tokens that are not padding) in `batches`: what a step's loss is divided by, and the
+    tokens it trained on."""
+    targets = sum(int((batch["targets"] != IGNORE_INDEX).sum()) for batch in batches)
+    tokens = sum(int(batch["real_tokens"].sum()) for batch in batches)
+    return targets, tokens
+
+
+def no_target_batch() -> dict:
+    """One token and no target: what a rank whose share of the last val batch is empty still runs under FSDP,
+    whose forward is a collective the other ranks wait in."""
+    return {"input_ids": torch.zeros((1, 1), dtype=torch.long), "targets": torch.full((1, 1), IGNORE_INDEX)}
 
 
 class Batches:

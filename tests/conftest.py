@@ -28,16 +28,21 @@ TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + "
     "' <|end|> ' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
 )
-# A Llama of 2 layers, width 64, over the tiny tokenizer's 64 tokens: trains in well under a second a step.
-TINY_MODEL = dict(
-    model_type="llama",
-    vocab_size=64,
+# The widths of the tests' tiny models, of any family: 2 layers of width 64, 4 query and 2 key/value heads.
+TINY_WIDTHS = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=256,
+)
+# A Llama of those widths over the tiny tokenizer's 64 tokens (and its ids): trains in well under a second a
+# step. A checkpoint with another tokenizer takes TINY_WIDTHS alone, its token ids being that tokenizer's.
+TINY_MODEL = dict(
+    model_type="llama",
+    vocab_size=64,
+    **TINY_WIDTHS,
     tie_word_embeddings=True,
     bos_token_id=1,
     eos_token_id=2,

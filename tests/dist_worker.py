@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.fsdp import FSDPModule
 
 # The repository root, for data.py, quant.py and lora.py (torchrun puts only tests/ on the path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -162,6 +163,8 @@ def set_up_training(run: Run, dist, seed: int, record_of: dict | None = None):
     )
     if record_of is not None:  # the most memory loading added, above what the process held before it
         record_of["load_peak_bytes"] = gather_to_main(peak_since_reset(dist.device) - before, dist)
+        if is_fsdp(model):
+            watch_gathered_units(model, record_of)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1
     )
@@ -169,6 +172,28 @@ def set_up_training(run: Run, dist, seed: int, record_of: dict | None = None):
         tiny_examples(), run.batch_size, pad_id=0, seed=0, rank=dist.rank, world_size=dist.world_size
     )
     return model, optimizer, batches
+
+
+def watch_gathered_units(model, record_of: dict) -> None:
+    """Record in record_of["most_units_gathered"] the most FSDP units this rank held gathered at once (or had
+    an all-gather in flight or a forward's all-gather buffer kept for), looked at in each decoder layer's
+    forward and as its backward starts. FSDP2 shows this only in its private state (torch 2.13's names)."""
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
+    record_of["most_units_gathered"] = 0
+
+    def count(*_):
+        held = sum(group.is_unsharded or group._all_gather_result is not None for group in groups)
+        held += groups[0].comm_ctx.all_gather_state is not None
+        record_of["most_units_gathered"] = max(record_of["most_units_gathered"], held)
+
+    def count_in_backward(module, args, output):
+        if output[0].requires_grad:
+            output[0].register_hook(count)
+
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(count)
+        layer.register_forward_hook(count_in_backward)
 
 
 def forward_backward(model, dist, global_targets, pieces) -> torch.Tensor:
@@ -243,6 +268,7 @@ def run_once(run: Run, dist, out_dir: Path) -> None:
     train_steps(model, optimizer, batches, dist, run, run.steps - run.resume_at, result)
     result["trainable"] = full_state_dict(model, dist, trainable_only=True)
     result["samples"] = gather_to_main(result["samples"], dist)
+    result["most_units_gathered"] = gather_to_main(result.get("most_units_gathered"), dist)
     if dist.is_main:
         torch.save(result, out_dir / f"{run.name}.pt")
         print(f"{run.name}: {time.perf_counter() - started:.1f} s", flush=True)

@@ -29,7 +29,7 @@ from data import (
     record_tokens,
     split_train_val,
 )
-from nanoft.data_batches import Batches, pack_examples
+from nanoft.data_batches import Batches, pack_examples, token_counts
 from nanoft.data_cache import TokenizedExamples
 from nanoft.data_dedup import WordHashes, find_duplicates, minhash_signatures, shingle_hashes
 from nanoft.data_records import Record
@@ -605,6 +605,17 @@ def test_padding_to_longest_in_batch():
             assert batch["real_tokens"][row].tolist() == [t < len(ids) for t in range(max(lengths))]
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_token_counts_count_the_examples_and_not_the_padding(pack):
+    """A step's (target tokens, tokens): what train.py divides the loss by, and the tokens it trained on."""
+    examples = synthetic_examples(50)
+    batches = list(Batches(examples, batch_size=4, pad_id=0, seed=2, pack=pack))
+    ids = [i for batch in batches for i in batch["sample_ids"]]
+    n_targets = sum(int((examples.example(i)[1] != IGNORE_INDEX).sum()) for i in ids)
+    assert token_counts(batches) == (n_targets, int(examples.lengths[ids].sum()))
+    assert sum(batch["input_ids"].numel() for batch in batches) > examples.lengths[ids].sum()  # padded
+
+
 def test_two_ranks_cover_each_epoch_once_and_reshuffle():
     examples = synthetic_examples(40)
     ranks = [Batches(examples, batch_size=4, pad_id=0, seed=3, rank=r, world_size=2) for r in range(2)]
@@ -871,6 +882,14 @@ def test_record_the_template_refuses(llama2, tmp_path):
         prepare(path, llama2, tmp_path, dedup=False)
     train, val, report = prepare(path, llama2, tmp_path, dedup=False, skip_bad_records=True)
     assert report.skipped_bad_records == 15 and len(train) + len(val) == 15
+
+
+def test_no_data_files_is_the_built_in_dataset(tiny_tokenizer_dir, tmp_path):
+    """`python train.py` without --data: the built-in instruction set, read like any --data file."""
+    train, val, report = prepare([], Tokenizer.from_pretrained(tiny_tokenizer_dir), tmp_path)
+    assert [file["path"] for file in report.files] == [str(default_data_path())]
+    n_records = len(default_data_path().read_text().splitlines())
+    assert report.files[0]["records"] == n_records and len(train) + len(val) > n_records / 2
 
 
 def test_skip_bad_records_counts_and_reports(chatml, tmp_path):

@@ -184,6 +184,15 @@ def test_under_fsdp_each_rank_loads_only_its_shards(distributed, reference, meth
         assert max(per_rank) <= 0.6 * sum(whole.values())
 
 
+@pytest.mark.parametrize(
+    "name", ["fsdp_lora", "fsdp_full", "fsdp_full_tied", "fsdp_qlora", "fsdp_lora_loaded"]
+)
+def test_fsdp_on_cpu_holds_one_layer_gathered_at_a_time(distributed, name):
+    """The root (lm_head, final norm) and the layer that computes: no forward all-gather buffer kept for the
+    next layer, no next layer gathered ahead in backward (nanoft.distributed.gather_one_unit_at_a_time)."""
+    assert distributed[name]["most_units_gathered"] == [2] * RANKS
+
+
 def test_ddp_ranks_retry_together_when_one_runs_out_of_memory(distributed, reference):
     """Only rank 1 runs out of memory; both halve their micro-batches and retry the same step together (no
     collective inside an attempt), and the training is the one that fit."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TOKENIZER_TEXTS
+from conftest import TINY_WIDTHS, TOKENIZER_TEXTS
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 from peft import PeftModel
@@ -142,18 +142,15 @@ def write_checkpoint(family: str, path, **config_overrides):
     n_tokens = write_tokenizer(case["tokenizer"], path)
     config = transformers.AutoConfig.for_model(
         family,
-        vocab_size=-(-n_tokens // 64) * 64,  # padded to a multiple of 64, as most checkpoints are
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=50000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=case["tie_word_embeddings"],
-        initializer_range=0.1,
-        **config_overrides,
+        **{
+            **TINY_WIDTHS,
+            "vocab_size": -(-n_tokens // 64) * 64,  # padded to a multiple of 64, as most checkpoints are
+            "rope_theta": 50000.0,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": case["tie_word_embeddings"],
+            "initializer_range": 0.1,
+            **config_overrides,
+        },
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from conftest import TINY_WIDTHS
 from families import FAMILIES, QV_TARGETS, WINDOW
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
@@ -48,19 +49,15 @@ ADAPTER_CASES = {
 
 def tiny_config(model_type="llama", tie_word_embeddings=False) -> ModelConfig:
     return ModelConfig.from_hf(
-        dict(
-            model_type=model_type,
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=tie_word_embeddings,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
+        {
+            **TINY_WIDTHS,
+            "model_type": model_type,
+            "vocab_size": 96,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": tie_word_embeddings,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        }
     )
 
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_WIDTHS
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -36,14 +37,14 @@ def write_checkpoint(
     """A tiny random checkpoint as transformers writes it (sharded when max_shard_size is given)."""
     config = AutoConfig.for_model(
         model_type,
-        vocab_size=96,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
+        **{
+            **TINY_WIDTHS,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "vocab_size": 96,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": tie,
+        },
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(dtype)

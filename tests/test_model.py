@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import TINY_WIDTHS
 from families import FAMILIES, WINDOW, reference_gradients
 
 import nanoft.cpu_attention
@@ -34,16 +35,7 @@ LLAMA_VARIANTS = {
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    values = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=256,
-    )
+    values = {**TINY_WIDTHS, "vocab_size": 128, "intermediate_size": 96, "rms_norm_eps": 1e-5}
     return ModelConfig.from_hf({"model_type": "llama", **values, **overrides})
 
 

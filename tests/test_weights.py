@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import TINY_WIDTHS
 from test_model import random_model, tiny_config
 
 from nanoft.errors import UserError
@@ -36,13 +37,7 @@ def test_sharded_checkpoint_round_trips_and_transformers_loads_it(tmp_path):
 def test_transformers_checkpoints_load(tmp_path):
     """A directory written by transformers itself (its own config layout) loads with the same logits."""
     hf_config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
+        **{**TINY_WIDTHS, "vocab_size": 128, "intermediate_size": 96, "tie_word_embeddings": False}
     )
     torch.manual_seed(0)
     reference = transformers.LlamaForCausalLM(hf_config).eval()
