@@ -230,7 +230,10 @@ def gather_one_unit_at_a_time(model) -> None:
     """
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module._set_unshard_async_op(True)  # private in torch 2.13, the only switch for this
+            # Private in torch 2.13, the only switch for this; older torch (requirements.txt allows
+            # it) lacks it, and FSDP2 then keeps each buffer a layer longer.
+            if hasattr(module, "_set_unshard_async_op"):
+                module._set_unshard_async_op(True)
             module.set_modules_to_backward_prefetch([module])
 
 
