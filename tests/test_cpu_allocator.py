@@ -71,7 +71,7 @@ def test_under_an_address_space_cap_freed_memory_is_given_back():
             [*cap, sys.executable, "-c", ADDRESS_SPACE_KEPT], capture_output=True, text=True, check=True
         ).stdout
     )
-    assert kept_mib([]) >= 256
+    assert kept_mib([]) >= 224  # 256, or 240 where the kept heap first reuses the warm-up's freed 16 MiB
     assert kept_mib(["prlimit", f"--as={16 * 2**30}"]) < 16
 
 
