@@ -55,7 +55,7 @@ def main(argv=None):
     train_config = config.parse_config(argv)
     if train_config.plan:  # what fits this model on this hardware, and why; train nothing (nanoft/planner.py)
         plan = planner.plan_for_run(train_config, planning_only=True)
-        print(planner.format_plan(plan, train_config.model or "SmolLM2-135M-Instruct"))
+        print(planner.format_plan(plan, train_config.model or default_model.MODEL_NAME))
         return
     run = resolve_config(train_config, started)
     torch.manual_seed(run.config.seed)  # the same on every rank: LoRA's first A is the same everywhere
