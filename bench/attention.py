@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nanoft.cpu_attention as cpu_attention  # noqa: E402
-from nanoft.cpu_allocator import keep_freed_memory  # noqa: E402
+from nanoft.cpu_allocator import choose_for_run  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -68,7 +68,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    keep_freed_memory()  # as train.py does on CPU: no page faults in the timings
+    choose_for_run(sharded=False)  # as train.py does on CPU: no page faults in the timings
     dtype = DTYPES[args.dtype]
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {args.dtype}, heads {HEADS}/{KV_HEADS}")

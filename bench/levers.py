@@ -56,7 +56,7 @@ import nanoft.cpu_attention  # noqa: E402
 import nanoft.cpu_dropout  # noqa: E402
 import nanoft.loss  # noqa: E402
 import nanoft.model  # noqa: E402
-from nanoft.cpu_allocator import keep_freed_memory  # noqa: E402
+from nanoft.cpu_allocator import choose_for_run  # noqa: E402
 from nanoft.default_model import default_model_dir  # noqa: E402
 from nanoft.memory import TrainingShape, estimate_memory  # noqa: E402
 from nanoft.weights import from_pretrained  # noqa: E402
@@ -257,7 +257,7 @@ def main():
     batch, seq_len = map(int, args.shape.split("x"))
     if args.threads:  # on a busy machine: its CPU time then leaves out what others take of the core
         torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as train.py does on CPU (bench/allocator.py measures that lever)
+    choose_for_run(sharded=False)  # as train.py does on CPU (bench/allocator.py measures that lever)
     model_dir = default_model_dir()
     if args.model == "llama-1b":
         from train_step import write_family_model  # bench/ is on the path of a script run from it

@@ -60,7 +60,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nanoft.cpu_allocator import keep_freed_memory  # noqa: E402
+from nanoft.cpu_allocator import choose_for_run  # noqa: E402
 from nanoft.loss import IGNORE_INDEX  # noqa: E402
 
 LORA_TARGETS = {
@@ -214,7 +214,7 @@ def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.side == "nanoft" and device.type == "cpu" and not args.glibc_malloc:
-        keep_freed_memory()  # as train.py does on CPU
+        choose_for_run(sharded=False)  # as train.py does on CPU: freed memory kept, matmul kernels bounded
     batch, seq_len = map(int, args.shape.split("x"))
     torch.manual_seed(0)
     started = time.perf_counter()
