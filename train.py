@@ -16,8 +16,6 @@ report.md, resumable checkpoints, TensorBoard logs and metrics.jsonl.
 """
 
 import dataclasses
-import math
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +27,6 @@ import quant
 from nanoft import (
     checkpoint,
     config,
-    cpu_allocator,
     data_batches,
     data_report,
     default_model,
@@ -118,10 +115,6 @@ def resolve_config(train_config: config.TrainConfig, started: float) -> Run:
         train_config = planner.apply_plan(train_config, plan)
         reason = f"{plan.reasons[-1]} (--plan shows why)"
         distributed.print0(dist, f"--method auto: {plan.method}, {plan.layout}; {reason}")
-    # CPU: reuse what a step frees, not fault in fresh pages; under FSDP or an address-space cap give it back
-    # at once (nanoft/cpu_allocator.py).
-    if dist.device.type == "cpu":
-        cpu_allocator.choose_for_run(sharded=train_config.fsdp != "none")
     train_config = train_config.with_defaults()  # the lr by method, --out by a time stamp, NF4 for QLoRA
     run_dir = checkpoint.prepare_run_dir(
         train_config.out, resume=train_config.resume, overwrite=train_config.overwrite, dist=dist
@@ -232,9 +225,9 @@ def prepare_data(run: Run) -> TrainingData:
     if train_config.pack:
         distributed.print0(dist, "data: " + train_batches.packing_line())
     steps_per_epoch = len(train_batches) / train_config.grad_accum
-    total_steps = train_config.max_steps or math.floor(
-        train_config.epochs * len(train_batches) / train_config.grad_accum
-    )
+    # --epochs' micro-batches (a fraction of an epoch counts), in whole steps.
+    micro_batches = int(train_config.epochs * len(train_batches))
+    total_steps = train_config.max_steps or micro_batches // train_config.grad_accum
     if total_steps == 0:
         per_step = f"{train_config.grad_accum} x {train_config.batch_size} x {dist.world_size}"
         raise errors.UserError(
@@ -490,11 +483,10 @@ def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run
         log=run_monitor.print,
         before_retry=lambda: optimizer.zero_grad(set_to_none=True),
     )
-    distributed.all_reduce_gradients(
-        model, dist
-    )  # DDP: once per step, now that every rank's micro-batches ran
+    # DDP: once per step, now that every rank's micro-batches ran.
+    distributed.all_reduce_gradients(model, dist)
     scaler.unscale_(optimizer)  # so clipping sees the true gradients (fp16)
-    grad_norm = distributed.clip_grad_norm(model, run.config.grad_clip or math.inf)
+    grad_norm = distributed.clip_grad_norm(model, run.config.grad_clip)
     # The step's one wait for the GPU: the loss (and router loss) and the gradient norm come back together.
     loss_sum_total, router_aux_sum, grad_norm = torch.cat(
         [distributed.all_reduce_sum(sums, dist), grad_norm.reshape(1)]
@@ -502,7 +494,7 @@ def train_step(model, optimizer, scaler, batches, lr: float, step: int, run: Run
     train_loss = loss_sum_total / n_targets
     has_router_loss = distributed.unwrap(model).router_aux_loss is not None
     router_aux_loss = router_aux_sum / dist.world_size if has_router_loss else None
-    if not math.isfinite(train_loss):  # stop before the update: the weights stay as they were
+    if not torch.tensor(train_loss).isfinite():  # NaN or inf: stop before the update, the weights stay
         optimizer.zero_grad(set_to_none=True)
         return None
     for group in optimizer.param_groups:
@@ -662,7 +654,7 @@ def exit_on_signal(run: Run, run_monitor, signals, step: int) -> None:
         run.dist, f"stopped by {signals.name} at step {step}: " + (saved if step else "nothing to save yet")
     )
     distributed.teardown(run.dist)
-    sys.exit(128 + signals.number)
+    raise SystemExit(128 + signals.number)
 
 
 def report_run(run: Run, model, training_data: TrainingData, progress, run_monitor, stop_reason) -> None:
@@ -705,7 +697,7 @@ def report_run(run: Run, model, training_data: TrainingData, progress, run_monit
         gguf = export.export_gguf(source, run.dir / f"model-{gguf_type}.gguf", gguf_type, adapter)
         print(f"gguf ({gguf_type}): {gguf}; llama-cli -m {gguf} -cnv")
     if stop_reason == "nan":
-        sys.exit(
+        raise SystemExit(
             f"error: loss is NaN or inf at step {progress.step + 1}; stopped, best weights kept in {best_dir}"
         )
 
@@ -714,4 +706,4 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C before training started (nothing to save), or twice: quit quietly
-        sys.exit(130)
+        raise SystemExit(130) from None

@@ -17,6 +17,7 @@ Without torchrun nothing here touches torch.distributed: the model is returned a
 no-op. FSDP over bitsandbytes 4-bit layers (QLoRA) is prepared by nanoft/fsdp_qlora.py.
 """
 
+import math
 import os
 import time
 from contextlib import contextmanager, nullcontext
@@ -41,6 +42,7 @@ from torch.distributed.fsdp import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from nanoft import cpu_allocator
 from nanoft.config import FSDP_MODES
 from nanoft.errors import UserError
 from nanoft.fsdp_qlora import prepare_4bit_linears_for_fsdp
@@ -149,7 +151,13 @@ def wrap_model(
     load(model, device): fills a model built on the meta device (nanoft.weights.load_weights), called where
     the layout needs it: before DDP (which copies rank 0's weights), after FSDP has split the empty model
     (so each rank reads and holds its shards only). None: the model is loaded already.
+
+    On CPU it also sets how the process's memory is managed, before the weights are read and the first
+    matmul runs: freed memory kept for reuse (no fresh page faults each step), or under FSDP and under an
+    address-space cap given back at once; the compiled matmul kernels bounded (nanoft/cpu_allocator.py).
     """
+    if dist.device.type == "cpu":
+        cpu_allocator.choose_for_run(sharded=fsdp not in (None, "none"))
     if fsdp in (None, "none"):
         if load is not None:
             load(model, dist.device)
@@ -318,13 +326,14 @@ def unwrap(model):
 
 
 def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
-    """Clip the trainable parameters' gradients to a global norm; returns that norm before clipping.
+    """Clip the trainable parameters' gradients to a global norm (0: no clipping, --grad-clip 0); returns
+    that norm before clipping.
 
     Under FSDP the gradients are shards: the norm is computed across ranks and comes back as a DTensor,
     gathered here so every rank logs and checks the same plain number.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
