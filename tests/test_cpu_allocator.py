@@ -1,5 +1,6 @@
 """nanoft/cpu_allocator.py: a training step reuses the memory the last one freed."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -99,10 +100,16 @@ print(executable // 2**20)
 def test_compiled_matmul_kernels_are_bounded():
     """oneDNN keeps a compiled kernel per matmul shape, 1024 by default; a CPU run keeps 128 (a few
     micro-batches' worth), so new row counts every micro-batch, or a retried step's, do not pile them up."""
+    # Not inherited from this process, where a train.py run in an earlier test may have set it.
+    env = {key: value for key, value in os.environ.items() if key != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     mib = {
         variant: int(
             subprocess.run(
-                [sys.executable, "-c", KERNEL_MEMORY, variant], capture_output=True, text=True, check=True
+                [sys.executable, "-c", KERNEL_MEMORY, variant],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
             ).stdout
         )
         for variant in ("default", "nanoft")
