@@ -188,9 +188,12 @@ def test_under_fsdp_each_rank_loads_only_its_shards(distributed, reference, meth
     "name", ["fsdp_lora", "fsdp_full", "fsdp_full_tied", "fsdp_qlora", "fsdp_lora_loaded"]
 )
 def test_fsdp_on_cpu_holds_one_layer_gathered_at_a_time(distributed, name):
-    """The root (lm_head, final norm) and the layer that computes: no forward all-gather buffer kept for the
-    next layer, no next layer gathered ahead in backward (nanoft.distributed.gather_one_unit_at_a_time)."""
+    """The root and the layer that computes: no all-gather buffer but the one every unit shares, no next layer
+    gathered ahead in backward (nanoft/fsdp_on_cpu.py). An untied lm_head is a unit of its own, gathered at
+    the loss only, like the embedding at the start: the root is the final norm (and a tied embedding)."""
     assert distributed[name]["most_units_gathered"] == [2] * RANKS
+    tied = ["model.embed_tokens.weight"] if name == "fsdp_full_tied" else []
+    assert distributed[name]["root_parameters"] == [tied + ["model.norm.weight"]] * RANKS
 
 
 def test_ddp_ranks_retry_together_when_one_runs_out_of_memory(distributed, reference):
