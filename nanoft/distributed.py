@@ -207,17 +207,41 @@ def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_pre
         if cpu_offload
         else OffloadPolicy(),
     )
+    # The vocabulary's weights, gathered at their end of the forward only: the embedding at the start, lm_head
+    # at the loss (its cross_entropy method, registered so FSDP gathers around it as around a forward).
+    embed, head = model.model.embed_tokens, model.lm_head
     if not model.config.tie_word_embeddings:
-        # Each used at one end of the forward, gathered there only: the embedding at the start, lm_head at the
-        # loss (its cross_entropy method, registered so FSDP gathers around it as around a forward). Tied,
-        # the one weight is read at both ends, so it stays in the root: gathered for the whole step.
-        fully_shard(model.model.embed_tokens, **options)
-        fully_shard(model.lm_head, **options)
-        register_fsdp_forward_method(model.lm_head, "cross_entropy")
+        fully_shard(embed, **options)
+        fully_shard(head, **options)
+        register_fsdp_forward_method(head, "cross_entropy")
+    elif not embed.weight.requires_grad and reshard_after_forward and torch.__version__ >= (2, 13):
+        # Tied and frozen (LoRA): one weight in two modules, one unit (FSDP2's group for a tied weight, which
+        # since torch 2.13 may run only some of its modules' forwards), freed again after the lookup, whose
+        # backward needs nothing from it. Tied and trained, it stays in the root, gathered for the whole
+        # step, so that the lookup's gradient joins lm_head's in the one reduce-scatter.
+        fully_shard([embed, head], **options)
+        register_fsdp_forward_method(head, "cross_entropy")
+        embed.register_forward_hook(lambda module, args, output: module.reshard())
+        reshard_once_loss_backward_ran(head)
     for layer in model.model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
     return model
+
+
+def reshard_once_loss_backward_ran(head) -> None:
+    """FSDP registers a unit's resharding after backward on the inputs of its first forward in a step: for a
+    tied unit that is the lookup of token ids, which has no backward, so the weight gathered again for the
+    loss's backward would stay gathered through every layer's. The loss's gradients come from its forward
+    (nanoft/loss.py): free the weight as soon as the hidden states' gradient is through."""
+    cross_entropy = head.cross_entropy
+
+    def cross_entropy_then_reshard(x, *args):
+        if x.requires_grad:
+            x.register_hook(lambda grad: head.reshard())
+        return cross_entropy(x, *args)
+
+    head.cross_entropy = cross_entropy_then_reshard
 
 
 def is_fsdp(model) -> bool:

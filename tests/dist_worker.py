@@ -181,7 +181,8 @@ def watch_gathered_units(model, record_of: dict) -> None:
     unit's.
     FSDP2 shows this only in its private state (torch 2.13's names)."""
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
+    # A group of modules (a tied embedding and lm_head) is one unit: counted once.
+    groups = list({id(g): g for unit in units for g in unit._get_fsdp_state()._fsdp_param_groups}.values())
     root = model._get_fsdp_state()._fsdp_param_groups[0]
     module_names = {module: name for name, module in model.named_modules()}
     held_by_root = [param._module_info for param in root.fsdp_params]
