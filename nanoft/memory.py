@@ -541,16 +541,17 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
     host_offload = 0
     if shape.shards > 1 or shape.cpu_offload:
         # FSDP keeps 1/shards of the weights, gradients and optimizer states on each device. It all-gathers a
-        # decoder layer just before using it, prefetching the next (two layers in full); an untied lm_head at
-        # the loss, with one layer (distributed.shard_model); a tied embedding is lm_head too and stays
-        # gathered in the root unit. Its mixed precision casts what it gathers, so no autocast copies.
+        # decoder layer just before using it, prefetching the next (two layers in full), and lm_head at the
+        # loss, with one layer; a tied embedding that trains stays gathered all along in the root unit
+        # (distributed.shard_model). Its mixed precision casts what it gathers, so no autocast copies.
         stored = 4 * params.total if shape.method == "full" else weights
         gathered_linear = NF4_BYTES_PER_PARAM if shape.method == "qlora" else c
         layer = math.ceil(gathered_linear * params.block_linear / layers)
-        if params.lm_head:
-            gathered = layer + max(layer, c * params.lm_head)
+        head = c * (params.lm_head or params.embedding)
+        if not params.lm_head and trains_lm_head(config, shape):
+            gathered = 2 * layer + head
         else:
-            gathered = 2 * layer + c * params.embedding
+            gathered = layer + max(layer, head)
         sharded = [math.ceil(x / shape.shards) for x in (stored, adapters, gradients, optimizer)]
         if shape.cpu_offload:
             host_offload = sum(sharded)
