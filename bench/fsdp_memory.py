@@ -4,6 +4,7 @@
     python bench/fsdp_memory.py --size 0.9b      # the issue's 0.9B case (weights 1.8 GB)
     python bench/fsdp_memory.py --size 0.9b --ranks 4 --methods lora
     python bench/fsdp_memory.py --size 3b --methods lora   # Llama-3.2-3B's shape: 6.5 GiB for one process
+    python bench/fsdp_memory.py --size 8b --methods lora   # Llama-3.1-8B's shape: 15 GiB for one process
 
 The checkpoint is a Llama written by transformers (AutoConfig.for_model + from_config + save_pretrained, bf16,
 random weights) with the built-in model's tokenizer, written once under --work. Each case is one optimizer
@@ -35,6 +36,8 @@ SIZES = {  # Llama shapes with SmolLM2's 49,152-token vocabulary (its tokenizer 
                  num_key_value_heads=32, tie_word_embeddings=True),  # SmolLM2-1.7B's shape
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, tie_word_embeddings=True),  # Llama-3.2-3B's shape
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False),  # Llama-3.1-8B's shape
 }  # fmt: skip
 STEP_FLAGS = (
     "--max-steps 1 --batch-size 1 --grad-accum 2 --seq-len 128 --val-frac 0.01 --lora-dropout 0 --overwrite"

@@ -39,12 +39,14 @@ from torch.distributed.fsdp import (
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
+    register_fsdp_forward_method,
 )
 from torch.nn.parallel import DistributedDataParallel
 
 from nanoft import cpu_allocator
 from nanoft.config import FSDP_MODES
 from nanoft.errors import UserError
+from nanoft.fsdp_on_cpu import gather_one_unit_at_a_time
 from nanoft.fsdp_qlora import prepare_4bit_linears_for_fsdp
 
 
@@ -193,9 +195,9 @@ def wrap_model(
 
 
 def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_precision):
-    """fully_shard the embedding (untied), each decoder layer, then the root (final norm, lm_head), in place.
-    A model on the meta device stays there, sharded: nanoft.weights.load_weights then allocates and fills
-    the shards."""
+    """fully_shard the embedding and lm_head (untied), each decoder layer, then the root (the final norm, and
+    a tied embedding), in place. A model on the meta device stays there, sharded: nanoft.weights.load_weights
+    then allocates and fills the shards."""
     prepare_4bit_linears_for_fsdp(model, mixed_precision)
     # FSDP2, unlike DDP, does not copy rank 0's weights to the others: broadcast the trainable ones made
     # before sharding (LoRA's adapters; weights still on meta come from the checkpoint on every rank), so a
@@ -213,36 +215,41 @@ def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_pre
         if cpu_offload
         else OffloadPolicy(),
     )
+    # The vocabulary's weights, gathered at their end of the forward only: the embedding at the start, lm_head
+    # at the loss (its cross_entropy method, registered so FSDP gathers around it as around a forward).
+    embed, head = model.model.embed_tokens, model.lm_head
     if not model.config.tie_word_embeddings:
-        # Used only at the start of the forward: gathered then, freed after. (Tied, it is lm_head too, which
-        # the loss reads at the end, so it stays in the root: gathered for the whole forward and backward.)
-        fully_shard(model.model.embed_tokens, **options)
+        fully_shard(embed, **options)
+        fully_shard(head, **options)
+        register_fsdp_forward_method(head, "cross_entropy")
+    elif not embed.weight.requires_grad and reshard_after_forward and torch.__version__ >= (2, 13):
+        # Tied and frozen (LoRA): one weight in two modules, one unit (FSDP2's group for a tied weight, which
+        # since torch 2.13 may run only some of its modules' forwards), freed again after the lookup, whose
+        # backward needs nothing from it. Tied and trained, it stays in the root, gathered for the whole
+        # step, so that the lookup's gradient joins lm_head's in the one reduce-scatter.
+        fully_shard([embed, head], **options)
+        register_fsdp_forward_method(head, "cross_entropy")
+        embed.register_forward_hook(lambda module, args, output: module.reshard())
+        reshard_once_loss_backward_ran(head)
     for layer in model.model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
     return model
 
 
-def gather_one_unit_at_a_time(model) -> None:
-    """On CPU, hold one unit's gathered weights at a time: what FSDP2 holds beyond that buys overlap on a
-    GPU and nothing here, where gloo's all-gather blocks the rank that waits for it anyway.
+def reshard_once_loss_backward_ran(head) -> None:
+    """FSDP registers a unit's resharding after backward on the inputs of its first forward in a step: for a
+    tied unit that is the lookup of token ids, which has no backward, so the weight gathered again for the
+    loss's backward would stay gathered through every layer's. The loss's gradients come from its forward
+    (nanoft/loss.py): free the weight as soon as the hidden states' gradient is through."""
+    cross_entropy = head.cross_entropy
 
-    By default FSDP2 keeps each forward all-gather's buffer until the next unit's is copied out (so that on a
-    GPU the next all-gather may overlap this copy), and in backward gathers the next unit (backward runs
-    layers in reverse) while the current one computes: up to three units at once. Without them a rank of a
-    1.7B Llama (LoRA, 2 ranks) peaked at 2.70-2.73 GiB instead of 2.86 (bench/fsdp_memory.py; on the 3B,
-    gloo's worker thread still freed each buffer only by the next all-gather: README, FSDP).
-    An async unshard frees the buffer as soon as its copy is out (its forward all-gathers are waited for
-    at once: no overlap lost on CPU); an explicit backward prefetch list replaces the default one, and
-    naming the unit itself, gathered already when its backward starts, prefetches nothing.
-    """
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            # Private in torch 2.13, the only switch for this; older torch (requirements.txt allows
-            # it) lacks it, and FSDP2 then keeps each buffer a layer longer.
-            if hasattr(module, "_set_unshard_async_op"):
-                module._set_unshard_async_op(True)
-            module.set_modules_to_backward_prefetch([module])
+    def cross_entropy_then_reshard(x, *args):
+        if x.requires_grad:
+            x.register_hook(lambda grad: head.reshard())
+        return cross_entropy(x, *args)
+
+    head.cross_entropy = cross_entropy_then_reshard
 
 
 def is_fsdp(model) -> bool:

@@ -541,12 +541,17 @@ def estimate_memory(config: ModelConfig, shape: TrainingShape) -> MemoryEstimate
     host_offload = 0
     if shape.shards > 1 or shape.cpu_offload:
         # FSDP keeps 1/shards of the weights, gradients and optimizer states on each device. It all-gathers a
-        # decoder layer just before using it, prefetching the next (two layers in full), and keeps the root's
-        # embedding and lm_head gathered; its mixed precision casts what it gathers, so no autocast copies.
+        # decoder layer just before using it, prefetching the next (two layers in full), and lm_head at the
+        # loss, with one layer; a tied embedding that trains stays gathered all along in the root unit
+        # (distributed.shard_model). Its mixed precision casts what it gathers, so no autocast copies.
         stored = 4 * params.total if shape.method == "full" else weights
         gathered_linear = NF4_BYTES_PER_PARAM if shape.method == "qlora" else c
-        gathered = math.ceil(2 * gathered_linear * params.block_linear / layers)
-        gathered += c * (params.embedding + params.lm_head)
+        layer = math.ceil(gathered_linear * params.block_linear / layers)
+        head = c * (params.lm_head or params.embedding)
+        if not params.lm_head and trains_lm_head(config, shape):
+            gathered = 2 * layer + head
+        else:
+            gathered = layer + max(layer, head)
         sharded = [math.ceil(x / shape.shards) for x in (stored, adapters, gradients, optimizer)]
         if shape.cpu_offload:
             host_offload = sum(sharded)

@@ -738,12 +738,22 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_style)
 
 
+class LMHead(nn.Linear):
+    """Hugging Face's `lm_head`: the logits (its forward), or the training loss straight from the hidden
+    states (cross_entropy, chunk by chunk: nanoft/loss.py). The loss is a method of the module that holds
+    the weight so that FSDP, which gathers a unit's weights around its forward and the methods registered
+    like it, can make lm_head a unit of its own, gathered at the loss only (distributed.shard_model)."""
+
+    def cross_entropy(self, x, targets, logits_scaling: float, softcap: float | None):
+        return chunked_cross_entropy(x, self.weight, targets, logits_scaling, softcap)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope_names = sorted({layer.rope for layer in self.model.layers} - {None})  # see layer_rope
@@ -818,8 +828,8 @@ class Transformer(nn.Module):
         if targets is None:
             logits = self.lm_head(x)  # (B, T, vocab)
             return final_logits(logits, config.logits_scaling, config.final_logit_softcapping)
-        loss_sum, n_targets = chunked_cross_entropy(
-            x, self.lm_head.weight, targets, config.logits_scaling, config.final_logit_softcapping
+        loss_sum, n_targets = self.lm_head.cross_entropy(
+            x, targets, config.logits_scaling, config.final_logit_softcapping
         )
         if config.output_router_logits and router_logits and self.training:
             # transformers' training loss is the mean cross-entropy + coef x aux: added here as a sum over the

@@ -175,16 +175,29 @@ def set_up_training(run: Run, dist, seed: int, record_of: dict | None = None):
 
 
 def watch_gathered_units(model, record_of: dict) -> None:
-    """Record in record_of["most_units_gathered"] the most FSDP units this rank held gathered at once (or had
-    an all-gather in flight or a forward's all-gather buffer kept for), looked at in each decoder layer's
-    forward and as its backward starts. FSDP2 shows this only in its private state (torch 2.13's names)."""
+    """Record in record_of["most_units_gathered"] the most FSDP units this rank held gathered at once,
+    counting an all-gather's output buffer as one more unless it is the buffer all units share, looked at in
+    each decoder layer's forward and as its backward starts; and in record_of["root_parameters"] the root
+    unit's.
+    FSDP2 shows this only in its private state (torch 2.13's names)."""
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
+    # A group of modules (a tied embedding and lm_head) is one unit: counted once.
+    groups = list({id(g): g for unit in units for g in unit._get_fsdp_state()._fsdp_param_groups}.values())
+    root = model._get_fsdp_state()._fsdp_param_groups[0]
+    module_names = {module: name for name, module in model.named_modules()}
+    held_by_root = [param._module_info for param in root.fsdp_params]
+    record_of["root_parameters"] = sorted(f"{module_names[i.module]}.{i.param_name}" for i in held_by_root)
     record_of["most_units_gathered"] = 0
 
+    def own_buffer(result) -> bool:
+        shared = getattr(groups[0]._all_gather_comm, "buffer", None)
+        output = result.all_gather_output if result is not None else None
+        return output is not None and (shared is None or output.data_ptr() != shared.data_ptr())
+
     def count(*_):
-        held = sum(group.is_unsharded or group._all_gather_result is not None for group in groups)
-        held += groups[0].comm_ctx.all_gather_state is not None
+        held = sum(group.is_unsharded + own_buffer(group._all_gather_result) for group in groups)
+        deferred = groups[0].comm_ctx.all_gather_state  # the last forward all-gather's, kept one unit longer
+        held += own_buffer(deferred.all_gather_result if deferred is not None else None)
         record_of["most_units_gathered"] = max(record_of["most_units_gathered"], held)
 
     def count_in_backward(module, args, output):
@@ -268,7 +281,8 @@ def run_once(run: Run, dist, out_dir: Path) -> None:
     train_steps(model, optimizer, batches, dist, run, run.steps - run.resume_at, result)
     result["trainable"] = full_state_dict(model, dist, trainable_only=True)
     result["samples"] = gather_to_main(result["samples"], dist)
-    result["most_units_gathered"] = gather_to_main(result.get("most_units_gathered"), dist)
+    for key in ("most_units_gathered", "root_parameters"):
+        result[key] = gather_to_main(result.get(key), dist)
     if dist.is_main:
         torch.save(result, out_dir / f"{run.name}.pt")
         print(f"{run.name}: {time.perf_counter() - started:.1f} s", flush=True)

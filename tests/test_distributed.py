@@ -46,6 +46,7 @@ DISTRIBUTED_RUNS = [
     Run("zero2_offload_lora", method="lora", fsdp="shard_grad_op", cpu_offload=True, **EPOCH),
     Run("fsdp_full", method="full", fsdp="full_shard", **EPOCH),
     Run("fsdp_full_tied", method="full", fsdp="full_shard", tie_word_embeddings=True, **EPOCH),
+    Run("fsdp_lora_tied", method="lora", fsdp="full_shard", tie_word_embeddings=True, **EPOCH),
     Run("fsdp_checkpointing_lora", method="lora", fsdp="full_shard", activation_checkpointing=True, **EPOCH),
     Run("fsdp_qlora", method="qlora", fsdp="full_shard", **EPOCH),
     Run("fsdp_bf16_lora", method="lora", fsdp="full_shard", mixed_precision="bf16", **EPOCH),
@@ -60,6 +61,7 @@ DISTRIBUTED_RUNS = [
 ONE_PROCESS = dict(EPOCH, batch_size=RANKS * EPOCH["batch_size"])
 REFERENCE_RUNS = [Run(method, method=method, **ONE_PROCESS) for method in ("lora", "full", "qlora")] + [
     Run("full_tied", method="full", tie_word_embeddings=True, **ONE_PROCESS),
+    Run("lora_tied", method="lora", tie_word_embeddings=True, **ONE_PROCESS),
     *[Run(f"{method}_loaded", method=method, checkpoint=CHECKPOINT, **ONE_PROCESS) for method in LOADED],
 ]
 
@@ -144,6 +146,7 @@ def assert_same_training(result: dict, expected: dict, atol=1e-5):
         ("zero2_offload_lora", "lora"),
         ("fsdp_full", "full"),
         ("fsdp_full_tied", "full_tied"),
+        ("fsdp_lora_tied", "lora_tied"),
         ("fsdp_checkpointing_lora", "lora"),
         ("fsdp_qlora", "qlora"),
         *[(f"fsdp_{method}_loaded", f"{method}_loaded") for method in LOADED],
@@ -185,12 +188,15 @@ def test_under_fsdp_each_rank_loads_only_its_shards(distributed, reference, meth
 
 
 @pytest.mark.parametrize(
-    "name", ["fsdp_lora", "fsdp_full", "fsdp_full_tied", "fsdp_qlora", "fsdp_lora_loaded"]
+    "name", ["fsdp_lora", "fsdp_full", "fsdp_full_tied", "fsdp_lora_tied", "fsdp_qlora", "fsdp_lora_loaded"]
 )
 def test_fsdp_on_cpu_holds_one_layer_gathered_at_a_time(distributed, name):
-    """The root (lm_head, final norm) and the layer that computes: no forward all-gather buffer kept for the
-    next layer, no next layer gathered ahead in backward (nanoft.distributed.gather_one_unit_at_a_time)."""
+    """The root and the layer that computes: no all-gather buffer but the one every unit shares, no next layer
+    gathered ahead in backward (nanoft/fsdp_on_cpu.py). The embedding and lm_head are gathered at their end
+    of the forward only, outside the root (the final norm), but for a tied embedding that trains."""
     assert distributed[name]["most_units_gathered"] == [2] * RANKS
+    tied = ["model.embed_tokens.weight"] if name == "fsdp_full_tied" else []
+    assert distributed[name]["root_parameters"] == [tied + ["model.norm.weight"]] * RANKS
 
 
 def test_ddp_ranks_retry_together_when_one_runs_out_of_memory(distributed, reference):
