@@ -14,7 +14,8 @@
 
 Launch with `torchrun --nproc_per_node=N train.py ...` (one node) or with torchrun's c10d rendezvous (nodes).
 Without torchrun nothing here touches torch.distributed: the model is returned as it is and every helper is a
-no-op. FSDP over bitsandbytes 4-bit layers (QLoRA) is prepared by nanoft/fsdp_qlora.py.
+no-op. FSDP over bitsandbytes 4-bit layers (QLoRA) is prepared by nanoft/fsdp_qlora.py; on CPU, FSDP gathers
+one unit at a time into one shared buffer (nanoft/fsdp_on_cpu.py).
 """
 
 import math
@@ -195,9 +196,9 @@ def wrap_model(
 
 
 def shard_model(model, reshard_after_forward: bool, cpu_offload: bool, mixed_precision):
-    """fully_shard the embedding and lm_head (untied), each decoder layer, then the root (the final norm, and
-    a tied embedding), in place. A model on the meta device stays there, sharded: nanoft.weights.load_weights
-    then allocates and fills the shards."""
+    """fully_shard the embedding and lm_head (one unit if tied), each decoder layer, then the root (the final
+    norm, and a tied embedding that trains), in place. A model on the meta device stays there, sharded:
+    nanoft.weights.load_weights then allocates and fills the shards."""
     prepare_4bit_linears_for_fsdp(model, mixed_precision)
     # FSDP2, unlike DDP, does not copy rank 0's weights to the others: broadcast the trainable ones made
     # before sharding (LoRA's adapters; weights still on meta come from the checkpoint on every rank), so a
