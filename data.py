@@ -446,6 +446,11 @@ def resolve_alpaca_style(alpaca_style: str, tokenizer) -> str:
     return alpaca_style
 
 
+def as_paths(paths) -> list[Path]:
+    """One path, a list of them, or None (none) as a list of Paths."""
+    return [Path(p) for p in ([paths] if isinstance(paths, str | Path) else paths or [])]
+
+
 def prepare_data(
     paths,
     tokenizer,
@@ -474,9 +479,8 @@ def prepare_data(
     if not 0 < near_dup_threshold <= 1:
         raise UserError(f"near-duplicate threshold {near_dup_threshold} must be in (0, 1]")
     # No files: the built-in dataset, as `python train.py` without --data trains on.
-    train_files = [Path(p) for p in ([paths] if isinstance(paths, str | Path) else paths or [])]
-    train_files = train_files or [default_data_path()]
-    val_files = [Path(p) for p in ([val_paths] if isinstance(val_paths, str | Path) else val_paths or [])]
+    train_files = as_paths(paths) or [default_data_path()]
+    val_files = as_paths(val_paths)
     for path in train_files + val_files:  # before the cache key, which reads every file
         check_data_file(path)
     settings = DataSettings(
