@@ -126,15 +126,8 @@ def main() -> None:
 
     def worker(side: str, tokens: int, dtype: str, min_rows: int) -> dict:  # a process of its own
         command = [sys.executable, __file__, "--worker", side, str(tokens), dtype, "--lm-head", args.lm_head]
-        command += [
-            "--repeats",
-            str(args.repeats),
-            "--threads",
-            str(args.threads),
-            "--min-rows",
-            str(min_rows),
-        ]
-        command += ["--weight-grad"] if args.weight_grad else []
+        command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+        command += ["--min-rows", str(min_rows)] + (["--weight-grad"] if args.weight_grad else [])
         return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
     results = []
@@ -145,19 +138,17 @@ def main() -> None:
             for min_rows in args.min_rows:
                 ours = worker("nanoft", batch * seq_len, dtype, min_rows)
                 rows = min(ours["rows_per_chunk"], batch * seq_len)
+                their_ms, our_ms = 1e3 * theirs["seconds"], 1e3 * ours["seconds"]
+                their_mb, our_mb = theirs["extra_peak_bytes"] / 2**20, ours["extra_peak_bytes"] / 2**20
                 cells = [
                     shape,
                     dtype,
-                    f"{1e3 * theirs['seconds']:.0f}",
+                    f"{their_ms:.0f}",
                     str(rows),
-                    f"{1e3 * ours['seconds']:.0f}",
+                    f"{our_ms:.0f}",
+                    f"**{their_ms / our_ms:.2f}x**",
                 ]
-                cells += [f"**{theirs['seconds'] / ours['seconds']:.2f}x**"]
-                cells += [
-                    f"{theirs['extra_peak_bytes'] / 2**20:.0f}",
-                    f"{ours['extra_peak_bytes'] / 2**20:.0f}",
-                ]
-                cells += [f"**{ours['extra_peak_bytes'] / max(theirs['extra_peak_bytes'], 1):.2f}x**"]
+                cells += [f"{their_mb:.0f}", f"{our_mb:.0f}", f"**{our_mb / max(their_mb, 1e-6):.2f}x**"]
                 print("| " + " | ".join(cells) + " |", flush=True)
                 results.append({"shape": shape, "dtype": dtype, "reference": theirs, "nanoft": ours})
     if args.json:
