@@ -3,7 +3,7 @@
     python bench/levers.py                       # SmolLM2-135M, LoRA r=16 q,v, bf16, 4 x 256 tokens, 6 rounds
     python bench/levers.py --rounds 10 --json bench/levers.json
     python bench/levers.py --base nf4 --variants "compiled layers" --threads 1   # QLoRA; some variants only
-    python bench/levers.py --model llama-1b --shape 1x256 --variants "loss chunks 4x larger"
+    python bench/levers.py --model llama-1b --shape 4x256 --variants "thin loss chunks"
     python bench/levers.py --rounds 1 --variants none --copies   # every copy in a default step, and why
 
 One process; the default model, and a model of its own for the variants that change how it is built.
@@ -20,7 +20,8 @@ busy machine), and the first step's time (a compiled model compiles in it). Vari
 - swiglu by autograd: F.silu(gate) * up instead of _SwiGLUFunction;
 - fp32 logits loss: logits of every position cast to fp32 and F.cross_entropy (what transformers does)
   instead of nanoft.loss's chunked loss;
-- loss chunks 4x larger: nanoft.loss.LOGITS_PER_CHUNK x 4;
+- thin loss chunks: nanoft.loss's chunks of 2^23 logits however few rows that is (65 at a 128k vocabulary)
+  instead of at least MIN_ROWS_PER_CHUNK rows;
 - torch dropout: nn.Dropout's bernoulli_ mask for the LoRA inputs instead of
   nanoft.cpu_dropout.CPUFriendlyDropout's;
 - frozen base in fp32 + autocast: the base weights kept in fp32 and cast to bf16 by autocast in every matmul
@@ -79,8 +80,8 @@ def swiglu_by_autograd(self, x):
     return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def fp32_logits_loss(hidden, weight, targets):
-    logits = (hidden @ weight.t()).float()
+def fp32_logits_loss(hidden, weight, targets, logits_scaling=1.0, softcap=None):
+    logits = nanoft.loss.final_logits((hidden @ weight.t()).float(), logits_scaling, softcap)
     loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
     return loss_sum, (targets != nanoft.loss.IGNORE_INDEX).sum()
 
@@ -96,7 +97,7 @@ PATCHES = {  # variant -> (object, attribute, replacement)
     "rmsnorm by autograd": (nanoft.model.RMSNorm, "forward", rmsnorm_by_autograd),
     "swiglu by autograd": (nanoft.model.MLP, "forward", swiglu_by_autograd),
     "fp32 logits loss": (nanoft.model, "chunked_cross_entropy", fp32_logits_loss),
-    "loss chunks 4x larger": (nanoft.loss, "LOGITS_PER_CHUNK", nanoft.loss.LOGITS_PER_CHUNK * 4),
+    "thin loss chunks": (nanoft.loss, "MIN_ROWS_PER_CHUNK", 1),
     "torch dropout": (nanoft.cpu_dropout.CPUFriendlyDropout, "forward", torch.nn.Dropout.forward),
 }
 FP32_BASE = "frozen base in fp32 + autocast"

@@ -1,12 +1,15 @@
-"""Cross-entropy over a 49,152-word vocabulary: nanoft's chunked loss against F.cross_entropy on fp32 logits.
+"""Cross-entropy over a large vocabulary: nanoft's chunked loss against F.cross_entropy on fp32 logits.
 
     python bench/loss_vocab.py                                 # 4x256 and 1x2048 tokens, bf16 and fp32
     python bench/loss_vocab.py --shapes 4x256 --dtypes bf16 --repeats 10 --threads 1
     python bench/loss_vocab.py --weight-grad                   # also d loss / d matrix (full fine-tune)
+    python bench/loss_vocab.py --lm-head 128256x2048 --shapes 4x256 --dtypes bf16 --min-rows 1 128 256 512
+        # Llama-3.2-1B's lm_head, nanoft with chunks of at least each many rows (1: 2^23 logits a chunk)
 
-Both sides start from the final hidden states (tokens x 576, SmolLM2's width) and the tied embedding matrix
-(49,152 x 576) in --dtype, and run forward + backward to the hidden states; with --weight-grad also to the
-matrix (a full fine-tune or a tied, trained embedding; LoRA never needs it). The reference is what
+Both sides start from the final hidden states (tokens x C) and the lm_head matrix (V x C; SmolLM2's tied
+49,152 x 576 unless --lm-head says otherwise) in --dtype, and run forward + backward to the hidden states;
+with --weight-grad also to the matrix (a full fine-tune or a tied, trained embedding; LoRA never needs it).
+The reference is what
 transformers does: logits = hidden @ W^T in --dtype, cast to fp32, F.cross_entropy. Every position has a
 target. Each measurement runs in its own subprocess: time = the median CPU time of --repeats runs after a
 warm-up run (CPU time, so that other processes on a shared machine are not counted; exact with --threads 1);
@@ -27,9 +30,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nanoft.loss import chunked_cross_entropy  # noqa: E402
+import nanoft.loss  # noqa: E402
 
-VOCAB, HIDDEN = 49152, 576
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -39,7 +41,7 @@ def reference_loss(hidden, weight, targets):
 
 
 def nanoft_loss(hidden, weight, targets):
-    return chunked_cross_entropy(hidden[None], weight, targets[None])[0]
+    return nanoft.loss.chunked_cross_entropy(hidden[None], weight, targets[None])[0]
 
 
 def rss_bytes(field: str) -> int:
@@ -49,11 +51,16 @@ def rss_bytes(field: str) -> int:
     return 0
 
 
-def measure(side: str, tokens: int, dtype: torch.dtype, weight_grad: bool, repeats: int) -> dict:
+def measure(
+    side: str, tokens: int, dtype: torch.dtype, lm_head: tuple, weight_grad: bool, repeats: int
+) -> dict:
+    vocab, hidden_size = lm_head
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(tokens, HIDDEN, generator=generator).to(dtype).requires_grad_()
-    weight = (torch.randn(VOCAB, HIDDEN, generator=generator) * 0.02).to(dtype).requires_grad_(weight_grad)
-    targets = torch.randint(0, VOCAB, (tokens,), generator=generator)
+    hidden = torch.randn(tokens, hidden_size, generator=generator).to(dtype).requires_grad_()
+    weight = (
+        (torch.randn(vocab, hidden_size, generator=generator) * 0.02).to(dtype).requires_grad_(weight_grad)
+    )
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
     loss_fn = nanoft_loss if side == "nanoft" else reference_loss
 
     def run():
@@ -74,6 +81,7 @@ def measure(side: str, tokens: int, dtype: torch.dtype, weight_grad: bool, repea
         "seconds": statistics.median(seconds),
         "extra_peak_bytes": rss_bytes("VmHWM") - rss_before,
         "loss": loss,
+        "rows_per_chunk": nanoft.loss.rows_per_chunk(vocab, weight_grad),
     }
 
 
@@ -84,55 +92,71 @@ def main() -> None:
     parser.add_argument(
         "--weight-grad", action="store_true", help="also the gradient of the vocabulary matrix"
     )
+    parser.add_argument("--lm-head", default="49152x576", help="vocabulary x hidden size")
+    parser.add_argument(
+        "--min-rows",
+        nargs="+",
+        type=int,
+        default=[nanoft.loss.MIN_ROWS_PER_CHUNK],
+        help="nanoft's MIN_ROWS_PER_CHUNK, a measurement each",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--worker", nargs=3, metavar=("SIDE", "TOKENS", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    lm_head = tuple(map(int, args.lm_head.split("x")))
     if args.worker:
         side, tokens, dtype = args.worker
         if args.threads:
             torch.set_num_threads(args.threads)
-        print(json.dumps(measure(side, int(tokens), DTYPES[dtype], args.weight_grad, args.repeats)))
+        nanoft.loss.MIN_ROWS_PER_CHUNK = args.min_rows[0]
+        print(json.dumps(measure(side, int(tokens), DTYPES[dtype], lm_head, args.weight_grad, args.repeats)))
         return
 
     gradients = "the hidden states and the matrix" if args.weight_grad else "the hidden states"
     threads = args.threads or torch.get_num_threads()
-    print(f"forward + backward to {gradients}, vocabulary {VOCAB}, {threads} threads")
-    header = [
-        "tokens",
-        "dtype",
-        "F.cross_entropy ms",
-        "nanoft ms",
-        "speed",
-        "F.cross_entropy MB",
-        "nanoft MB",
-    ]
-    print("| " + " | ".join([*header, "memory"]) + " |")
-    print("|" + " --- |" * (len(header) + 1))
+    print(
+        f"forward + backward to {gradients}, lm_head {args.lm_head} (vocabulary x hidden), {threads} threads"
+    )
+    header = ["tokens", "dtype", "F.cross_entropy ms", "nanoft rows a chunk", "nanoft ms", "speed"]
+    header += ["F.cross_entropy MB", "nanoft MB", "memory"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+
+    def worker(side: str, tokens: int, dtype: str, min_rows: int) -> dict:  # a process of its own
+        command = [sys.executable, __file__, "--worker", side, str(tokens), dtype, "--lm-head", args.lm_head]
+        command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+        command += ["--min-rows", str(min_rows)] + (["--weight-grad"] if args.weight_grad else [])
+        return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
     results = []
     for dtype in args.dtypes:
         for shape in args.shapes:
             batch, seq_len = map(int, shape.split("x"))
-            row = {"shape": shape, "dtype": dtype}
-            for side in ("reference", "nanoft"):  # one process each, one after the other
-                command = [sys.executable, __file__, "--worker", side, str(batch * seq_len), dtype]
-                command += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
-                command += ["--weight-grad"] if args.weight_grad else []
-                row[side] = json.loads(
-                    subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                )
-            ours, theirs = row["nanoft"], row["reference"]
-            cells = [shape, dtype, f"{1e3 * theirs['seconds']:.0f}", f"{1e3 * ours['seconds']:.0f}"]
-            cells += [f"**{theirs['seconds'] / ours['seconds']:.2f}x**"]
-            cells += [f"{theirs['extra_peak_bytes'] / 2**20:.0f}", f"{ours['extra_peak_bytes'] / 2**20:.0f}"]
-            cells += [f"**{ours['extra_peak_bytes'] / max(theirs['extra_peak_bytes'], 1):.2f}x**"]
-            print("| " + " | ".join(cells) + " |", flush=True)
-            results.append(row)
+            theirs = worker("reference", batch * seq_len, dtype, args.min_rows[0])
+            for min_rows in args.min_rows:
+                ours = worker("nanoft", batch * seq_len, dtype, min_rows)
+                rows = min(ours["rows_per_chunk"], batch * seq_len)
+                their_ms, our_ms = 1e3 * theirs["seconds"], 1e3 * ours["seconds"]
+                their_mb, our_mb = theirs["extra_peak_bytes"] / 2**20, ours["extra_peak_bytes"] / 2**20
+                cells = [
+                    shape,
+                    dtype,
+                    f"{their_ms:.0f}",
+                    str(rows),
+                    f"{our_ms:.0f}",
+                    f"**{their_ms / our_ms:.2f}x**",
+                ]
+                cells += [f"{their_mb:.0f}", f"{our_mb:.0f}", f"**{our_mb / max(their_mb, 1e-6):.2f}x**"]
+                print("| " + " | ".join(cells) + " |", flush=True)
+                results.append({"shape": shape, "dtype": dtype, "reference": theirs, "nanoft": ours})
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
-            json.dumps({"weight_grad": args.weight_grad, "results": results}, indent=1)
+            json.dumps(
+                {"lm_head": args.lm_head, "weight_grad": args.weight_grad, "results": results}, indent=1
+            )
         )
 
 

@@ -24,10 +24,16 @@ chunk, and its derivative folded into the chunk's gradient, here as in `final_lo
 import torch
 
 IGNORE_INDEX = -100
-# Rows x vocabulary per chunk: 16 MB of bf16 logits and as much for their probabilities. Chunks 4x larger
-# were no faster in a whole LoRA step (within +-6%, bench/levers.py) and cost 4x the memory.
+# A chunk holds at least this many logits (rows x vocabulary: 16 MB of bf16, and as much for their
+# probabilities; x8 when lm_head's gradient is wanted, see rows_per_chunk)...
 LOGITS_PER_CHUNK = 2**23
 WEIGHT_GRAD_CHUNK_FACTOR = 8
+# ...and at least this many rows, whichever is more. Each chunk's two matmuls read the whole (V, C) weight
+# (on CPU oneDNN repacks it too: ~55 ms a matmul for Llama-3.2-1B's 525 MB lm_head), so a large vocabulary's
+# thin chunks (65 rows at 128k words, 32 at Gemma's 256k) were bound by that: 1.1-1.8x the time of 256 rows,
+# past which the gain was within noise and the memory doubles each time (bench/loss_vocab.py --min-rows;
+# bench/README). A GPU wants as many rows for the same reason: fewer leave its matmuls waiting on the reads.
+MIN_ROWS_PER_CHUNK = 256
 
 
 def final_logits(logits, logits_scaling: float = 1.0, softcap: float | None = None):
@@ -59,7 +65,7 @@ def rows_per_chunk(vocab_size: int, want_grad_weight: bool) -> int:
     With the weight's gradient wanted (a full fine-tune), every chunk adds a whole (V, C) product to the fp32
     gradient: 45 ms of casting and adding per chunk at SmolLM2's size, so fewer, larger chunks."""
     logits_per_chunk = LOGITS_PER_CHUNK * (WEIGHT_GRAD_CHUNK_FACTOR if want_grad_weight else 1)
-    return max(1, logits_per_chunk // vocab_size)
+    return max(MIN_ROWS_PER_CHUNK, logits_per_chunk // vocab_size)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -7,7 +7,7 @@ import torch
 import lora
 import quant
 from bench.memory_estimate import REFERENCE_MODELS, measure, write_measured_model
-from nanoft.loss import LOGITS_PER_CHUNK
+from nanoft.loss import rows_per_chunk
 from nanoft.memory import (
     TrainingShape,
     count_parameters,
@@ -191,11 +191,11 @@ def test_a_packed_batch_on_a_gpu_costs_its_masks_and_whole_kv_heads():
 
 def test_loss_holds_one_chunk_of_logits_never_all():
     big_vocab = ModelConfig(**{**SMALL.__dict__, "vocab_size": 128_000})
-    rows_per_chunk = LOGITS_PER_CHUNK // 128_000
-    small = estimate_memory(big_vocab, TrainingShape("lora", 1, rows_per_chunk // 2))
+    rows = rows_per_chunk(128_000, want_grad_weight=False)
+    small = estimate_memory(big_vocab, TrainingShape("lora", 1, rows // 2))
     large = estimate_memory(big_vocab, TrainingShape("lora", 16, 4096))
-    assert small.logits_loss == 2 * 2 * (rows_per_chunk // 2) * 128_000  # bf16 logits and their softmax
-    assert large.logits_loss == 2 * 2 * (LOGITS_PER_CHUNK // 128_000) * 128_000  # capped at one chunk
+    assert small.logits_loss == 2 * 2 * (rows // 2) * 128_000  # bf16 logits and their softmax
+    assert large.logits_loss == 2 * 2 * rows * 128_000  # capped at one chunk
 
 
 def test_checkpointing_and_sharding_shrink_what_they_should():

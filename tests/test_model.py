@@ -108,6 +108,7 @@ def test_chunked_loss_equals_cross_entropy_and_its_gradients(monkeypatch):
     import nanoft.loss
 
     monkeypatch.setattr(nanoft.loss, "LOGITS_PER_CHUNK", 128 * 5)  # 5 rows a chunk: several chunks
+    monkeypatch.setattr(nanoft.loss, "MIN_ROWS_PER_CHUNK", 1)
     config = tiny_config(tie_word_embeddings=True)
     model = random_model(config).train()
     reference = random_model(config).train()
@@ -133,6 +134,7 @@ def test_chunked_loss_under_autocast_matches_autocast_logits(monkeypatch):
 
     monkeypatch.setattr(nanoft.loss, "LOGITS_PER_CHUNK", 128 * 5)
     monkeypatch.setattr(nanoft.loss, "WEIGHT_GRAD_CHUNK_FACTOR", 2)  # 10 rows a chunk: several chunks
+    monkeypatch.setattr(nanoft.loss, "MIN_ROWS_PER_CHUNK", 1)
     config = tiny_config(tie_word_embeddings=True)
     model, reference = random_model(config).train(), random_model(config).train()
     input_ids, targets = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
